@@ -1,0 +1,137 @@
+"""Every Redis key the bus and the supervisor use is built here, nowhere else.
+
+The prototype's methods keep their exact output so existing deployments and
+agents address the same streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+DEFAULT_NAMESPACE = "AG1"
+
+
+def shard_for(key: str | bytes, shards: int) -> int:
+    """Return the shard index in ``range(shards)`` for a routing key.
+
+    Stable across processes, hosts, Python versions and releases: the first 8
+    bytes of the key's SHA-1 digest, read big-endian, modulo ``shards``
+    (Python's ``hash()`` is salted per process and must never be used here).
+    """
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
+    raw = key.encode() if isinstance(key, str) else key
+    return int.from_bytes(hashlib.sha1(raw).digest()[:8], "big") % shards
+
+
+class StreamKeyBuilder:
+    """Builds namespaced stream and key names (``AG1:agent:{id}:inbox`` ...)."""
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.ns = namespace
+
+    # -- prototype keys (output must not change) --------------------------------
+    def flow_input(self, flow_id: str) -> str:
+        return f"{self.ns}:flow:{flow_id}:input"
+
+    def flow_output(self, flow_id: str) -> str:
+        return f"{self.ns}:flow:{flow_id}:output"
+
+    def agent_inbox(self, agent_id: str) -> str:
+        return f"{self.ns}:agent:{agent_id}:inbox"
+
+    def agent_outbox(self, agent_id: str) -> str:
+        return f"{self.ns}:agent:{agent_id}:outbox"
+
+    def user_inbox(self, user_id: str) -> str:
+        return f"{self.ns}:user:{user_id}:inbox"
+
+    def session_stream(self, session_code: str) -> str:
+        return f"{self.ns}:session:{session_code}:stream"
+
+    def edge_register(self, platform: str) -> str:
+        return f"{self.ns}:edge:{platform}:register"
+
+    def edge_stream(self, platform: str, target: str) -> str:
+        return f"{self.ns}:edge:{platform}:{target}:stream"
+
+    def edge_response(self, platform: str, target: str) -> str:
+        return f"{self.ns}:edge:{platform}:{target}:response"
+
+    def edge_inbox(self, service_name: str, instance: str = "main") -> str:
+        return f"{self.ns}:edge:{service_name}:{instance}:inbox"
+
+    def edge_status(self, service_name: str, instance: str = "main") -> str:
+        return f"{self.ns}:edge:{service_name}:{instance}:status"
+
+    def agent_user_inbox(self, agent_id: str, user_id: str) -> str:
+        return f"{self.ns}:agent:{agent_id}:{user_id}:inbox"
+
+    def sandboxed_agent_inbox(self, agent_name: str, sandbox_id: str) -> str:
+        return f"{self.ns}:sandbox:{sandbox_id}:agent:{agent_name}:inbox"
+
+    def a2a_register(self) -> str:
+        return f"{self.ns}:a2a:register"
+
+    def a2a_inbox(self, agent_name: str) -> str:
+        return f"{self.ns}:a2a:agent:{agent_name}:inbox"
+
+    def a2a_stream(self, agent_name: str, task_id: str) -> str:
+        return f"{self.ns}:a2a:stream:{agent_name}:{task_id}"
+
+    def a2a_response(self, agent_name: str, task_id: str) -> str:
+        return f"{self.ns}:a2a:response:{agent_name}:{task_id}"
+
+    def billing_ledger(self, agent_id: str | None = None) -> str:
+        """Per-agent ledger (``AG1:billing:{id}:ledger``), or the system-wide one."""
+        if agent_id is None:
+            return f"{self.ns}:billing:ledger"
+        return f"{self.ns}:billing:{agent_id}:ledger"
+
+    def memory_key(self, cassette_id: str) -> str:
+        return f"{self.ns}:memory:{cassette_id}:write"
+
+    def ans_key(self, agent_id: str) -> str:
+        return f"ANS:{agent_id}"  # deliberately not namespaced (prototype behaviour)
+
+    # -- keys added by AG1 Fleet -------------------------------------------------
+    def dead_letter(self, group: str) -> str:
+        """Dead-letter stream of one consumer group."""
+        return f"{self.ns}:dlq:{group}"
+
+    def dead_letter_pattern(self) -> str:
+        return f"{self.ns}:dlq:*"
+
+    def shard_stream(self, base_stream: str, index: int) -> str:
+        """Stream of shard ``index`` of ``base_stream`` (``AG1:agent:x:inbox:shard:3``)."""
+        return f"{base_stream}:shard:{index}"
+
+    def shard_streams(self, base_stream: str, shards: int) -> list[str]:
+        return [self.shard_stream(base_stream, i) for i in range(shards)]
+
+    def route(self, base_stream: str, routing_key: str | bytes, shards: int) -> str:
+        """The shard stream a publisher must use for ``routing_key``."""
+        return self.shard_stream(base_stream, shard_for(routing_key, shards))
+
+    def discovery_stream(self) -> str:
+        """Notices of newly created streams, written on a stream's first publish."""
+        return f"{self.ns}:bus:streams"
+
+    def rpc_reply_stream(self, token: str) -> str:
+        """Private reply stream of one RPC caller."""
+        return f"{self.ns}:rpc:reply:{token}"
+
+    def shard_lease(self, group: str, base_stream: str, index: int) -> str:
+        """Lease naming the consumer that owns one ordered shard."""
+        return f"{self.ns}:fleet:lease:{group}:{base_stream}:{index}"
+
+    def supervisor_registry(self, supervisor_name: str) -> str:
+        """Hash of the consumer names a supervisor run handed out."""
+        return f"{self.ns}:fleet:consumers:{supervisor_name}"
+
+    def supervisor_lock(self, name: str) -> str:
+        """Short-lived lock (always with a TTL) for supervisor bookkeeping."""
+        return f"{self.ns}:fleet:lock:{name}"
+
+
+DEFAULT_KEYS = StreamKeyBuilder()

@@ -1,0 +1,111 @@
+"""Publishing envelopes: one XADD per envelope, pipelined for batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from core_bus.envelope import Envelope
+from core_bus.errors import EnvelopeTooLarge
+from core_bus.keys import StreamKeyBuilder
+from core_bus.replies import text
+from core_bus.settings import get_settings
+
+#: Stream entry field holding the envelope JSON (``envelope`` is accepted on read too).
+DATA_FIELD = "data"
+ALT_DATA_FIELD = "envelope"
+DISCOVERY_MAXLEN = 10_000
+
+# Streams this process has already announced on the discovery stream. Announcing
+# once per process (not checking EXISTS per publish) keeps publish at one round
+# trip; a repeated notice from another process is harmless to readers.
+_announced: set[str] = set()
+
+
+def encode(env: Envelope, limit: int | None = None) -> bytes:
+    """Serialise an envelope, raising :class:`EnvelopeTooLarge` over the limit."""
+    data = env.to_json()
+    max_bytes = limit if limit is not None else get_settings().bus_max_envelope_bytes
+    if len(data) > max_bytes:
+        raise EnvelopeTooLarge(len(data), max_bytes)
+    return data
+
+
+def _xadd(pipe: Any, stream: str, data: bytes, maxlen: int) -> None:
+    if maxlen > 0:
+        pipe.xadd(stream, {DATA_FIELD: data}, maxlen=maxlen, approximate=True)
+    else:
+        pipe.xadd(stream, {DATA_FIELD: data})
+
+
+def _announce(pipe: Any, stream: str, keys: StreamKeyBuilder) -> bool:
+    notices = keys.discovery_stream()
+    if stream in _announced or stream == notices:
+        return False
+    pipe.xadd(notices, {"stream": stream}, maxlen=DISCOVERY_MAXLEN, approximate=True)
+    return True
+
+
+async def publish_envelope(
+    redis: Any,
+    stream: str,
+    env: Envelope,
+    *,
+    maxlen: int | None = None,
+    keys: StreamKeyBuilder | None = None,
+) -> str:
+    """XADD one envelope to ``stream`` and return its entry id.
+
+    Raises :class:`EnvelopeTooLarge` before anything is written. Trims with
+    approximate MAXLEN (``BUS_STREAM_MAXLEN``; 0 disables trimming).
+    """
+    settings = get_settings()
+    data = encode(env, settings.bus_max_envelope_bytes)
+    cap = settings.bus_stream_maxlen if maxlen is None else maxlen
+    keys = keys or StreamKeyBuilder(settings.bus_namespace)
+    if stream in _announced:
+        if cap > 0:
+            entry_id = await redis.xadd(stream, {DATA_FIELD: data}, maxlen=cap, approximate=True)
+        else:
+            entry_id = await redis.xadd(stream, {DATA_FIELD: data})
+        return text(entry_id)
+    pipe = redis.pipeline(transaction=False)
+    _xadd(pipe, stream, data, cap)
+    announced = _announce(pipe, stream, keys)
+    results = await pipe.execute()
+    if announced:
+        _announced.add(stream)
+    return text(results[0])
+
+
+async def publish_many(
+    redis: Any,
+    stream: str,
+    envelopes: Iterable[Envelope],
+    *,
+    maxlen: int | None = None,
+    batch_size: int = 1000,
+    keys: StreamKeyBuilder | None = None,
+) -> list[str]:
+    """XADD many envelopes to one stream with pipelines of ``batch_size``.
+
+    Every envelope is size-checked before the first write, so a too-large one
+    means nothing of the batch was written.
+    """
+    settings = get_settings()
+    limit = settings.bus_max_envelope_bytes
+    payloads = [encode(env, limit) for env in envelopes]
+    cap = settings.bus_stream_maxlen if maxlen is None else maxlen
+    keys = keys or StreamKeyBuilder(settings.bus_namespace)
+    ids: list[str] = []
+    for start in range(0, len(payloads), batch_size):
+        pipe = redis.pipeline(transaction=False)
+        for data in payloads[start : start + batch_size]:
+            _xadd(pipe, stream, data, cap)
+        announced = _announce(pipe, stream, keys)
+        results = await pipe.execute()
+        if announced:
+            _announced.add(stream)
+            results = results[:-1]
+        ids.extend(text(r) for r in results)
+    return ids

@@ -1,0 +1,116 @@
+"""Connection and bus settings from the environment (pydantic-settings).
+
+``REDIS_URL`` wins; otherwise the prototype's ``REDIS_HOST``/``REDIS_PORT``/
+``REDIS_USERNAME``/``REDIS_PASSWORD`` are assembled. There is no default remote
+host and no credential in code: the default is a local Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MAX_ENVELOPE_BYTES = 128 * 1024
+
+
+class BusSettings(BaseSettings):
+    """Environment-driven settings shared by the library and the CLIs."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    redis_url: SecretStr | None = None
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_db: int = 0
+    bus_stream_maxlen: int = Field(default=100_000, ge=0)
+    bus_max_envelope_bytes: int = Field(default=DEFAULT_MAX_ENVELOPE_BYTES, gt=0)
+    bus_namespace: str = "AG1"
+
+    def url(self) -> str:
+        """The Redis URL to connect to (contains the password: never log it)."""
+        if self.redis_url is not None and self.redis_url.get_secret_value():
+            return self.redis_url.get_secret_value()
+        password = self.redis_password.get_secret_value() if self.redis_password else None
+        return _assemble_url(
+            self.redis_host, self.redis_port, self.redis_username, password, self.redis_db
+        )
+
+    def redacted_url(self) -> str:
+        return redact_url(self.url())
+
+
+def _assemble_url(
+    host: str, port: int, username: str | None, password: str | None, db: int = 0
+) -> str:
+    auth = ""
+    if username or password:
+        auth = quote(username or "", safe="")
+        if password:
+            auth += ":" + quote(password, safe="")
+        auth += "@"
+    return f"redis://{auth}{host}:{port}/{db}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> BusSettings:
+    """Settings read once per process (call ``get_settings.cache_clear()`` to re-read)."""
+    return BusSettings()
+
+
+def build_redis_url(
+    host: str | None = None,
+    port: int | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> str:
+    """The prototype's helper: a Redis URL from arguments, falling back to the environment."""
+    settings = BusSettings()
+    if host is None and port is None and username is None and password is None:
+        return settings.url()
+    env_password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    return _assemble_url(
+        host or settings.redis_host,
+        port or settings.redis_port,
+        username if username is not None else settings.redis_username,
+        password if password is not None else env_password,
+        settings.redis_db,
+    )
+
+
+def redact_url(url: str) -> str:
+    """Replace the password in a URL with ``***`` so it can be logged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def connect(url: str | None = None, **kwargs: Any) -> Any:
+    """An asyncio Redis client for ``url`` (default: from the environment).
+
+    Health checks and keepalive are on so dead connections are noticed; the
+    caller owns the client and must ``await client.aclose()``.
+    """
+    import redis.asyncio as redis_asyncio
+
+    options: dict[str, Any] = {
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+    }
+    options.update(kwargs)
+    return redis_asyncio.Redis.from_url(url or get_settings().url(), **options)

