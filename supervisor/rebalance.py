@@ -1,0 +1,504 @@
+"""Moves pending entries away from dead or hung consumers; dead-letters poison.
+
+The supervisor knows every consumer name it handed out, so when a worker exits
+it calls :meth:`Rebalancer.reclaim_dead` at once (crash-aware reclaim). A
+periodic :meth:`Rebalancer.sweep` (XAUTOCLAIM cursor loop) catches hung
+handlers and consumers of processes this supervisor does not know. At start,
+:meth:`Rebalancer.cleanup_stale` reclaims and deletes consumers a previous
+(SIGKILLed) run left behind.
+
+Delivery counting: every claim here is a normal (non-JUSTID) XCLAIM or
+XAUTOCLAIM, so it bumps the Redis delivery counter once — a claim *is* the
+next delivery. Receivers must therefore fetch claimed entries without bumping
+it again (XPENDING + XRANGE, not XREADGROUP ``0``). An entry whose counter
+already reached ``max_deliveries`` is not handed out again: it goes to the
+dead-letter stream and is acked in one MULTI/EXEC.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from redis.exceptions import ResponseError
+
+from core_bus.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
+from core_bus.keys import StreamKeyBuilder
+from core_bus.log import get_logger
+from core_bus.replies import Entry, entries_of, fields_of, text
+from supervisor.consumers import (
+    DELETE_DONE,
+    DELETE_HAS_PENDING,
+    ConsumerDeleter,
+    GroupStats,
+    PendingEntry,
+    consumers_of,
+    group_stats,
+    is_missing,
+    pending_entries,
+    pending_of_ids,
+)
+
+log = get_logger("supervisor.rebalance")
+
+REASON_CRASH = "crash"
+REASON_IDLE = "idle"
+REASON_STARTUP = "startup"
+
+#: Entries per XPENDING/XCLAIM/XAUTOCLAIM batch.
+BATCH = 200
+#: Upper bound of batches per stream per call: a call never loops forever.
+MAX_BATCHES = 1000
+
+
+@dataclass(frozen=True)
+class GroupTarget:
+    """One agent's consumer group and the streams it reads."""
+
+    agent: str
+    group: str
+    streams: tuple[str, ...]
+    max_deliveries: int
+    claim_idle: float  # seconds
+    dlq_stream: str
+
+
+@dataclass
+class RebalanceCounters:
+    """Cumulative counts for one agent (metrics hooks)."""
+
+    reclaimed_by_reason: dict[str, int] = field(
+        default_factory=lambda: {REASON_CRASH: 0, REASON_IDLE: 0, REASON_STARTUP: 0}
+    )
+    dead_lettered: int = 0
+    deleted_consumers: int = 0
+    deleted_entries: int = 0  # pending ids whose entry was trimmed/XDELed, now off the PEL
+
+    def copy(self) -> RebalanceCounters:
+        return RebalanceCounters(
+            reclaimed_by_reason=dict(self.reclaimed_by_reason),
+            dead_lettered=self.dead_lettered,
+            deleted_consumers=self.deleted_consumers,
+            deleted_entries=self.deleted_entries,
+        )
+
+
+def claimed_entries(raw: Any) -> tuple[list[Entry], int]:
+    """XCLAIM/XAUTOCLAIM entry list as ``(entries with payload, number of nil entries)``.
+
+    Redis 6.2 answers a claimed-but-deleted entry with a bare nil (redis-py:
+    ``(None, None)``), without its id; Redis 7 leaves such entries out.
+    """
+    entries: list[Entry] = []
+    nils = 0
+    for item in raw or ():
+        if item is None or item[0] is None or len(item) < 2 or item[1] is None:
+            nils += 1
+            continue
+        entries.append((text(item[0]), fields_of(item[1])))
+    return entries, nils
+
+
+def _payload(fields: dict[str, Any] | None) -> Any:
+    if not fields:
+        return None
+    return fields.get("data", fields.get("envelope"))
+
+
+class Rebalancer:
+    """Reclaim, sweep and cleanup for consumer groups; safe to share across agents.
+
+    Several supervisors may run these against one Redis at once: claims from a
+    dead consumer are fenced with XCLAIM's min-idle-time (an entry somebody else
+    claimed meanwhile has a fresh idle time and is skipped), and consumers are
+    deleted by a Lua script that re-checks the pending list in the same step.
+    """
+
+    def __init__(self, redis: Any, keys: StreamKeyBuilder, supervisor_name: str) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.supervisor_name = supervisor_name
+        self._deleter = ConsumerDeleter(redis)
+        self._counters: dict[str, RebalanceCounters] = {}
+        self._rr: dict[tuple[str, str], int] = {}  # (agent, group) -> round-robin offset
+        self._cursors: dict[tuple[str, str], str] = {}  # (stream, group) -> resume cursor
+
+    # -- counters ----------------------------------------------------------------
+    def counters_for(self, agent: str) -> RebalanceCounters:
+        """A copy of the agent's cumulative counters."""
+        return self._counters.setdefault(agent, RebalanceCounters()).copy()
+
+    def _c(self, agent: str) -> RebalanceCounters:
+        return self._counters.setdefault(agent, RebalanceCounters())
+
+    def _next_offset(self, target: GroupTarget, step: int) -> int:
+        key = (target.agent, target.group)
+        offset = self._rr.get(key, 0)
+        self._rr[key] = offset + step
+        return offset
+
+    # -- crash-aware reclaim -------------------------------------------------------
+    async def reclaim_dead(
+        self,
+        target: GroupTarget,
+        dead_consumer: str,
+        live_consumers: Sequence[str],
+        *,
+        reason: str = REASON_CRASH,
+    ) -> dict[str, int]:
+        """Move ``dead_consumer``'s pending entries to ``live_consumers`` and delete it.
+
+        Returns ``{receiver: entries claimed}``; the caller should nudge each
+        receiver to look at its pending list. With no live consumer nothing is
+        claimed; the dead consumer is still deleted where it owns nothing.
+        """
+        live = [c for c in dict.fromkeys(live_consumers) if c != dead_consumer]
+        moved: dict[str, int] = {}
+        deleted_everywhere = True
+        existed = False
+        started = time.monotonic()
+        for stream in target.streams:
+            if live:
+                await self._reclaim_stream(target, stream, dead_consumer, live, moved)
+            with anyio.CancelScope(shield=True):
+                result = await self._deleter.delete_if_empty(stream, target.group, dead_consumer)
+            if result == DELETE_HAS_PENDING:
+                deleted_everywhere = False
+            existed = existed or result == DELETE_DONE
+        total = sum(moved.values())
+        counters = self._c(target.agent)
+        counters.reclaimed_by_reason[reason] = counters.reclaimed_by_reason.get(reason, 0) + total
+        if existed and deleted_everywhere:
+            counters.deleted_consumers += 1
+        if total or existed:
+            log.info(
+                "consumer_reclaimed",
+                agent=target.agent,
+                group=target.group,
+                consumer=dead_consumer,
+                reason=reason,
+                claimed=total,
+                receivers=len(moved),
+                deleted=existed and deleted_everywhere,
+                ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        return moved
+
+    async def _reclaim_stream(
+        self,
+        target: GroupTarget,
+        stream: str,
+        dead: str,
+        live: list[str],
+        moved: dict[str, int],
+    ) -> None:
+        for _ in range(MAX_BATCHES):
+            rows = await pending_entries(
+                self.redis, stream, target.group, consumer=dead, count=BATCH
+            )
+            if not rows:
+                return
+            with anyio.CancelScope(shield=True):
+                progressed = await self._reclaim_batch(target, stream, dead, rows, live, moved)
+            if not progressed:
+                return  # everything left is owned elsewhere now or cannot move: stop
+        log.warning("reclaim_batches_exhausted", agent=target.agent, stream=stream, consumer=dead)
+
+    async def _reclaim_batch(
+        self,
+        target: GroupTarget,
+        stream: str,
+        dead: str,
+        rows: list[PendingEntry],
+        live: list[str],
+        moved: dict[str, int],
+    ) -> bool:
+        poison = [r for r in rows if r.deliveries >= target.max_deliveries]
+        movable = [r for r in rows if r.deliveries < target.max_deliveries]
+        if poison:
+            await self._dead_letter_rows(target, stream, poison, consumer=dead)
+        if not movable:
+            return True
+        before = sum(moved.values())
+        # Fence: the dead consumer's entries only age; one claimed by someone else
+        # since XPENDING has a fresh idle time and XCLAIM skips it.
+        min_idle = max(0, min(r.idle_ms for r in movable) - 1)
+        offset = self._next_offset(target, len(movable))
+        plan: dict[str, list[str]] = {}
+        for i, row in enumerate(movable):
+            plan.setdefault(live[(offset + i) % len(live)], []).append(row.id)
+        pipe = self.redis.pipeline(transaction=False)
+        receivers = list(plan)
+        for receiver in receivers:
+            pipe.xclaim(stream, target.group, receiver, min_idle, plan[receiver])
+        replies = await pipe.execute()
+        missing: list[str] = []
+        for receiver, reply in zip(receivers, replies, strict=True):
+            got = {entry_id for entry_id, _ in claimed_entries(reply)[0]}
+            if got:
+                moved[receiver] = moved.get(receiver, 0) + len(got)
+            missing.extend(i for i in plan[receiver] if i not in got)
+        settled = await self._settle_unclaimed(target, stream, dead, missing) if missing else 0
+        return bool(poison) or settled > 0 or sum(moved.values()) > before
+
+    async def _settle_unclaimed(
+        self, target: GroupTarget, stream: str, dead: str, ids: list[str]
+    ) -> int:
+        """Ids XCLAIM did not return: deleted entries, or claimed by someone else meanwhile.
+
+        A deleted entry can never be delivered again, so its id is acked wherever
+        it is still pending (Redis 7 already dropped it from the list; 6.2 moved
+        it to the receiver as a nil entry). Returns how many ids left the dead
+        consumer's list (the caller stops when a batch makes no progress).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(stream, entry_id, entry_id, count=1)
+        exists = await pipe.execute()
+        vanished = [i for i, found in zip(ids, exists, strict=True) if not found]
+        alive = [i for i, found in zip(ids, exists, strict=True) if found]
+        if vanished:
+            await self.redis.xack(stream, target.group, *vanished)
+            self._c(target.agent).deleted_entries += len(vanished)
+        still = await pending_of_ids(self.redis, stream, target.group, alive)
+        stuck = sum(1 for row in still.values() if row.consumer == dead)
+        return len(ids) - stuck
+
+    async def _dead_letter_rows(
+        self, target: GroupTarget, stream: str, rows: list[PendingEntry], *, consumer: str
+    ) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for row in rows:
+            pipe.xrange(stream, row.id, row.id, count=1)
+        found = await pipe.execute()
+        entries: list[tuple[Entry, int]] = []
+        vanished: list[str] = []
+        for row, raw in zip(rows, found, strict=True):
+            got = entries_of(raw)
+            if got:
+                entries.append((got[0], row.deliveries))
+            else:
+                vanished.append(row.id)
+        if vanished:
+            await self.redis.xack(stream, target.group, *vanished)
+            self._c(target.agent).deleted_entries += len(vanished)
+        await self._dead_letter(target, stream, entries, consumer=consumer)
+
+    async def _dead_letter(
+        self,
+        target: GroupTarget,
+        stream: str,
+        entries: list[tuple[Entry, int]],
+        *,
+        consumer: str,
+    ) -> None:
+        """XADD each to the dead-letter stream and XACK it, all in one MULTI/EXEC."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for (entry_id, fields), deliveries in entries:
+                record = dead_letter_fields(
+                    data=_payload(fields),
+                    reason=REASON_POISON,
+                    error=(
+                        f"delivered {deliveries} times "
+                        f"(max_deliveries={target.max_deliveries}); last consumer {consumer}"
+                    ),
+                    deliveries=deliveries,
+                    source_stream=stream,
+                    source_id=entry_id,
+                    group=target.group,
+                    consumer=consumer,
+                )
+                queue_dead_letter(
+                    pipe,
+                    target.dlq_stream,
+                    stream=stream,
+                    group=target.group,
+                    entry_id=entry_id,
+                    fields=record,
+                )
+            await pipe.execute()
+        self._c(target.agent).dead_lettered += len(entries)
+        log.warning(
+            "entries_dead_lettered",
+            agent=target.agent,
+            stream=stream,
+            group=target.group,
+            count=len(entries),
+            reason=REASON_POISON,
+            dlq=target.dlq_stream,
+        )
+
+    # -- idle sweep ----------------------------------------------------------------
+    async def sweep(self, target: GroupTarget, live_consumers: Sequence[str]) -> dict[str, int]:
+        """XAUTOCLAIM entries idle longer than ``claim_idle`` to live consumers.
+
+        Per stream a full cursor loop (bounded by ``MAX_BATCHES``; an unfinished
+        scan resumes from its cursor on the next call), one receiver per batch in
+        round-robin. Returns ``{receiver: entries claimed}``.
+        """
+        live = list(dict.fromkeys(live_consumers))
+        moved: dict[str, int] = {}
+        if not live:
+            return moved
+        for stream in target.streams:
+            await self._sweep_stream(target, stream, live, moved)
+        total = sum(moved.values())
+        counters = self._c(target.agent)
+        counters.reclaimed_by_reason[REASON_IDLE] += total
+        if total:
+            log.info(
+                "idle_entries_claimed",
+                agent=target.agent,
+                group=target.group,
+                claimed=total,
+                receivers=len(moved),
+            )
+        return moved
+
+    async def _sweep_stream(
+        self, target: GroupTarget, stream: str, live: list[str], moved: dict[str, int]
+    ) -> None:
+        min_idle_ms = max(0, int(target.claim_idle * 1000))
+        cursor_key = (stream, target.group)
+        cursor = self._cursors.pop(cursor_key, "0-0")
+        for _ in range(MAX_BATCHES):
+            receiver = live[self._next_offset(target, 1) % len(live)]
+            with anyio.CancelScope(shield=True):
+                try:
+                    reply = await self.redis.execute_command(
+                        "XAUTOCLAIM",
+                        stream,
+                        target.group,
+                        receiver,
+                        min_idle_ms,
+                        cursor,
+                        "COUNT",
+                        BATCH,
+                    )
+                except ResponseError as exc:
+                    if is_missing(exc):
+                        return
+                    raise
+                next_cursor = text(reply[0])
+                claimed, nils = claimed_entries(reply[1])
+                deleted = len(reply[2]) if len(reply) > 2 and reply[2] else 0
+                if nils:
+                    await self._ack_vanished_of(target, stream, receiver, cursor, next_cursor)
+                await self._after_autoclaim(target, stream, receiver, claimed, moved)
+                self._c(target.agent).deleted_entries += deleted + nils
+                cursor = next_cursor
+            if cursor == "0-0":
+                return
+        self._cursors[cursor_key] = cursor
+        log.warning("sweep_batches_exhausted", agent=target.agent, stream=stream, cursor=cursor)
+
+    async def _ack_vanished_of(
+        self, target: GroupTarget, stream: str, receiver: str, start: str, end: str
+    ) -> None:
+        """Redis 6.2: XAUTOCLAIM moved deleted entries to ``receiver`` as id-less nils.
+
+        They lie in the scanned range ``[start, end)`` of the receiver's pending
+        list; ack those whose entry no longer exists.
+        """
+        last = "+" if end == "0-0" else f"({end}"
+        rows = await pending_entries(
+            self.redis,
+            stream,
+            target.group,
+            consumer=receiver,
+            start=start,
+            end=last,
+            count=BATCH * 10,
+        )
+        ids = [row.id for row in rows]
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(stream, entry_id, entry_id, count=1)
+        found = await pipe.execute()
+        vanished = [i for i, hit in zip(ids, found, strict=True) if not hit]
+        if vanished:
+            await self.redis.xack(stream, target.group, *vanished)
+
+    async def _after_autoclaim(
+        self,
+        target: GroupTarget,
+        stream: str,
+        receiver: str,
+        claimed: list[Entry],
+        moved: dict[str, int],
+    ) -> None:
+        """Dead-letter claimed entries past ``max_deliveries``; count the rest as moved."""
+        if not claimed:
+            return
+        rows = await pending_of_ids(self.redis, stream, target.group, [i for i, _ in claimed])
+        poison: list[tuple[Entry, int]] = []
+        kept = 0
+        for entry in claimed:
+            row = rows.get(entry[0])
+            if row is None or row.consumer != receiver:
+                continue  # acked or re-claimed by someone else meanwhile
+            if row.deliveries > target.max_deliveries:
+                poison.append((entry, row.deliveries))
+            else:
+                kept += 1
+        await self._dead_letter(target, stream, poison, consumer=receiver)
+        if kept:
+            moved[receiver] = moved.get(receiver, 0) + kept
+
+    # -- startup cleanup -------------------------------------------------------------
+    async def cleanup_stale(
+        self, target: GroupTarget, live_consumers: Sequence[str], owned_prefix: str
+    ) -> dict[str, int]:
+        """Reclaim and delete consumers named ``owned_prefix*`` that are not live.
+
+        For a previous run of this supervisor that was SIGKILLed: its workers'
+        consumers still own pending entries nobody will ack.
+        """
+        live = set(live_consumers)
+        stale: dict[str, None] = {}
+        for stream in target.streams:
+            for info in await consumers_of(self.redis, stream, target.group):
+                if info.name.startswith(owned_prefix) and info.name not in live:
+                    stale[info.name] = None
+        moved: dict[str, int] = {}
+        for name in stale:
+            got = await self.reclaim_dead(target, name, live_consumers, reason=REASON_STARTUP)
+            for receiver, n in got.items():
+                moved[receiver] = moved.get(receiver, 0) + n
+        if stale:
+            log.info(
+                "stale_consumers_cleaned",
+                agent=target.agent,
+                group=target.group,
+                consumers=len(stale),
+                claimed=sum(moved.values()),
+            )
+        return moved
+
+    # -- metrics -----------------------------------------------------------------------
+    async def group_stats(self, target: GroupTarget) -> list[GroupStats]:
+        """Pending, lag (None when Redis reports it unknown) and consumers per stream."""
+        out: list[GroupStats] = []
+        for stream in target.streams:
+            stats = await group_stats(self.redis, stream, target.group)
+            if stats is not None:
+                out.append(stats)
+        return out
+
+
+__all__ = [
+    "REASON_CRASH",
+    "REASON_IDLE",
+    "REASON_STARTUP",
+    "GroupStats",
+    "GroupTarget",
+    "RebalanceCounters",
+    "Rebalancer",
+]
