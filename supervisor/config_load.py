@@ -61,8 +61,13 @@ class _Problems:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self.lines: list[str] = []
+        self.entries: list[tuple[tuple[int, int], str]] = []
         self.origins: dict[Loc, str] = {}
+
+    @property
+    def lines(self) -> list[str]:
+        """Problems in file order: sections, then agents by index (stable within)."""
+        return [line for _, line in sorted(self.entries, key=lambda entry: entry[0])]
 
     def source(self, loc: Loc) -> str:
         for end in range(len(loc), 0, -1):
@@ -75,11 +80,18 @@ class _Problems:
         where = dotted(loc)
         prefix = f"{self.source(loc)}: {where}: " if where else f"{self.source(loc)}: "
         line = prefix + message
-        if line not in self.lines:
-            self.lines.append(line)
+        if all(line != existing for _, existing in self.entries):
+            self.entries.append((_order(loc), line))
 
     def add_raw(self, line: str) -> None:
-        self.lines.append(line)
+        self.entries.append(((-1, -1), line))
+
+
+def _order(loc: Loc) -> tuple[int, int]:
+    section = str(loc[0]) if loc else ""
+    rank = TOP_LEVEL_KEYS.index(section) if section in TOP_LEVEL_KEYS else -1
+    index = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
+    return rank, index
 
 
 def dotted(loc: Loc) -> str:
@@ -138,6 +150,8 @@ def load_config(
         if not isinstance(raw_agent, dict):
             continue
         merged = {**inherited, **raw_agent}
+        if isinstance(raw_agent.get("env"), dict) and "env" in inherited:
+            merged["env"] = {**inherited["env"], **raw_agent["env"]}
         agent = _validate_model(AgentConfig, merged, ("agents", index), context, problems)
         if agent is None:
             agent = _salvage_agent(merged, context)
