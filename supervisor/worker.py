@@ -1,0 +1,261 @@
+"""The built-in worker runtime: ``python -m supervisor.worker``.
+
+Everything comes from the environment the supervisor sets (AG1_AGENT,
+AG1_HANDLER, AG1_STREAMS, AG1_GROUP, AG1_CONSUMER, REDIS_URL, NOTIFY_SOCKET
+...). The worker imports the handler (with AG1_WORKING_DIR on ``sys.path``),
+subscribes, reports READY=1 once its group exists, then sends WATCHDOG=1 with
+its counters (X_AG1_STATS) from the event loop itself. SIGTERM drains
+(stop reading, finish in-flight, ack) and exits 0; SIGUSR1 makes it look at
+its own pending list now (the supervisor just gave it reclaimed entries).
+
+Exit codes: 0 after a drain, 3 when the handler cannot be imported (a boot
+failure the supervisor does not retry forever), 1 on any other error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from core_bus.log import configure_logging, get_logger
+from supervisor.sdnotify import Notifier
+
+EXIT_BOOT_FAILURE = 3
+
+
+def _log() -> Any:
+    """Bound after configure_logging (a module-level bound logger would freeze defaults)."""
+    return get_logger("supervisor.worker")
+
+
+class BootError(Exception):
+    """The worker cannot start (bad handler, missing env); exit code 3."""
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    agent: str
+    worker: str
+    handler: str
+    group: str
+    consumer: str
+    streams: list[str]
+    redis_url: str
+    concurrency: int
+    count: int
+    max_deliveries: int
+    dlq_stream: str | None
+    watchdog_seconds: float | None
+    working_dir: str | None
+    drain_timeout: float
+    ordered: bool
+    shards: int
+    base_streams: list[str]
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> WorkerEnv:
+        def need(name: str) -> str:
+            value = environ.get(name)
+            if not value:
+                raise BootError(f"environment variable {name} is not set")
+            return value
+
+        def num(name: str, default: int) -> int:
+            try:
+                return int(environ.get(name) or default)
+            except ValueError:
+                raise BootError(f"{name} must be an integer") from None
+
+        watchdog_usec = num("AG1_WATCHDOG_USEC", 0)
+        return cls(
+            agent=need("AG1_AGENT"),
+            worker=environ.get("AG1_WORKER", need("AG1_AGENT") + "/0"),
+            handler=need("AG1_HANDLER"),
+            group=need("AG1_GROUP"),
+            consumer=need("AG1_CONSUMER"),
+            streams=[s for s in need("AG1_STREAMS").split(",") if s],
+            redis_url=need("REDIS_URL"),
+            concurrency=num("AG1_CONCURRENCY", 16),
+            count=num("AG1_COUNT", 100),
+            max_deliveries=num("AG1_MAX_DELIVERIES", 5),
+            dlq_stream=environ.get("AG1_DLQ") or None,
+            watchdog_seconds=watchdog_usec / 1e6 if watchdog_usec > 0 else None,
+            working_dir=environ.get("AG1_WORKING_DIR") or None,
+            drain_timeout=float(environ.get("AG1_DRAIN_TIMEOUT") or 10.0),
+            ordered=environ.get("AG1_ORDERED") == "1",
+            shards=num("AG1_SHARDS", 0),
+            base_streams=[s for s in environ.get("AG1_BASE_STREAMS", "").split(",") if s],
+        )
+
+
+def load_handler(spec: str, working_dir: str | None) -> Callable[..., Any]:
+    """Import ``pkg.mod:func`` with ``working_dir`` first on sys.path.
+
+    :raises BootError: one clear line saying what is wrong.
+    """
+    if working_dir and working_dir not in sys.path:
+        sys.path.insert(0, working_dir)
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise BootError(
+            f"cannot import handler module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise BootError(f"handler {spec!r}: module {module_name!r} has no {attr!r}")
+    if not callable(target):
+        raise BootError(f"handler {spec!r} is not callable")
+    if not (
+        inspect.iscoroutinefunction(target)
+        or inspect.iscoroutinefunction(
+            getattr(target, "__call__", None)  # noqa: B004
+        )
+    ):
+        raise BootError(f"handler {spec!r} is not an async function")
+    return target  # type: ignore[no-any-return]
+
+
+def heartbeat_interval(watchdog_seconds: float | None) -> float:
+    """Half the watchdog, at most 1 s (stats stay fresh even without a watchdog)."""
+    if watchdog_seconds is None:
+        return 1.0
+    return max(0.01, min(watchdog_seconds / 2, 1.0))
+
+
+async def _subscribe(redis: Any, env: WorkerEnv, handler: Callable[..., Any]) -> Any:
+    if env.ordered:
+        from core_bus.ordered import subscribe_ordered  # type: ignore[import-not-found,unused-ignore]
+
+        return await subscribe_ordered(
+            redis,
+            env.base_streams,
+            env.shards,
+            handler,
+            env.group,
+            env.consumer,
+            concurrency=env.concurrency,
+            count=env.count,
+            max_deliveries=env.max_deliveries,
+            dlq_stream=env.dlq_stream,
+        )
+    from core_bus.subscription import subscribe  # type: ignore[import-not-found,unused-ignore]
+
+    return await subscribe(
+        redis,
+        env.streams,
+        handler,
+        env.group,
+        env.consumer,
+        concurrency=env.concurrency,
+        count=env.count,
+        max_deliveries=env.max_deliveries,
+        dlq_stream=env.dlq_stream,
+    )
+
+
+def _stats_payload(sub: Any) -> str:
+    stats = getattr(sub, "stats", None)
+    data = stats.to_dict() if stats is not None else {}
+    return json.dumps(data, separators=(",", ":"))
+
+
+async def run_worker(env: WorkerEnv, handler: Callable[..., Any]) -> int:
+    """Subscribe, report READY, heartbeat, drain on SIGTERM; returns the exit code."""
+    from core_bus.settings import connect
+
+    notifier = Notifier()
+    redis = connect(env.redis_url)
+    try:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+            sub = await _subscribe(redis, env, handler)
+            await sub.started()
+            notifier.send("READY=1", f"STATUS=consuming {','.join(env.streams)}")
+            _log().info("worker ready", agent=env.agent, worker=env.worker, consumer=env.consumer)
+            interval = heartbeat_interval(env.watchdog_seconds)
+            drained = False
+            async with anyio.create_task_group() as tg:
+
+                async def heartbeat() -> None:
+                    while True:
+                        stats = getattr(sub, "stats", None)
+                        in_flight = getattr(stats, "in_flight", 0)
+                        processed = getattr(stats, "processed", 0)
+                        notifier.send(
+                            "WATCHDOG=1",
+                            f"STATUS=processed {processed}, in flight {in_flight}",
+                            f"X_AG1_STATS={_stats_payload(sub)}",
+                        )
+                        await anyio.sleep(interval)
+
+                async def watch_subscription() -> None:
+                    await sub.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(heartbeat)
+                tg.start_soon(watch_subscription)
+                async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        sub.check_pending()
+                        continue
+                    _log().info("worker draining", agent=env.agent, worker=env.worker)
+                    notifier.send("STOPPING=1")
+                    with anyio.CancelScope(shield=True):
+                        await sub.stop(env.drain_timeout)
+                    drained = True
+                    tg.cancel_scope.cancel()
+                    break
+            notifier.send(f"X_AG1_STATS={_stats_payload(sub)}")
+            if not drained:  # the subscription ended on its own: an error
+                _log().error("subscription ended", agent=env.agent, worker=env.worker)
+                return 1
+            return 0
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.aclose()
+        notifier.close()
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    configure_logging()
+    try:
+        env = WorkerEnv.from_environ(environ)
+        handler = load_handler(env.handler, env.working_dir)
+    except BootError as exc:
+        _log().error(
+            "worker boot failed",
+            agent=environ.get("AG1_AGENT"),
+            worker=environ.get("AG1_WORKER"),
+            error=str(exc),
+        )
+        return EXIT_BOOT_FAILURE
+    try:
+        return anyio.run(run_worker, env, handler)
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        _log().error(
+            "worker failed",
+            agent=env.agent,
+            worker=env.worker,
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=True,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
