@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 
+from core_bus.keys import DEFAULT_NAMESPACE, StreamKeyBuilder
 from core_bus.log import configure_logging, get_logger
 from supervisor.sdnotify import Notifier
 
@@ -60,6 +61,7 @@ class WorkerEnv:
     ordered: bool
     shards: int
     base_streams: list[str]
+    namespace: str
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> WorkerEnv:
@@ -94,6 +96,7 @@ class WorkerEnv:
             ordered=environ.get("AG1_ORDERED") == "1",
             shards=num("AG1_SHARDS", 0),
             base_streams=[s for s in environ.get("AG1_BASE_STREAMS", "").split(",") if s],
+            namespace=environ.get("BUS_NAMESPACE") or DEFAULT_NAMESPACE,
         )
 
 
@@ -137,7 +140,7 @@ def heartbeat_interval(watchdog_seconds: float | None) -> float:
 
 async def _subscribe(redis: Any, env: WorkerEnv, handler: Callable[..., Any]) -> Any:
     if env.ordered:
-        from core_bus.ordered import subscribe_ordered  # type: ignore[import-not-found,unused-ignore]
+        from core_bus.ordered import subscribe_ordered
 
         return await subscribe_ordered(
             redis,
@@ -146,12 +149,11 @@ async def _subscribe(redis: Any, env: WorkerEnv, handler: Callable[..., Any]) ->
             handler,
             env.group,
             env.consumer,
-            concurrency=env.concurrency,
-            count=env.count,
             max_deliveries=env.max_deliveries,
             dlq_stream=env.dlq_stream,
+            keys=StreamKeyBuilder(env.namespace),
         )
-    from core_bus.subscription import subscribe  # type: ignore[import-not-found,unused-ignore]
+    from core_bus.subscription import subscribe
 
     return await subscribe(
         redis,
@@ -163,6 +165,7 @@ async def _subscribe(redis: Any, env: WorkerEnv, handler: Callable[..., Any]) ->
         count=env.count,
         max_deliveries=env.max_deliveries,
         dlq_stream=env.dlq_stream,
+        keys=StreamKeyBuilder(env.namespace),
     )
 
 
