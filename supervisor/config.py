@@ -335,7 +335,8 @@ class AgentConfig(AgentSettings):
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             return data
         data = dict(data)
-        name = data["name"]
+        # An invalid name is reported once; derive the rest from a cleaned-up form.
+        name = re.sub(r"[^a-zA-Z0-9_-]", "_", data["name"]) or "_"
         if data.get("group") is None:
             data["group"] = name
         if data.get("streams") is None:

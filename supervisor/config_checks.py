@@ -63,7 +63,7 @@ for key, spec in request["handlers"]:
     elif callable(obj):
         results[key] = "%r is not an async callable (define it with 'async def')" % spec
     else:
-        results[key] = "%r is not callable (it is a %s)" % (spec, type(obj).__name__)
+        results[key] = "%r is not callable (type %s)" % (spec, type(obj).__name__)
 json.dump(results, answer)
 answer.flush()
 """
@@ -183,7 +183,8 @@ def _shared_groups(agents: dict[int, AgentConfig]) -> list[Problem]:
 def _working_dir_problem(index: int, agent: AgentConfig) -> Problem | None:
     if agent.working_dir is None or agent.working_dir.is_dir():
         return None
-    return (("agents", index, "working_dir"), f"directory {str(agent.working_dir)!r} not found")
+    shown = os.path.normpath(agent.working_dir)
+    return (("agents", index, "working_dir"), f"directory {shown!r} not found")
 
 
 def _command_problems(agents: dict[int, AgentConfig]) -> list[Problem]:
@@ -203,10 +204,11 @@ def command_problem(program: str, agent: AgentConfig) -> str | None:
         path = Path(program).expanduser()
         if not path.is_absolute() and agent.working_dir is not None:
             path = agent.working_dir / path
+        shown = os.path.normpath(path)
         if not path.exists():
-            return f"program {program!r} not found ({path})"
+            return f"program {program!r} not found ({shown})"
         if not path.is_file() or not os.access(path, os.X_OK):
-            return f"program {program!r} is not an executable file ({path})"
+            return f"program {program!r} is not an executable file ({shown})"
         return None
     search = agent.env.get("PATH", os.environ.get("PATH", os.defpath))
     if shutil.which(program, path=search) is None:

@@ -141,8 +141,11 @@ def load_config(
     redis = _validate(RedisConfig, raw, ("redis",), context, problems)
     http = _validate(HttpConfig, raw, ("http",), context, problems)
     defaults = _validate(AgentDefaults, raw, ("defaults",), context, problems)
+    usable_defaults = defaults or _salvage(AgentDefaults, raw.get("defaults", {}), context)
     inherited = (
-        {key: getattr(defaults, key) for key in defaults.model_fields_set} if defaults else {}
+        {key: getattr(usable_defaults, key) for key in usable_defaults.model_fields_set}
+        if usable_defaults
+        else {}
     )
     raw_agents = raw.get("agents", [])
     agents: dict[int, AgentConfig] = {}
@@ -154,7 +157,7 @@ def load_config(
             merged["env"] = {**inherited["env"], **raw_agent["env"]}
         agent = _validate_model(AgentConfig, merged, ("agents", index), context, problems)
         if agent is None:
-            agent = _salvage_agent(merged, context)
+            agent = _salvage(AgentConfig, merged, context, vital={"name", "handler", "command"})
         if agent is not None:
             agents[index] = agent
 
@@ -432,20 +435,28 @@ def _validate_model(
         return None
 
 
-def _salvage_agent(data: dict[str, Any], context: dict[str, Any]) -> AgentConfig | None:
-    """The agent minus its invalid keys, so cross-agent checks still run on the rest.
+def _salvage(
+    model: type[M],
+    data: Any,
+    context: dict[str, Any],
+    vital: frozenset[str] | set[str] = frozenset(),
+) -> M | None:
+    """``data`` minus its invalid keys, so later checks still run on the rest.
 
-    Its own errors are already reported; a second failure is silent.
+    Its own errors are already reported; a second failure is silent. None when
+    a ``vital`` key is invalid (checks on the remainder would mislead).
     """
+    if not isinstance(data, dict):
+        return None
     try:
-        AgentConfig.model_validate(data, context=context)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
-        if not bad or bad & {"name", "handler", "command"}:
+        if not bad or bad & vital:
             return None
         data = {k: v for k, v in data.items() if k not in bad}
     try:
-        return AgentConfig.model_validate(data, context=context)
+        return model.model_validate(data, context=context)
     except ValidationError:
         return None
 
