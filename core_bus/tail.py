@@ -11,7 +11,6 @@ streams created by plain XADD. Malformed entries are shown as such.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import sys
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 import anyio
 
+from core_bus.discovery import glob_match
 from core_bus.envelope import Envelope
 from core_bus.errors import BusError
 from core_bus.keys import StreamKeyBuilder
@@ -244,7 +244,7 @@ class Tailer:
             self._show(stream, entry_id, fields)
 
     def _matches(self, stream: str) -> bool:
-        return any(fnmatch.fnmatchcase(stream, p) for p in self.patterns)
+        return any(glob_match(p, stream) for p in self.patterns)
 
     def _adopt(self, stream: str) -> None:
         if stream not in self.positions and self._matches(stream):

@@ -1,0 +1,322 @@
+"""Subscribe to every stream matching glob patterns, including streams created later.
+
+``await start_bus_subscriptions(redis, patterns, group, handler)`` returns
+promptly with a :class:`BusSubscriptions` handle; the subscriptions run in the
+background until ``await handle.stop()`` (or the end of ``async with handle``).
+The prototype's version never returned (it awaited its discovery loops), so
+code that relied on that should now ``await handle.wait()``.
+
+Streams are found two ways: the discovery notices ``publish_envelope`` writes on
+a stream's first publish (followed with a blocking XREAD, so a new stream is
+picked up within a round trip) and a SCAN with ``TYPE stream`` every
+``poll_delay`` seconds (for streams created by plain XADD, or whose notice was
+trimmed). Each matching stream gets exactly one :func:`subscribe`; dead-letter
+streams and the notices stream itself are never subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import anyio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core_bus.backoff import Backoff
+from core_bus.handlers import Handler, handler_arity
+from core_bus.keys import StreamKeyBuilder
+from core_bus.log import get_logger
+from core_bus.replies import streams_of, text
+from core_bus.rpc import blocking_ms
+from core_bus.settings import get_settings
+from core_bus.stats import SubscriptionStats
+from core_bus.subscription import Subscription, default_consumer_name, subscribe
+
+DEFAULT_GROUP = "corebus"
+NOTICE_BLOCK_SECONDS = 2.0
+NOTICE_COUNT = 500
+SCAN_COUNT = 1000
+RETRY = Backoff(base=0.1, cap=5.0)
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+
+# Running handles. Strong references: the prototype's callers drop the handle.
+_LIVE: set[BusSubscriptions] = set()
+
+
+@lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Redis' glob syntax (``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``) as a regex."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < n:
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1)
+            if end == -1:
+                out.append(re.escape(ch))
+            else:
+                body = pattern[i + 1 : end]
+                negate = body.startswith("^")
+                body = body[1:] if negate else body
+                body = body.replace("\\", "\\\\")
+                out.append(f"[{'^' if negate else ''}{body}]")
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """True when ``name`` matches the Redis glob ``pattern`` (as SCAN MATCH would)."""
+    return glob_regex(pattern).fullmatch(name) is not None
+
+
+class BusSubscriptions:
+    """Handle of :func:`start_bus_subscriptions`: one :class:`Subscription` per stream."""
+
+    def __init__(
+        self,
+        redis: Any,
+        patterns: list[str],
+        group: str,
+        handler: Handler,
+        *,
+        poll_delay: float,
+        consumer: str,
+        subscribe_options: dict[str, Any],
+    ) -> None:
+        self.redis = redis
+        self.patterns = patterns
+        self.group = group
+        self.consumer = consumer
+        self.poll_delay = poll_delay
+        self.subscriptions: dict[str, Subscription] = {}
+        self._failed: set[str] = set()
+        self.scans = 0  # completed SCAN rounds (initial, poll, refresh)
+        self._handler = handler
+        self._options = subscribe_options
+        self._keys = StreamKeyBuilder(get_settings().bus_namespace)
+        self._excluded_prefix = self._keys.dead_letter("")
+        self._notices_position = "0-0"
+        self._lock = anyio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._done = asyncio.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._log = get_logger("core_bus.discovery", group=group, patterns=",".join(patterns))
+
+    # -- public handle --------------------------------------------------------------
+    @property
+    def streams(self) -> list[str]:
+        """Streams subscribed so far."""
+        return sorted(self.subscriptions)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._done.is_set() and not self._stopping
+
+    @property
+    def stats(self) -> SubscriptionStats:
+        """Counters of all subscriptions added up."""
+        total = SubscriptionStats()
+        for sub in self.subscriptions.values():
+            total.merge(sub.stats)
+        return total
+
+    def matches(self, stream: str) -> bool:
+        if stream == self._keys.discovery_stream() or stream.startswith(self._excluded_prefix):
+            return False
+        return any(glob_match(p, stream) for p in self.patterns)
+
+    async def refresh(self) -> list[str]:
+        """SCAN now and subscribe to new matches; returns the streams added."""
+        found: list[str] = []
+        for pattern in self.patterns:
+            async for key in self.redis.scan_iter(match=pattern, count=SCAN_COUNT, _type="stream"):
+                found.append(text(key))
+        self.scans += 1
+        added: list[str] = []
+        for stream in found:
+            if await self._add(stream):
+                added.append(stream)
+        return added
+
+    async def wait(self) -> None:
+        """Wait until stopped; re-raises an error that ended discovery."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop discovering, then stop every subscription (each drains its handlers)."""
+        if self._task is None:
+            return
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._done.wait()
+        async with anyio.create_task_group() as tg:
+            for sub in list(self.subscriptions.values()):
+                tg.start_soon(self._stop_one, sub, drain_timeout)
+        self._log.info("bus_subscriptions_stopped", streams=len(self.subscriptions))
+
+    async def __aenter__(self) -> BusSubscriptions:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- internals --------------------------------------------------------------------
+    async def _stop_one(self, sub: Subscription, drain_timeout: float) -> None:
+        try:
+            await sub.stop(drain_timeout)
+        except Exception as exc:
+            self._log.warning("subscription_stop_error", stream=sub.streams, error=repr(exc))
+
+    async def _add(self, stream: str) -> bool:
+        if stream in self.subscriptions or stream in self._failed or not self.matches(stream):
+            return False
+        async with self._lock:
+            if stream in self.subscriptions or self._stopping:
+                return False
+            if text(await self.redis.type(stream)) != "stream":
+                return False  # noticed but deleted (or replaced) since
+            try:
+                sub = await subscribe(
+                    self.redis, stream, self._handler, self.group, self.consumer, **self._options
+                )
+            except TRANSIENT:
+                raise
+            except Exception as exc:  # one bad stream must not end discovery of the others
+                self._failed.add(stream)
+                self._log.error("subscribe_failed", stream=stream, error=repr(exc))
+                return False
+            self.subscriptions[stream] = sub
+        self._log.info("stream_discovered", stream=stream, consumer=self.consumer)
+        return True
+
+    async def _initial(self) -> None:
+        """Position on the notices before the first SCAN: nothing created meanwhile is missed."""
+        newest = await self.redis.xrevrange(self._keys.discovery_stream(), count=1)
+        self._notices_position = text(newest[0][0]) if newest else "0-0"
+        await self.refresh()
+
+    def _start(self, initial_done: bool) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._main(initial_done), name=f"bus_subscriptions:{self.group}"
+        )
+        _LIVE.add(self)
+
+    async def _main(self, initial_done: bool) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if self._stopping:
+                    scope.cancel()
+                if not initial_done:
+                    await self._retrying(self._initial)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._retrying, self._follow_notices)
+                    tg.start_soon(self._retrying, self._poll)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # kept for wait(); subscriptions keep running
+            self._error = exc
+            self._log.error("discovery_failed", error=repr(exc), exc_info=exc)
+        finally:
+            self._done.set()
+            _LIVE.discard(self)
+
+    async def _retrying(self, step: Any) -> None:
+        """Run ``step`` to completion, backing off while Redis is unreachable."""
+        attempt = 0
+        while True:
+            try:
+                await step()
+                return
+            except TRANSIENT as exc:
+                attempt += 1
+                if attempt == 1:
+                    self._log.warning("discovery_redis_unavailable", error=repr(exc))
+                await anyio.sleep(RETRY.delay(attempt))
+
+    async def _follow_notices(self) -> None:
+        notices = self._keys.discovery_stream()
+        while True:
+            reply = await self.redis.xread(
+                {notices: self._notices_position},
+                count=NOTICE_COUNT,
+                block=blocking_ms(self.redis, NOTICE_BLOCK_SECONDS),
+            )
+            for _stream, entries in streams_of(reply):
+                for entry_id, fields in entries:
+                    self._notices_position = entry_id
+                    if fields is not None and "stream" in fields:
+                        await self._add(text(fields["stream"]))
+
+    async def _poll(self) -> None:
+        while True:
+            await anyio.sleep(self.poll_delay)
+            await self.refresh()
+
+
+async def start_bus_subscriptions(
+    redis: Any,
+    patterns: str | Sequence[str],
+    group: str | None = DEFAULT_GROUP,
+    handler: Handler | None = None,
+    poll_delay: float = 5.0,
+    *,
+    consumer: str | None = None,
+    **subscribe_options: Any,
+) -> BusSubscriptions:
+    """Subscribe ``handler`` (``async def h(env)`` or ``h(env, redis)``) to every stream
+    matching ``patterns`` (Redis globs, e.g. ``kb.agent_inbox("*")``), now and later.
+
+    Returns once the streams that exist now are subscribed (or, if Redis is
+    unreachable, at once: discovery keeps retrying in the background). All
+    subscriptions share ``group`` (``None`` means ``"corebus"``) and one consumer
+    name; ``subscribe_options`` go to :func:`subscribe` (``concurrency``,
+    ``max_deliveries``...).
+
+    :raises TypeError: ``handler`` is not an accepted handler.
+    """
+    if handler is None:
+        raise TypeError("start_bus_subscriptions needs a handler")
+    handler_arity(handler)
+    pattern_list = [patterns] if isinstance(patterns, str) else [text(p) for p in patterns]
+    if not pattern_list:
+        raise ValueError("start_bus_subscriptions needs at least one pattern")
+    if poll_delay <= 0:
+        raise ValueError("poll_delay must be > 0")
+    handle = BusSubscriptions(
+        redis,
+        pattern_list,
+        group or DEFAULT_GROUP,
+        handler,
+        poll_delay=poll_delay,
+        consumer=consumer or default_consumer_name(),
+        subscribe_options=subscribe_options,
+    )
+    initial_done = False
+    try:
+        await handle._initial()
+        initial_done = True
+    except TRANSIENT as exc:
+        handle._log.warning("discovery_redis_unavailable", error=repr(exc))
+    handle._start(initial_done)
+    return handle
