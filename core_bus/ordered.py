@@ -1,0 +1,600 @@
+"""Ordered shard consumption: each shard stream is owned by one live consumer at a time.
+
+Publishers route an entry to ``keys.route(base, routing_key, shards)`` (see
+:func:`core_bus.keys.shard_for`), so every entry with one key lands on one
+shard stream. Here each shard is handled by exactly one consumer at a time and
+one entry at a time, which keeps per-key order; different shards run
+concurrently.
+
+Coordination lives in Redis, so it holds across hosts and supervisors:
+
+* **Membership**: a sorted set of consumer names scored by expiry (Redis TIME),
+  refreshed every tick; a member that stops heartbeating drops out after
+  ``lease_ttl``.
+* **Assignment**: the shards, in a fixed order, are dealt round-robin to the
+  members sorted by name (``k % members``), so everyone computes the same owner
+  and each gets ``ceil(shards / members)`` at most.
+* **Leases**: ``keys.shard_lease(group, base, i)`` holds the owner's name with a
+  TTL (``SET NX PX``, renewed every tick; ARCHITECTURE item 11). A consumer
+  releases a shard it should no longer own only after its in-flight entry is
+  done; a dead consumer's lease expires (or the supervisor evicts it at once
+  with :func:`evict_consumer`).
+* **Hand-over**: a new owner first XCLAIMs every pending entry of the shard
+  (whoever holds it), handles them in id order, then reads new entries.
+* **Fencing**: ack and dead-letter are Lua scripts that check the lease still
+  names this consumer in the same atomic step; a consumer that lost its lease
+  stops that shard at once.
+
+Delivery counting matches :mod:`supervisor.rebalance`: the hand-over claim
+counts as a delivery; a handler failure is retried in place (the entry blocks
+its shard, as order requires) after an XCLAIM to ourselves bumps the counter;
+at ``max_deliveries`` the entry is dead-lettered and acked atomically.
+Requires a non-cluster Redis (scripts touch the lease and the stream together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core_bus.backoff import Backoff
+from core_bus.deadletter import DLQ_MAXLEN, REASON_POISON, dead_letter_fields
+from core_bus.decode import Malformed, decode_payload, payload_of
+from core_bus.handlers import Handler, handler_arity
+from core_bus.keys import StreamKeyBuilder
+from core_bus.log import get_logger
+from core_bus.pending import entry_fields, fetch_entries, pending_counts
+from core_bus.replies import streams_of, text
+from core_bus.settings import get_settings
+from core_bus.stats import SubscriptionStats
+
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+READ_COUNT = 10
+BACKLOG_PAGE = 200
+
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], now + ttl, ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ttl * 3)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+# KEYS: leases; ARGV: me, ttl_ms, mode ('acquire' | 'renew' | 'release'); one 0/1 per key
+_LEASES = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ok = 0
+  if ARGV[3] == 'acquire' then
+    if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then ok = 1
+    elseif redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]); ok = 1 end
+  elseif redis.call('GET', key) == ARGV[1] then
+    if ARGV[3] == 'renew' then redis.call('PEXPIRE', key, ARGV[2]) else redis.call('DEL', key) end
+    ok = 1
+  end
+  out[i] = ok
+end
+return out
+"""
+# KEYS: lease, stream; ARGV: me, group, id -> XACK result, or -1 when the lease is not ours
+_FENCED_ACK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+"""
+# KEYS: lease, stream, dlq; ARGV: me, group, id, maxlen, field, value, ...
+_FENCED_DEAD_LETTER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+"""
+
+
+def members_key(keys: StreamKeyBuilder, group: str) -> str:
+    """Key of the ordered-consumer membership set of ``group`` (a TTL'd bookkeeping key)."""
+    return keys.supervisor_lock(f"ordered-members:{group}")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardUnit:
+    """One shard stream and its lease key."""
+
+    base: str
+    index: int
+    stream: str
+    lease: str
+
+
+def shard_units(
+    keys: StreamKeyBuilder, group: str, base_streams: Sequence[str], shards: int
+) -> list[ShardUnit]:
+    """Every shard of every base stream, in the fixed order assignment deals them."""
+    return [
+        ShardUnit(base, i, keys.shard_stream(base, i), keys.shard_lease(group, base, i))
+        for base in base_streams
+        for i in range(shards)
+    ]
+
+
+def assigned(units: Sequence[ShardUnit], members: Sequence[str], me: str) -> set[ShardUnit]:
+    """The shards ``me`` should own among ``members`` (deal ``k % len(members)``)."""
+    ordered = sorted(set(members) | {me})
+    mine = ordered.index(me)
+    return {u for k, u in enumerate(units) if k % len(ordered) == mine}
+
+
+async def evict_consumer(
+    redis: Any,
+    keys: StreamKeyBuilder,
+    group: str,
+    base_streams: Sequence[str],
+    shards: int,
+    consumer: str,
+) -> int:
+    """Drop a dead consumer from membership and release the leases it holds.
+
+    For the supervisor, right after the worker died: the shards move at the
+    next tick of the survivors instead of after ``lease_ttl``. Returns how many
+    leases were released (only those still naming ``consumer``).
+    """
+    units = shard_units(keys, group, base_streams, shards)
+    await redis.zrem(members_key(keys, group), consumer)
+    result = await redis.eval(
+        _LEASES, len(units), *[u.lease for u in units], consumer, 1, "release"
+    )
+    return sum(int(x) for x in result)
+
+
+@dataclass(eq=False)
+class _Runner:
+    """The task handling one owned shard."""
+
+    unit: ShardUnit
+    release: bool = False  # finish the in-flight entry, then give the shard up
+    lost: bool = False  # lease gone: stop now, do not ack
+    check_own: bool = True
+    scope: anyio.CancelScope | None = None
+    read_scope: anyio.CancelScope | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def stop_reading(self) -> None:
+        if self.read_scope is not None:
+            self.read_scope.cancel()
+
+
+class OrderedSubscription:
+    """Handle of a running ordered subscription (see :func:`subscribe_ordered`)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        base_streams: Sequence[str],
+        shards: int,
+        handler: Handler,
+        *,
+        group: str,
+        consumer: str,
+        lease_ttl: float,
+        max_deliveries: int,
+        dlq_stream: str,
+        keys: StreamKeyBuilder,
+        retry_backoff: float,
+        retry_backoff_max: float,
+        tick: float | None,
+    ) -> None:
+        if shards < 1 or max_deliveries < 1 or lease_ttl <= 0:
+            raise ValueError("shards and max_deliveries must be >= 1, lease_ttl > 0")
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer
+        self.stats = SubscriptionStats()
+        self.dlq_stream = dlq_stream
+        self.units = shard_units(keys, group, base_streams, shards)
+        self.streams = [u.stream for u in self.units]
+        self._members_key = members_key(keys, group)
+        self._handler = handler
+        self._pass_redis = handler_arity(handler) == 2
+        self._ttl_ms = max(1, int(lease_ttl * 1000))
+        self._tick = tick if tick is not None else min(1.0, lease_ttl / 4)
+        self._block_ms = max(1, int(self._tick * 1000))
+        self._max_deliveries = max_deliveries
+        self._retry = Backoff(retry_backoff, retry_backoff_max)
+        self._limit = get_settings().bus_max_envelope_bytes
+        self._runners: dict[ShardUnit, _Runner] = {}
+        self._log = get_logger("core_bus.ordered", group=group, consumer=consumer)
+        self._wake = asyncio.Event()
+        self._started = asyncio.Event()
+        self._done = asyncio.Event()
+        self._stopping = False
+        self._drain_timeout = 10.0
+        self._error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- public handle (same surface as Subscription) ------------------------------
+    async def started(self) -> None:
+        """Return once the groups exist and the first ownership round ran."""
+        await self._started.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def wait(self) -> None:
+        """Wait until stopped or failed; re-raises a fatal error."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Leave the membership, finish in-flight entries (up to ``drain_timeout``), release."""
+        if self._task is None:
+            return
+        if not self._stopping:
+            self._drain_timeout = drain_timeout
+            self._stopping = True
+            self._wake.set()
+        await self.wait()
+
+    def check_pending(self) -> None:
+        """Re-run the ownership round now and re-check own pending entries of owned shards."""
+        for runner in self._runners.values():
+            runner.check_own = True
+        self._wake.set()
+
+    def owned(self) -> list[str]:
+        """Shard streams this consumer currently owns."""
+        return [u.stream for u, r in self._runners.items() if not (r.lost or r.release)]
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._main())
+
+    async def _main(self) -> None:
+        try:
+            for unit in self.units:
+                with contextlib.suppress(ResponseError):  # BUSYGROUP
+                    await self.redis.xgroup_create(unit.stream, self.group, id="0", mkstream=True)
+            async with anyio.create_task_group() as tg:
+                await self._control(tg)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self._error = exc
+                self._log.error("ordered_subscription_failed", error=repr(exc))
+            raise
+        finally:
+            self._started.set()
+            self._done.set()
+
+    async def _control(self, tg: anyio.abc.TaskGroup) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                await self._round(tg)
+                failures = 0
+            except TRANSIENT as exc:
+                failures += 1
+                self._log.warning("ownership_round_failed", error=repr(exc))
+                await anyio.sleep(self._retry.delay(failures))
+                continue
+            self._started.set()
+            with anyio.move_on_after(self._tick):
+                await self._wake.wait()
+            self._wake.clear()
+        await self._shutdown()
+
+    async def _round(self, tg: anyio.abc.TaskGroup) -> None:
+        raw = await self.redis.eval(_HEARTBEAT, 1, self._members_key, self.consumer, self._ttl_ms)
+        members = [text(m) for m in raw]
+        want = assigned(self.units, members, self.consumer)
+        for unit, runner in list(self._runners.items()):
+            if runner.done.is_set():
+                del self._runners[unit]
+        held = [u for u, r in self._runners.items() if not r.lost]
+        if held:
+            renewed = await self._leases(held, "renew")
+            for unit, ok in zip(held, renewed, strict=True):
+                runner = self._runners[unit]
+                if not ok:
+                    self._lose(runner)
+                elif unit not in want and not runner.release:
+                    runner.release = True
+                    runner.stop_reading()
+        missing = [u for u in self.units if u in want and u not in self._runners]
+        if missing:
+            got = await self._leases(missing, "acquire")
+            for unit, ok in zip(missing, got, strict=True):
+                if ok:
+                    runner = _Runner(unit)
+                    self._runners[unit] = runner
+                    tg.start_soon(self._run_shard, runner)
+
+    def _lose(self, runner: _Runner) -> None:
+        runner.lost = True
+        self._log.warning("shard_lease_lost", stream=runner.unit.stream)
+        if runner.scope is not None:
+            runner.scope.cancel()
+
+    async def _leases(self, units: Sequence[ShardUnit], mode: str) -> list[bool]:
+        keys = [u.lease for u in units]
+        result = await self.redis.eval(_LEASES, len(keys), *keys, self.consumer, self._ttl_ms, mode)
+        return [bool(int(x)) for x in result]
+
+    async def _shutdown(self) -> None:
+        """Leave, let runners finish their in-flight entry (renewing leases meanwhile), release."""
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(*TRANSIENT):
+                await self.redis.zrem(self._members_key, self.consumer)
+            for runner in self._runners.values():
+                runner.release = True
+                runner.stop_reading()
+            deadline = time.monotonic() + self._drain_timeout
+            while time.monotonic() < deadline:
+                busy = [u for u, r in self._runners.items() if not (r.done.is_set() or r.lost)]
+                if not busy:
+                    break
+                with contextlib.suppress(*TRANSIENT):
+                    await self._leases(busy, "renew")
+                with anyio.move_on_after(min(self._tick, max(0.0, deadline - time.monotonic()))):
+                    await self._wake.wait()
+                self._wake.clear()
+            for runner in list(self._runners.values()):
+                if not runner.done.is_set() and runner.scope is not None:
+                    runner.scope.cancel()
+            for runner in list(self._runners.values()):
+                await runner.done.wait()
+
+    # -- one shard -------------------------------------------------------------------
+    async def _run_shard(self, runner: _Runner) -> None:
+        unit = runner.unit
+        log = self._log.bind(stream=unit.stream)
+        failures = 0
+        try:
+            with anyio.CancelScope() as scope:
+                runner.scope = scope
+                log.info("shard_acquired")
+                while True:
+                    try:
+                        await self._claim_backlog(unit)
+                        break
+                    except TRANSIENT:
+                        failures += 1
+                        await anyio.sleep(self._retry.delay(failures))
+                while not (runner.release or runner.lost or self._stopping):
+                    try:
+                        await self._shard_step(runner)
+                        failures = 0
+                    except TRANSIENT as exc:
+                        failures += 1
+                        log.warning("shard_read_failed", error=repr(exc))
+                        await anyio.sleep(self._retry.delay(failures))
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not runner.lost:
+                    with contextlib.suppress(*TRANSIENT):
+                        await self._leases([unit], "release")
+                runner.done.set()
+                log.info("shard_released", lost=runner.lost)
+            self._wake.set()
+
+    async def _shard_step(self, runner: _Runner) -> None:
+        batch: list[tuple[str, Any, int]] = []
+        if runner.check_own:
+            batch = await self._own_pending(runner.unit)
+            runner.check_own = bool(batch)
+        if not batch:
+            batch = await self._read_new(runner)
+        for entry_id, fields, deliveries in batch:
+            if runner.release or runner.lost or self._stopping:
+                runner.check_own = True
+                return
+            if not await self._handle(runner, entry_id, fields, deliveries):
+                self._lose(runner)
+                return
+
+    async def _claim_backlog(self, unit: ShardUnit) -> None:
+        """XCLAIM every pending entry of the shard held by someone else (a claim = a delivery)."""
+        start = "-"
+        while True:
+            rows = await self.redis.xpending_range(
+                unit.stream, self.group, start, "+", BACKLOG_PAGE
+            )
+            if not rows:
+                return
+            ids = [text(r["message_id"]) for r in rows if text(r["consumer"]) != self.consumer]
+            if ids:
+                await self.redis.xclaim(unit.stream, self.group, self.consumer, 0, ids)
+            if len(rows) < BACKLOG_PAGE:
+                return
+            start = f"({text(rows[-1]['message_id'])}"
+
+    async def _own_pending(self, unit: ShardUnit) -> list[tuple[str, Any, int]]:
+        """Our pending entries of the shard in id order, without bumping their counters."""
+        reply = await self.redis.xpending_range(
+            unit.stream, self.group, "-", "+", READ_COUNT, self.consumer
+        )
+        rows = pending_counts(reply)
+        fetched = await fetch_entries(self.redis, [(unit.stream, i) for i, _ in rows])
+        return [
+            (entry_id, fields, deliveries)
+            for (entry_id, deliveries), (_s, _i, fields) in zip(rows, fetched, strict=True)
+        ]
+
+    async def _read_new(self, runner: _Runner) -> list[tuple[str, Any, int]]:
+        with anyio.CancelScope() as scope:
+            runner.read_scope = scope
+            if runner.release or self._stopping:
+                return []
+            reply = await self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {runner.unit.stream: ">"},
+                count=READ_COUNT,
+                block=self._block_ms,
+            )
+            return [
+                (entry_id, entry_fields(f), 1)
+                for _stream, entries in streams_of(reply)
+                for entry_id, f in entries
+            ]
+        # interrupted: a reply we never saw may have made entries ours; look next time
+        runner.read_scope = None
+        runner.check_own = True
+        return []
+
+    async def _handle(self, runner: _Runner, entry_id: str, fields: Any, deliveries: int) -> bool:
+        """Handle one entry to its end; False when the shard's lease turned out lost."""
+        unit = runner.unit
+        if fields is None:  # deleted or trimmed while pending
+            return await self._ack(unit, entry_id, counted=False)
+        if deliveries > self._max_deliveries:
+            msg = f"delivered {deliveries} times (limit {self._max_deliveries})"
+            return await self._dead_letter(unit, entry_id, fields, REASON_POISON, msg, deliveries)
+        env = decode_payload(payload_of(fields), self._limit)
+        if isinstance(env, Malformed):
+            self.stats.malformed += 1
+            return await self._dead_letter(
+                unit, entry_id, fields, env.reason, env.error, deliveries
+            )
+        env.add_hop(self.group)
+        while True:
+            error = await self._call(env)
+            if error is None:
+                return await self._ack(unit, entry_id, counted=True)
+            if deliveries >= self._max_deliveries:
+                return await self._dead_letter(
+                    unit, entry_id, fields, REASON_POISON, error, deliveries
+                )
+            await anyio.sleep(self._retry.delay(deliveries))
+            if runner.release or runner.lost or self._stopping:
+                return True  # stays pending; the next owner (or we, later) retries it
+            deliveries = await self._redeliver(unit, entry_id)
+            if deliveries == 0:
+                return True  # no longer ours (acked or claimed elsewhere)
+
+    async def _call(self, env: Any) -> str | None:
+        stats = self.stats
+        stats.in_flight += 1
+        started = time.perf_counter()
+        try:
+            if self._pass_redis:
+                await self._handler(env, self.redis)
+            else:
+                await self._handler(env)
+        except Exception as exc:
+            stats.failed += 1
+            self._log.warning("handler_failed", error=f"{type(exc).__name__}: {exc}")
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            stats.in_flight -= 1
+            stats.observe_handler(time.perf_counter() - started)
+        return None
+
+    async def _redeliver(self, unit: ShardUnit, entry_id: str) -> int:
+        """XCLAIM the entry to ourselves again (bumps the counter); 0 when it is gone."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xclaim(unit.stream, self.group, self.consumer, 0, [entry_id])
+            pipe.xpending_range(unit.stream, self.group, entry_id, entry_id, 1)
+            _claimed, pending = await pipe.execute()
+        rows = pending_counts(pending)
+        return rows[0][1] if rows else 0
+
+    async def _ack(self, unit: ShardUnit, entry_id: str, *, counted: bool) -> bool:
+        with anyio.CancelScope(shield=True):
+            result = await self.redis.eval(
+                _FENCED_ACK, 2, unit.lease, unit.stream, self.consumer, self.group, entry_id
+            )
+        if int(result) < 0:
+            return False
+        if counted:
+            self.stats.processed += 1
+        return True
+
+    async def _dead_letter(
+        self, unit: ShardUnit, entry_id: str, fields: Any, reason: str, error: str, deliveries: int
+    ) -> bool:
+        record = dead_letter_fields(
+            data=payload_of(fields),
+            reason=reason,
+            error=error,
+            deliveries=deliveries,
+            source_stream=unit.stream,
+            source_id=entry_id,
+            group=self.group,
+            consumer=self.consumer,
+        )
+        flat: list[Any] = []
+        for name, value in record.items():
+            flat.extend((name, value))
+        with anyio.CancelScope(shield=True):
+            result = await self.redis.eval(
+                _FENCED_DEAD_LETTER,
+                3,
+                unit.lease,
+                unit.stream,
+                self.dlq_stream,
+                self.consumer,
+                self.group,
+                entry_id,
+                DLQ_MAXLEN,
+                *flat,
+            )
+        if int(result) < 0:
+            return False
+        self.stats.dead_lettered += 1
+        self._log.warning(
+            "entry_dead_lettered", stream=unit.stream, entry_id=entry_id, reason=reason
+        )
+        return True
+
+
+async def subscribe_ordered(
+    redis: Any,
+    base_streams: Sequence[str],
+    shards: int,
+    handler: Handler,
+    group: str,
+    consumer: str,
+    *,
+    lease_ttl: float = 10.0,
+    max_deliveries: int = 5,
+    dlq_stream: str | None = None,
+    keys: StreamKeyBuilder | None = None,
+    retry_backoff: float = 0.5,
+    retry_backoff_max: float = 30.0,
+    tick: float | None = None,
+) -> OrderedSubscription:
+    """Start consuming the ``shards`` shard streams of ``base_streams`` in key order.
+
+    Returns at once; ``await sub.started()`` once the first ownership round
+    ran. ``tick`` (default ``min(1 s, lease_ttl / 4)``) is how often membership
+    and leases are refreshed and how quickly shards move when members change.
+    The handler is ``async def h(env)`` or ``async def h(env, redis)``.
+    """
+    keys = keys or StreamKeyBuilder(get_settings().bus_namespace)
+    sub = OrderedSubscription(
+        redis,
+        [text(b) for b in base_streams],
+        shards,
+        handler,
+        group=group,
+        consumer=consumer,
+        lease_ttl=lease_ttl,
+        max_deliveries=max_deliveries,
+        dlq_stream=dlq_stream or keys.dead_letter(group),
+        keys=keys,
+        retry_backoff=retry_backoff,
+        retry_backoff_max=retry_backoff_max,
+        tick=tick,
+    )
+    sub._start()
+    return sub

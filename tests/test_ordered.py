@@ -1,0 +1,272 @@
+"""Ordered shards: one owner per shard (Redis leases), per-key order across failover and scaling.
+
+Each handler records ``(key, seq)`` by RPUSH to ``seen:<key>``; order holds when
+every key's list, with adjacent repeats collapsed (an entry whose owner was
+SIGKILLed after the handler ran but before the ack is handled again by the next
+owner: at-least-once), is exactly ``0, 1, 2, ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from core_bus.envelope import Envelope
+from core_bus.keys import StreamKeyBuilder, shard_for
+from core_bus.ordered import (
+    OrderedSubscription,
+    assigned,
+    evict_consumer,
+    shard_units,
+    subscribe_ordered,
+)
+from core_bus.publish import publish_envelope
+from core_bus.replies import text
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.anyio
+
+KEYS = StreamKeyBuilder()
+BASE = KEYS.agent_inbox("ledger")
+GROUP = "ledger"
+SHARDS = 4
+KEY_NAMES = [f"acct-{i}" for i in range(12)]
+
+WORKER = """
+import asyncio, sys
+import redis.asyncio as R
+from core_bus.ordered import subscribe_ordered
+
+url, base, shards, group, consumer, ttl = sys.argv[1:7]
+
+async def handler(env, redis):
+    await redis.rpush("seen:" + env.meta["key"], env.meta["seq"])
+    await asyncio.sleep(0.005)
+
+async def main():
+    r = R.Redis.from_url(url)
+    sub = await subscribe_ordered(r, [base], int(shards), handler, group, consumer,
+                                  lease_ttl=float(ttl))
+    await sub.started()
+    await r.rpush("ready", consumer)
+    await sub.wait()
+
+asyncio.run(main())
+"""
+
+
+async def record(env: Envelope, redis: Any) -> None:
+    await redis.rpush("seen:" + env.meta["key"], env.meta["seq"])
+
+
+async def publish_keyed(redis: Any, start: int, stop: int) -> None:
+    """Publish seq ``start..stop-1`` for every key, routed to its shard."""
+    for seq in range(start, stop):
+        for key in KEY_NAMES:
+            env = Envelope(role="user", content="x", meta={"key": key, "seq": seq})
+            await publish_envelope(redis, KEYS.route(BASE, key, SHARDS), env)
+
+
+async def order_report(redis: Any, total: int) -> tuple[bool, int]:
+    """(every key saw 0..total-1 in order, number of adjacent repeats)."""
+    dupes = 0
+    for key in KEY_NAMES:
+        seen = [int(text(v)) for v in await redis.lrange("seen:" + key, 0, -1)]
+        collapsed = [v for i, v in enumerate(seen) if i == 0 or v != seen[i - 1]]
+        dupes += len(seen) - len(collapsed)
+        if collapsed != list(range(total)):
+            return False, dupes
+    return True, dupes
+
+
+async def llen_at_least(redis: Any, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) >= n
+
+
+async def all_seen(redis: Any, total: int) -> bool:
+    for key in KEY_NAMES:
+        if await redis.llen("seen:" + key) < total:
+            return False
+    return True
+
+
+async def nothing_pending(redis: Any) -> bool:
+    for stream in KEYS.shard_streams(BASE, SHARDS):
+        if int((await redis.xpending(stream, GROUP))["pending"]):
+            return False
+    return True
+
+
+async def start_sub(
+    redis: Any, consumer: str, handler: Any = record, **kw: Any
+) -> OrderedSubscription:
+    kw.setdefault("lease_ttl", 1.0)
+    sub = await subscribe_ordered(redis, [BASE], SHARDS, handler, GROUP, consumer, **kw)
+    await sub.started()
+    return sub
+
+
+def test_assignment_is_deterministic_and_fair() -> None:
+    """Every member computes the same owner per shard; shares differ by at most one."""
+    units = shard_units(KEYS, GROUP, [BASE, KEYS.agent_inbox("other")], 5)
+    members = ["c", "a", "b"]
+    shares = [assigned(units, members, m) for m in members]
+    assert set().union(*shares) == set(units)
+    assert sum(len(s) for s in shares) == len(units)
+    assert sorted(len(s) for s in shares) == [3, 3, 4]
+    assert shard_for("acct-1", 4) == shard_for(b"acct-1", 4)
+
+
+@pytest.mark.timeout(60)
+async def test_two_consumers_split_shards_and_keep_order(redis: Any) -> None:
+    """Two live consumers own disjoint halves of the shards; per-key order holds."""
+    a = await start_sub(redis, "a")
+    b = await start_sub(redis, "b")
+    try:
+        await eventually(
+            lambda: len(a.owned()) == 2 and len(b.owned()) == 2, 10, message="2+2 shards"
+        )
+        assert set(a.owned()).isdisjoint(b.owned())
+        await publish_keyed(redis, 0, 20)
+        await eventually(lambda: all_seen(redis, 20), 30, message="all handled")
+        ok, dupes = await order_report(redis, 20)
+        assert ok and dupes == 0
+        assert await nothing_pending(redis)
+    finally:
+        await a.stop(5)
+        await b.stop(5)
+    assert await redis.get(KEYS.shard_lease(GROUP, BASE, 0)) is None
+
+
+@pytest.mark.timeout(90)
+async def test_order_holds_across_scale_up_and_down(redis: Any) -> None:
+    """Shards move when consumers join and leave (graceful stop) while entries flow;
+    pending entries move with their shard and per-key order holds without repeats."""
+
+    async def slow_record(env: Envelope, redis: Any) -> None:
+        await record(env, redis)
+        await anyio.sleep(0.002)
+
+    subs = [await start_sub(redis, "c0", slow_record)]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish_keyed, redis, 0, 40)
+            await eventually(lambda: redis.llen("seen:acct-0"), 10)
+            subs.append(await start_sub(redis, "c1", slow_record))
+            subs.append(await start_sub(redis, "c2", slow_record))
+            await eventually(lambda: all(s.owned() for s in subs), 10, message="all own")
+            await subs.pop(0).stop(5)  # scale down: c0 leaves
+            await eventually(lambda: sum(len(s.owned()) for s in subs) == SHARDS, 10)
+        await eventually(lambda: all_seen(redis, 40), 60, message="all handled")
+        ok, dupes = await order_report(redis, 40)
+        assert ok, "per-key order broken"
+        assert dupes == 0
+        assert await eventually(lambda: nothing_pending(redis), 10)
+    finally:
+        for sub in subs:
+            await sub.stop(5)
+
+
+@pytest.mark.timeout(60)
+async def test_failing_entry_dead_lettered_after_max_deliveries_then_shard_moves_on(
+    redis: Any,
+) -> None:
+    """An entry whose handler always fails blocks only its shard, is attempted exactly
+    max_deliveries times, then dead-lettered (fenced, atomic with the ack); later
+    entries of the key follow."""
+    attempts: dict[int, int] = {}
+
+    async def picky(env: Envelope, redis: Any) -> None:
+        seq = env.meta["seq"]
+        if env.meta["key"] == "acct-0" and seq == 1:
+            attempts[seq] = attempts.get(seq, 0) + 1
+            raise RuntimeError("boom")
+        await record(env, redis)
+
+    sub = await start_sub(redis, "solo", picky, max_deliveries=3, retry_backoff=0.01)
+    try:
+        await publish_keyed(redis, 0, 3)
+        await eventually(lambda: redis.llen("seen:acct-0"), 10)
+        await eventually(lambda: sub.stats.dead_lettered == 1, 15, message="dead-lettered")
+        await eventually(lambda: llen_at_least(redis, "seen:acct-0", 2), 10)
+        assert [int(v) for v in await redis.lrange("seen:acct-0", 0, -1)] == [0, 2]
+        assert attempts == {1: 3}
+        letters = await redis.xrange(KEYS.dead_letter(GROUP))
+        assert len(letters) == 1
+        assert await eventually(lambda: nothing_pending(redis), 10)
+    finally:
+        await sub.stop(5)
+
+
+class Procs:
+    def __init__(self, python: str, script: Path, url: str) -> None:
+        self.python, self.script, self.url = python, script, url
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, consumer: str, ttl: float = 1.0) -> None:
+        args = [self.url, BASE, str(SHARDS), GROUP, consumer, str(ttl)]
+        self.procs[consumer] = subprocess.Popen(
+            [self.python, str(self.script), *args], stdin=subprocess.DEVNULL
+        )
+
+    def kill(self, consumer: str) -> None:
+        proc = self.procs[consumer]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture
+def procs(python_exe: str, tmp_path: Path, redis_url: str) -> Iterator[Procs]:
+    script = tmp_path / "ordered_worker.py"
+    script.write_text(WORKER)
+    pool = Procs(python_exe, script, redis_url)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("evict", [False, True], ids=["lease-expiry", "evicted"])
+async def test_order_holds_across_sigkill_of_owner(redis: Any, procs: Procs, evict: bool) -> None:
+    """SIGKILL of a worker process owning shards mid-stream: the survivor takes its
+    shards (after the lease TTL, or at once when the supervisor evicts it), finishes
+    its pending entries first, and per-key order holds (adjacent repeats of the
+    entry in flight at the kill are the only duplicates)."""
+    procs.start("w1")
+    procs.start("w2")
+    await eventually(lambda: llen_at_least(redis, "ready", 2), 20, message="workers ready")
+    lease_of = [KEYS.shard_lease(GROUP, BASE, i) for i in range(SHARDS)]
+
+    async def both_own() -> bool:
+        owners = {text(v) for v in await redis.mget(lease_of) if v is not None}
+        return owners == {"w1", "w2"}
+
+    await eventually(both_own, 10, message="shards split")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publish_keyed, redis, 0, 60)
+        await eventually(lambda: redis.llen("seen:acct-3"), 10)
+        await eventually(lambda: llen_at_least(redis, "seen:acct-3", 10), 20)
+        procs.kill("w1")
+        if evict:
+            await evict_consumer(redis, KEYS, GROUP, [BASE], SHARDS, "w1")
+    await eventually(lambda: all_seen(redis, 60), 60, message="all handled")
+    ok, dupes = await order_report(redis, 60)
+    assert ok, "per-key order broken"
+    assert dupes <= SHARDS  # at most the in-flight entry of each shard w1 owned
+    assert await eventually(lambda: nothing_pending(redis), 15)
+    owners = {text(v) for v in await redis.mget(lease_of)}
+    assert owners == {"w2"}
