@@ -1,0 +1,226 @@
+"""`ag1-fleet run` as a real subprocess: end to end through Redis, signals, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from core_bus.envelope import Envelope
+from core_bus.publish import publish_envelope
+from tests.waiting import eventually, eventually_sync
+
+pytestmark = pytest.mark.anyio
+
+HANDLER = """
+from typing import Any
+
+async def handle(env: Any, redis: Any) -> None:
+    await redis.sadd("e2e:seen", env.envelope_id)
+"""
+
+
+class Fleet:
+    """An `ag1-fleet run` subprocess in its own session, its JSON log in a file."""
+
+    def __init__(self, tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> None:
+        self.dir = tmp_path
+        self.config = tmp_path / "fleet.toml"
+        self.config.write_text(textwrap.dedent(toml))
+        self.log_path = tmp_path / "run.log"
+        self._log = self.log_path.open("wb")
+        environ = dict(os.environ)
+        environ.update({"AG1_LOG_FORMAT": "json"})
+        environ.pop("NOTIFY_SOCKET", None)
+        environ.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(self.config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=str(tmp_path),
+            start_new_session=True,
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events()
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def wait_event(self, event: str, timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
+        found = eventually_sync(
+            lambda: self.find(event, **fields), timeout=timeout, message=f"event {event!r}"
+        )
+        return found[-1]  # type: ignore[no-any-return]
+
+    def worker_pids(self) -> set[int]:
+        try:
+            return {c.pid for c in psutil.Process(self.proc.pid).children()}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def fleet_factory(tmp_path: Path) -> Iterator[Any]:
+    fleets: list[Fleet] = []
+
+    def start(toml: str, env: dict[str, str] | None = None) -> Fleet:
+        fleet = Fleet(tmp_path, toml, env)
+        fleets.append(fleet)
+        return fleet
+
+    yield start
+    for fleet in fleets:
+        fleet.close()
+
+
+def _gone(pids: set[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+@pytest.mark.timeout(60)
+async def test_run_processes_messages_end_to_end(
+    fleet_factory: Any, tmp_path: Path, redis: Any, redis_url: str
+) -> None:
+    """Publish to a handler agent: every envelope handled; SIGTERM exits 0, no leftovers."""
+    (tmp_path / "e2e_agent.py").write_text(HANDLER)
+    fleet = fleet_factory(
+        f"""
+        [supervisor]
+        name = "e2e"
+        [redis]
+        url = "{redis_url}"
+        [http]
+        enabled = false
+        [[agents]]
+        name = "echo"
+        handler = "e2e_agent:handle"
+        replicas = 2
+        """
+    )
+    fleet.wait_event("fleet ready", timeout=30)
+    pids = fleet.worker_pids()
+    assert len(pids) == 2
+    ids = []
+    for i in range(20):
+        env = Envelope(role="user", content=i)
+        ids.append(env.envelope_id)
+        await publish_envelope(redis, "AG1:agent:echo:inbox", env)
+    await eventually(lambda: redis.scard("e2e:seen"), timeout=15, message="envelopes handled")
+    await eventually(lambda: _count_is(redis, 20), timeout=15, message="all 20 envelopes handled")
+    started = fleet.find("supervisor started")[0]
+    sock_dir = Path(started["notify_socket"]).parent
+    assert sock_dir.exists()
+
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.proc.wait(20) == 0
+    assert _gone(pids)
+    assert not sock_dir.exists(), "notify socket left behind"
+    exits = fleet.find("worker exited", agent="echo")
+    assert {e["reason"] for e in exits} == {"exit 0"}
+    # Nothing left pending: the workers drained and acked.
+    info = await redis.xpending("AG1:agent:echo:inbox", "echo")
+    assert info["pending"] == 0
+
+
+async def _count_is(redis: Any, n: int) -> bool:
+    return int(await redis.scard("e2e:seen")) == n
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_sigkill_leaves_no_children(fleet_factory: Any, python_exe: str) -> None:
+    """SIGKILL the supervisor: the parent-death signal takes every worker down with it."""
+    fleet = fleet_factory(
+        f"""
+        [supervisor]
+        name = "orphans"
+        [redis]
+        url = "redis://127.0.0.1:1/0"
+        [http]
+        enabled = false
+        [[agents]]
+        name = "sleepy"
+        command = ["{python_exe}", "-c", "import time; time.sleep(600)"]
+        replicas = 3
+        start_seconds = "100ms"
+        """
+    )
+    fleet.wait_event("fleet ready", timeout=30)
+    pids = fleet.worker_pids()
+    assert len(pids) == 3
+    fleet.proc.send_signal(signal.SIGKILL)
+    fleet.proc.wait(10)
+    eventually_sync(lambda: _gone(pids), timeout=5, message="workers gone after supervisor SIGKILL")
+
+
+@pytest.mark.timeout(60)
+def test_second_sigterm_stops_at_once(fleet_factory: Any, python_exe: str) -> None:
+    """A worker ignoring SIGTERM with a long stop_timeout: the second SIGTERM kills it now."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    fleet = fleet_factory(
+        f"""
+        [supervisor]
+        name = "twice"
+        [redis]
+        url = "redis://127.0.0.1:1/0"
+        [http]
+        enabled = false
+        [[agents]]
+        name = "stubborn"
+        command = ["{python_exe}", "-c", "{code}"]
+        start_seconds = "200ms"
+        stop_timeout = "60s"
+        """
+    )
+    fleet.wait_event("fleet ready", timeout=30)
+    pids = fleet.worker_pids()
+    fleet.proc.send_signal(signal.SIGTERM)
+    fleet.wait_event("stop requested")
+    assert fleet.proc.poll() is None  # the worker ignores SIGTERM; stop_timeout is 60 s
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.proc.wait(10) == 0
+    assert _gone(pids)
+    (exit_event,) = fleet.find("worker exited", agent="stubborn")
+    assert exit_event["reason"] == "signal SIGKILL"
+
+
+@pytest.mark.timeout(60)
+def test_invalid_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
+    """`run` refuses an invalid file like `check` does: exit 2, problems on stderr."""
+    config = tmp_path / "fleet.toml"
+    config.write_text('[[agents]]\nname = "x"\ncommand = ["true"]\nreplicas = -1\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "replicas" in result.stderr
+    assert "Traceback" not in result.stderr
