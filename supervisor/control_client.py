@@ -104,7 +104,8 @@ def resolve_base_url(config: str | None, url: str | None) -> str:
 
 
 def token_from_env() -> str | None:
-    return os.environ.get(TOKEN_ENV) or None
+    """``AG1_CONTROL_TOKEN``, else ``AG1_HTTP__TOKEN`` (the config's env override)."""
+    return os.environ.get(TOKEN_ENV) or os.environ.get("AG1_HTTP__TOKEN") or None
 
 
 class ControlClient:

@@ -81,8 +81,8 @@ def cli(
     python_exe: str, *argv: str, token: str | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ}
-    env.pop("AG1_CONTROL_TOKEN", None)
-    env.pop("AG1_CONFIG", None)
+    for name in ("AG1_CONTROL_TOKEN", "AG1_HTTP__TOKEN", "AG1_CONFIG", "AG1_HTTP__LISTEN"):
+        env.pop(name, None)
     env["PYTHONPATH"] = str(ROOT)
     if token is not None:
         env["AG1_CONTROL_TOKEN"] = token
