@@ -10,9 +10,11 @@ daemon.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -217,59 +219,75 @@ def command_problem(program: str, agent: AgentConfig) -> str | None:
 
 
 def _handler_problems(agents: dict[int, AgentConfig]) -> list[Problem]:
-    """Import every handler, one child interpreter per (working_dir, env), all in parallel."""
-    batches: dict[tuple[str, tuple[tuple[str, str], ...]], list[int]] = {}
+    """Import every handler: one child interpreter per (working_dir, env), all in parallel."""
+    batches: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[int, str]]] = {}
     for index, agent in sorted(agents.items()):
         if agent.handler is None:
             continue
         workdir = str(agent.working_dir or Path.cwd())
-        batches.setdefault((workdir, tuple(sorted(agent.env.items()))), []).append(index)
-
-    running = [
-        (indexes, _start_probe(workdir, dict(env), [(i, agents[i]) for i in indexes]))
-        for (workdir, env), indexes in batches.items()
+        key = (workdir, tuple(sorted(agent.env.items())))
+        batches.setdefault(key, []).append((index, agent.handler))
+    jobs = [(workdir, dict(env), handlers) for (workdir, env), handlers in batches.items()]
+    answers = _probe_all(jobs)
+    return [
+        (("agents", index, "handler"), message)
+        for index, message in sorted(answers.items())
+        if message is not None
     ]
-    problems: list[Problem] = []
-    for indexes, (proc, request) in running:
-        answers = _finish_probe(proc, request)
-        for index in indexes:
-            message = answers.get(str(index))
-            if message:
-                problems.append((("agents", index, "handler"), message))
-    return problems
 
 
-def _start_probe(
-    workdir: str, env: dict[str, str], agents: list[tuple[int, AgentConfig]]
-) -> tuple[subprocess.Popen[bytes], bytes]:
-    request = {"dir": workdir, "handlers": [[str(i), a.handler] for i, a in agents]}
-    child_env = {**os.environ, **env}
+_Job = tuple[str, dict[str, str], list[tuple[int, str]]]
+
+
+def _probe_all(jobs: list[_Job]) -> dict[int, str | None]:
+    """Run the probes concurrently; a crashed batch is retried one handler at a time
+    so the culprit (``os._exit`` at import, a segfault) is named, not its neighbours."""
+    started = [(job, _start_probe(job)) for job in jobs]
+    results: dict[int, str | None] = {}
+    retry: list[_Job] = []
+    for (workdir, env, handlers), (proc, request) in started:
+        answers, failure = _finish_probe(proc, request)
+        if answers is not None:
+            results.update({index: answers.get(str(index)) for index, _ in handlers})
+        elif failure is not None and len(handlers) > 1:
+            retry.extend((workdir, env, [handler]) for handler in handlers)
+        else:
+            results.update(dict.fromkeys((index for index, _ in handlers), failure))
+    if retry:
+        results.update(_probe_all(retry))
+    return results
+
+
+def _start_probe(job: _Job) -> tuple[subprocess.Popen[bytes], bytes]:
+    workdir, env, handlers = job
+    request = {"dir": workdir, "handlers": [[str(index), spec] for index, spec in handlers]}
     proc = subprocess.Popen(
         [sys.executable, "-c", _IMPORT_PROBE],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=workdir,
-        env=child_env,
-        start_new_session=True,
+        env={**os.environ, **env},
+        start_new_session=True,  # own process group: a timeout kills what it spawned too
     )
     return proc, json.dumps(request).encode()
 
 
-def _finish_probe(proc: subprocess.Popen[bytes], request: bytes) -> dict[str, str | None]:
-    keys = [key for key, _ in json.loads(request)["handlers"]]
+def _finish_probe(
+    proc: subprocess.Popen[bytes], request: bytes
+) -> tuple[dict[str, str | None] | None, str | None]:
+    """``(answers, None)`` on success, ``(None, reason)`` on a crash or timeout."""
     try:
         out, err = proc.communicate(request, timeout=IMPORT_TIMEOUT)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return dict.fromkeys(keys, f"import check timed out after {IMPORT_TIMEOUT:g}s")
-    try:
+        return None, f"import check timed out after {IMPORT_TIMEOUT:g}s"
+    with contextlib.suppress(ValueError):
         answers = json.loads(out)
         if isinstance(answers, dict):
-            return answers
-    except ValueError:
-        pass
+            return answers, None
     lines = err.decode(errors="replace").strip().splitlines()
     last = lines[-1] if lines else f"exit code {proc.returncode}"
-    return dict.fromkeys(keys, f"import check failed: {last}")
+    return None, f"import check failed: {last}"

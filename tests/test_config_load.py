@@ -349,3 +349,28 @@ def test_example_file_is_valid() -> None:
     assert all(a.working_dir == ROOT for a in config.agents)
     if not examples_ready:
         pytest.skip("examples/echo.py not written yet: handler imports not checked")
+
+
+def test_handler_import_that_hangs_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module that never finishes importing is killed at the deadline and reported."""
+    from supervisor import config_checks
+
+    monkeypatch.setattr(config_checks, "IMPORT_TIMEOUT", 1.0)
+    (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\n")
+    path = tmp_path / "fleet.toml"
+    path.write_text('[[agents]]\nname = "a"\nhandler = "hangs:handle"\n')
+    assert problems_of(path) == [f"{path}: agents[0].handler: import check timed out after 1s"]
+
+
+def test_crashing_import_blames_only_its_agent(tmp_path: Path) -> None:
+    """A module that kills the interpreter at import does not fail its batch neighbours."""
+    (tmp_path / "dies.py").write_text("import os\nos._exit(3)\n")
+    (tmp_path / "fine.py").write_text("async def handle(e):\n    return None\n")
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        '[[agents]]\nname = "a"\nhandler = "fine:handle"\n'
+        '[[agents]]\nname = "b"\nhandler = "dies:handle"\n'
+    )
+    assert problems_of(path) == [f"{path}: agents[1].handler: import check failed: exit code 3"]
