@@ -109,6 +109,18 @@ async def pending_entries(
     return [_pending_row(row) for row in rows or ()]
 
 
+async def pending_summary(redis: Any, stream: str, group: str) -> dict[str, int]:
+    """Pending entries per consumer (XPENDING summary form); ``{}`` when the group is missing."""
+    try:
+        info = await redis.xpending(stream, group)
+    except ResponseError as exc:
+        if is_missing(exc):
+            return {}
+        raise
+    rows = info.get("consumers") or () if isinstance(info, dict) else ()
+    return {text(row["name"]): int(row["pending"]) for row in rows}
+
+
 async def pending_of_ids(
     redis: Any, stream: str, group: str, ids: list[str]
 ) -> dict[str, PendingEntry]:

@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 from core_bus.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
+from core_bus.ordered import assigned, evict_consumer, shard_units
 from core_bus.replies import Entry, entries_of, fields_of, text
 from supervisor.consumers import (
     DELETE_DONE,
@@ -40,6 +41,7 @@ from supervisor.consumers import (
     is_missing,
     pending_entries,
     pending_of_ids,
+    pending_summary,
 )
 
 log = get_logger("supervisor.rebalance")
@@ -64,6 +66,12 @@ class GroupTarget:
     max_deliveries: int
     claim_idle: float  # seconds
     dlq_stream: str
+    # Ordered shards (core_bus.ordered): entries must stay with the shard's lease
+    # owner, so reclaim evicts the dead consumer's leases instead of claiming and
+    # the sweep does not XAUTOCLAIM. ``base_streams`` are the unsharded names.
+    ordered: bool = False
+    base_streams: tuple[str, ...] = ()
+    shards: int = 0
 
 
 @dataclass
@@ -125,6 +133,8 @@ class Rebalancer:
         self._counters: dict[str, RebalanceCounters] = {}
         self._rr: dict[tuple[str, str], int] = {}  # (agent, group) -> round-robin offset
         self._cursors: dict[tuple[str, str], str] = {}  # (stream, group) -> resume cursor
+        # consumers to delete once their pending list is empty: (agent, group) -> names
+        self._graveyard: dict[tuple[str, str], set[str]] = {}
 
     # -- counters ----------------------------------------------------------------
     def counters_for(self, agent: str) -> RebalanceCounters:
@@ -160,8 +170,10 @@ class Rebalancer:
         deleted_everywhere = True
         existed = False
         started = time.monotonic()
+        if target.ordered:
+            moved = await self._evict_ordered(target, dead_consumer, live)
         for stream in target.streams:
-            if live:
+            if live and not target.ordered:
                 await self._reclaim_stream(target, stream, dead_consumer, live, moved)
             with anyio.CancelScope(shield=True):
                 result = await self._deleter.delete_if_empty(stream, target.group, dead_consumer)
@@ -173,6 +185,8 @@ class Rebalancer:
         counters.reclaimed_by_reason[reason] = counters.reclaimed_by_reason.get(reason, 0) + total
         if existed and deleted_everywhere:
             counters.deleted_consumers += 1
+        if not deleted_everywhere:
+            self._graveyard.setdefault((target.agent, target.group), set()).add(dead_consumer)
         if total or existed:
             log.info(
                 "consumer_reclaimed",
@@ -185,6 +199,31 @@ class Rebalancer:
                 deleted=existed and deleted_everywhere,
                 ms=round((time.monotonic() - started) * 1000, 1),
             )
+        return moved
+
+    async def _evict_ordered(
+        self, target: GroupTarget, dead: str, live: list[str]
+    ) -> dict[str, int]:
+        """Ordered shards: release the dead consumer's leases and membership at once.
+
+        Its pending entries stay where they are; each shard's next owner claims
+        them before reading anything new (that keeps per-key order). Returns the
+        number of the dead consumer's pending entries per live consumer that the
+        deterministic assignment will give them, so the caller can nudge them.
+        """
+        bases = target.base_streams or target.streams
+        shards = max(1, target.shards)
+        await evict_consumer(self.redis, self.keys, target.group, bases, shards, dead)
+        moved: dict[str, int] = {}
+        if not live:
+            return moved
+        units = shard_units(self.keys, target.group, bases, shards)
+        owner = {u.stream: c for c in live for u in assigned(units, live, c)}
+        for stream in target.streams:
+            receiver = owner.get(stream)
+            n = (await pending_summary(self.redis, stream, target.group)).get(dead, 0)
+            if n and receiver is not None:
+                moved[receiver] = moved.get(receiver, 0) + n
         return moved
 
     async def _reclaim_stream(
@@ -343,7 +382,8 @@ class Rebalancer:
         """
         live = list(dict.fromkeys(live_consumers))
         moved: dict[str, int] = {}
-        if not live:
+        await self._bury(target)
+        if not live or target.ordered:
             return moved
         for stream in target.streams:
             await self._sweep_stream(target, stream, live, moved)
@@ -359,6 +399,21 @@ class Rebalancer:
                 receivers=len(moved),
             )
         return moved
+
+    async def _bury(self, target: GroupTarget) -> None:
+        """Delete consumers whose deletion had to wait for their pending list to empty."""
+        waiting = self._graveyard.get((target.agent, target.group))
+        if not waiting:
+            return
+        for name in list(waiting):
+            results = [
+                await self._deleter.delete_if_empty(stream, target.group, name)
+                for stream in target.streams
+            ]
+            if DELETE_HAS_PENDING not in results:
+                waiting.discard(name)
+                if DELETE_DONE in results:
+                    self._c(target.agent).deleted_consumers += 1
 
     async def _sweep_stream(
         self, target: GroupTarget, stream: str, live: list[str], moved: dict[str, int]

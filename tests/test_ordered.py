@@ -270,3 +270,52 @@ async def test_order_holds_across_sigkill_of_owner(redis: Any, procs: Procs, evi
     assert await eventually(lambda: nothing_pending(redis), 15)
     owners = {text(v) for v in await redis.mget(lease_of)}
     assert owners == {"w2"}
+
+
+@pytest.mark.timeout(60)
+async def test_supervisor_reclaim_evicts_dead_owner_and_hands_over(redis: Any) -> None:
+    """Rebalancer.reclaim_dead on an ordered target does not XCLAIM to arbitrary
+    siblings: it releases the dead worker's leases and membership, the shard's next
+    owner finishes the dead one's pending entries before new ones (order holds,
+    long before the lease TTL), and a later sweep deletes the emptied consumer."""
+    from supervisor.consumers import consumers_of
+    from supervisor.rebalance import GroupTarget, Rebalancer
+
+    streams = KEYS.shard_streams(BASE, SHARDS)
+    for stream in streams:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        await redis.set(KEYS.shard_lease(GROUP, BASE, streams.index(stream)), "dead", px=60_000)
+    await publish_keyed(redis, 0, 6)
+    for stream in streams:
+        await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=5)
+    held = int((await redis.xpending(streams[0], GROUP))["pending"])
+    assert held == 5
+
+    live = await start_sub(redis, "live", lease_ttl=30.0)
+    try:
+        assert live.owned() == []
+        reb = Rebalancer(redis, KEYS, "sup")
+        target = GroupTarget(
+            agent="ledger",
+            group=GROUP,
+            streams=tuple(streams),
+            max_deliveries=5,
+            claim_idle=60.0,
+            dlq_stream=KEYS.dead_letter(GROUP),
+            ordered=True,
+            base_streams=(BASE,),
+            shards=SHARDS,
+        )
+        moved = await reb.reclaim_dead(target, "dead", ["live"])
+        assert moved == {"live": 5 * SHARDS}
+        live.check_pending()
+        await eventually(lambda: all_seen(redis, 6), 15, message="all handled")
+        ok, dupes = await order_report(redis, 6)
+        assert ok and dupes == 0
+        assert await eventually(lambda: nothing_pending(redis), 10)
+        assert await reb.sweep(target, ["live"]) == {}
+        for stream in streams:
+            assert "dead" not in {c.name for c in await consumers_of(redis, stream, GROUP)}
+        assert reb.counters_for("ledger").deleted_consumers == 1
+    finally:
+        await live.stop(5)
