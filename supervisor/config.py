@@ -479,6 +479,6 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
 
 SECRET_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "redis": {"password": ("AG1_REDIS__PASSWORD", "REDIS_PASSWORD")},
-    "http": {"token": ("AG1_HTTP__TOKEN",)},
+    "http": {"token": ("AG1_HTTP__TOKEN", "AG1_CONTROL_TOKEN")},
 }
-"""Fields that may only come from the environment, with the variables to read."""
+"""Fields that may only come from the environment: the variables to read, first wins."""

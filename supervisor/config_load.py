@@ -367,14 +367,21 @@ def _apply_environment(
         _set_path(raw, loc, value)
         problems.origins[loc] = var
 
-    password_var = next(
-        (v for v in ("AG1_REDIS__PASSWORD", "REDIS_PASSWORD") if environ.get(v)), None
-    )
-    if password_var == "REDIS_PASSWORD":
-        redis = raw.setdefault("redis", {})
-        if isinstance(redis, dict) and "password" not in redis:
-            redis["password"] = environ["REDIS_PASSWORD"]
-            problems.origins[("redis", "password")] = "REDIS_PASSWORD"
+    _apply_secret_fallbacks(raw, environ, problems)
+
+
+def _apply_secret_fallbacks(
+    raw: dict[str, Any], environ: Mapping[str, str], problems: _Problems
+) -> None:
+    """Secrets not set via ``AG1_<SECTION>__<FIELD>`` come from their fallback variables."""
+    for section, fields in SECRET_FIELDS.items():
+        for field, names in fields.items():
+            var = next((name for name in names[1:] if environ.get(name)), None)
+            table = raw.setdefault(section, {})
+            if var is None or not isinstance(table, dict) or field in table:
+                continue
+            table[field] = environ[var]
+            problems.origins[(section, field)] = var
 
 
 def _env_keys(parts: list[str]) -> list[str]:

@@ -319,13 +319,15 @@ def test_http_token_only_from_environment(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text('[http]\ntoken = "abc"\n')
     assert problems_of(path) == [
-        f"{path}: http.token: secrets are not allowed in the file; set AG1_HTTP__TOKEN in the "
-        "environment"
+        f"{path}: http.token: secrets are not allowed in the file; set AG1_HTTP__TOKEN or "
+        "AG1_CONTROL_TOKEN in the environment"
     ]
     path.write_text('[http]\nlisten = "0.0.0.0:8765"\n')
     config = load_config(path, environ={"AG1_HTTP__TOKEN": "abc"})
     assert config.http.token is not None and config.http.token.get_secret_value() == "abc"
     assert not config.http.loopback_only
+    fallback = load_config(path, environ={"AG1_CONTROL_TOKEN": "def"})
+    assert fallback.http.token is not None and fallback.http.token.get_secret_value() == "def"
 
 
 # -- the shipped example ------------------------------------------------------------------------
