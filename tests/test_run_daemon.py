@@ -1,0 +1,545 @@
+"""FleetDaemon in the test's event loop with real child processes and signals.
+
+Command agents are tiny ``python -c`` programs so each test is fast; the
+daemon is driven through its FleetControl methods and observed through
+snapshots, like the HTTP API does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor.config_load import load_config
+from supervisor.daemon import FleetDaemon
+from supervisor.snapshot import AgentSnapshot, ControlError, WorkerSnapshot
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.anyio
+
+READY_THEN_SLEEP = (
+    "from supervisor.sdnotify import sd_notify; import time; sd_notify('READY=1'); time.sleep(600)"
+)
+
+
+SEGV = "import os, time, signal; time.sleep(0.3); os.kill(os.getpid(), signal.SIGSEGV)"
+
+
+def header(name: str = "t", url: str = "redis://127.0.0.1:1/0") -> str:
+    return f"""
+    [supervisor]
+    name = "{name}"
+    stop_timeout = "5s"
+    [redis]
+    url = "{url}"
+    [http]
+    enabled = false
+    """
+
+
+@asynccontextmanager
+async def running(
+    tmp_path: Path, toml: str, sample_interval: float = 5.0
+) -> AsyncIterator[FleetDaemon]:
+    path = tmp_path / "fleet.toml"
+    path.write_text(textwrap.dedent(toml))
+    config = load_config(path)
+    daemon = FleetDaemon(config, config_loader=load_config, sample_interval=sample_interval)
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            try:
+                yield daemon
+            finally:
+                daemon.request_stop()
+
+
+def agent(daemon: FleetDaemon, name: str) -> AgentSnapshot:
+    for snap in daemon.snapshot().agents:
+        if snap.name == name:
+            return snap
+    raise AssertionError(f"no agent {name}")
+
+
+def worker(daemon: FleetDaemon, name: str, slot: int = 0) -> WorkerSnapshot:
+    """The worker's snapshot; state "absent" while the slot does not exist (yet)."""
+    for w in agent(daemon, name).workers:
+        if w.slot == slot:
+            return w
+    return WorkerSnapshot(agent=name, slot=slot, worker_id=f"{name}/{slot}", state="absent")
+
+
+def cmd(python_exe: str, code: str) -> str:
+    """A TOML array running ``code`` with the test interpreter."""
+    return f'["{python_exe}", "-c", "{code}"]'
+
+
+async def test_always_restarts_a_worker_that_exits(tmp_path: Path, python_exe: str) -> None:
+    """restart=always: a worker exiting 0 is restarted with a new pid; exit reason recorded."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "blink"
+    command = {cmd(python_exe, "import time; time.sleep(0.3)")}
+    start_seconds = "100ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        first = await eventually(lambda: worker(daemon, "blink").pid, message="first pid")
+        await eventually(
+            lambda: (w := worker(daemon, "blink")).pid not in (None, first) and w.restarts >= 1,
+            message="restarted",
+        )
+        w = worker(daemon, "blink")
+        assert w.last_exit == "exit 0"
+        assert agent(daemon, "blink").exits_by_reason.get("exit 0", 0) >= 1
+
+
+async def test_on_failure_respects_success_exit_codes(tmp_path: Path, python_exe: str) -> None:
+    """on-failure: exit 7 listed as success stops; exit 1 restarts."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "ok7"
+    command = {cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(7)")}
+    restart = "on-failure"
+    success_exit_codes = [0, 7]
+    start_seconds = "100ms"
+    [[agents]]
+    name = "bad"
+    command = {cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(1)")}
+    restart = "on-failure"
+    start_seconds = "100ms"
+    start_limit = 50
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: worker(daemon, "ok7").state == "stopped", message="ok7 stopped")
+        assert worker(daemon, "ok7").last_exit == "exit 7"
+        assert worker(daemon, "ok7").restarts == 0
+        await eventually(lambda: worker(daemon, "bad").restarts >= 1, message="bad restarted")
+        assert worker(daemon, "bad").last_exit == "exit 1"
+
+
+async def test_never_leaves_the_worker_stopped(tmp_path: Path, python_exe: str) -> None:
+    """restart=never: the worker stays stopped after a failure."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "once"
+    command = {cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(1)")}
+    restart = "never"
+    start_seconds = "100ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: worker(daemon, "once").state == "stopped", message="stopped")
+        assert worker(daemon, "once").last_exit == "exit 1"
+        assert worker(daemon, "once").pid is None
+
+
+async def test_exit_reasons_say_signal_and_likely_oom(tmp_path: Path, python_exe: str) -> None:
+    """A crash by signal is named; a SIGKILL we did not send is flagged as a likely OOM kill."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "segv"
+    command = {cmd(python_exe, SEGV)}
+    restart = "never"
+    start_seconds = "100ms"
+    [[agents]]
+    name = "victim"
+    command = {cmd(python_exe, "import time; time.sleep(600)")}
+    restart = "never"
+    start_seconds = "100ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        pid = await eventually(lambda: worker(daemon, "victim").pid, message="victim pid")
+        await eventually(lambda: worker(daemon, "victim").state == "ready", message="ready")
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: worker(daemon, "victim").state == "stopped", message="reaped")
+        assert worker(daemon, "victim").last_exit == "signal SIGKILL (likely OOM kill)"
+        await eventually(lambda: worker(daemon, "segv").state == "stopped", message="segv")
+        assert worker(daemon, "segv").last_exit == "signal SIGSEGV"
+
+
+@pytest.mark.timeout(60)
+async def test_boot_failures_reach_fatal_and_start_clears_it(
+    tmp_path: Path, python_exe: str
+) -> None:
+    """A worker dying before READY every time goes fatal fast; start_agent tries again."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "broken"
+    command = {cmd(python_exe, "import sys; sys.exit(3)")}
+    start_seconds = "5s"
+    start_limit = 2
+    backoff_initial = "50ms"
+    backoff_max = "100ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        with anyio.fail_after(15):
+            await eventually(lambda: worker(daemon, "broken").state == "fatal", timeout=15)
+        snap = agent(daemon, "broken")
+        assert snap.state == "fatal"
+        assert worker(daemon, "broken").last_exit == "exit 3"
+        assert worker(daemon, "broken").status_text  # the fatal reason
+        restarts = worker(daemon, "broken").restarts
+        await daemon.start_agent("broken")
+        await eventually(lambda: worker(daemon, "broken").restarts > restarts, message="retried")
+        await eventually(lambda: worker(daemon, "broken").state == "fatal", timeout=15)
+
+
+async def test_watchdog_kills_a_hung_worker(tmp_path: Path, python_exe: str) -> None:
+    """READY but no WATCHDOG=1 within `watchdog`: SIGKILLed, reason 'watchdog', restarted."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "hung"
+    command = {cmd(python_exe, READY_THEN_SLEEP)}
+    start_seconds = "30s"
+    watchdog = "500ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        first = await eventually(lambda: worker(daemon, "hung").pid, message="pid")
+        await eventually(lambda: worker(daemon, "hung").last_exit == "watchdog", timeout=10)
+        await eventually(lambda: worker(daemon, "hung").pid not in (None, first), message="new")
+        assert agent(daemon, "hung").exits_by_reason["watchdog"] >= 1
+
+
+async def test_heartbeats_keep_the_watchdog_quiet(tmp_path: Path, python_exe: str) -> None:
+    """A worker sending WATCHDOG=1 in time is never killed."""
+    code = (
+        "from supervisor.sdnotify import Notifier; import time; n = Notifier(); "
+        "n.send('READY=1'); [(n.send('WATCHDOG=1'), time.sleep(0.1)) for _ in range(6000)]"
+    )
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "alive"
+    command = {cmd(python_exe, code)}
+    start_seconds = "30s"
+    watchdog = "500ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: worker(daemon, "alive").state == "ready", message="ready")
+        await anyio.sleep(1.5)  # observe: three watchdog periods pass without a kill
+        w = worker(daemon, "alive")
+        assert w.restarts == 0 and w.last_exit is None
+        assert w.last_heartbeat_age_seconds is not None and w.last_heartbeat_age_seconds < 0.5
+
+
+@pytest.mark.timeout(60)
+async def test_memory_limit_restarts_gracefully(tmp_path: Path, python_exe: str) -> None:
+    """RSS of the worker over memory_limit: SIGTERM (graceful), reason 'memory limit', restart."""
+    code = (
+        "from supervisor.sdnotify import sd_notify; import time; "
+        "sd_notify('READY=1'); x = bytearray(120 * 1024 * 1024); time.sleep(600)"
+    )
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "hog"
+    command = {cmd(python_exe, code)}
+    start_seconds = "30s"
+    memory_limit = "64MiB"
+    """
+    )
+    async with running(tmp_path, toml, sample_interval=0.2) as daemon:
+        await eventually(lambda: worker(daemon, "hog").last_exit == "memory limit", timeout=20)
+        assert agent(daemon, "hog").exits_by_reason["memory limit"] >= 1
+
+
+async def test_systemd_notify_from_a_shell_agent(tmp_path: Path) -> None:
+    """`systemd-notify --ready` from a command agent's shell counts (matched by process group)."""
+    script = "sleep 0.2; systemd-notify --ready --status=warmed-up; exec sleep 600"
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "shell"
+    command = ["/bin/sh", "-c", "{script}"]
+    start_seconds = "60s"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        with anyio.fail_after(10):
+            await eventually(lambda: worker(daemon, "shell").state == "ready", timeout=10)
+        assert worker(daemon, "shell").status_text == "warmed-up"
+
+
+async def test_after_waits_for_dependencies_ready(tmp_path: Path, python_exe: str) -> None:
+    """An agent with `after` starts only once the named agent's workers are ready."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "base"
+    command = {cmd(python_exe, "import time; time.sleep(600)")}
+    start_seconds = "700ms"
+    replicas = 2
+    [[agents]]
+    name = "top"
+    after = ["base"]
+    command = {cmd(python_exe, "import time; time.sleep(600)")}
+    start_seconds = "100ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: worker(daemon, "base").pid, message="base spawned")
+        assert worker(daemon, "top").state == "absent"
+        await eventually(lambda: worker(daemon, "top").state == "ready", timeout=10)
+        base_ready = [w.uptime_seconds or 0 for w in agent(daemon, "base").workers]
+        top_up = worker(daemon, "top").uptime_seconds or 0
+        assert min(base_ready) >= top_up + 0.5
+        assert daemon.ready
+
+
+async def test_scale_stop_and_start(tmp_path: Path, python_exe: str) -> None:
+    """scale_agent adds/removes workers without touching others; stop/start toggle the agent."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "pool"
+    command = {cmd(python_exe, "import time; time.sleep(600)")}
+    start_seconds = "100ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "pool").ready_replicas == 1)
+        first = worker(daemon, "pool").pid
+        await daemon.scale_agent("pool", 3)
+        await eventually(lambda: agent(daemon, "pool").ready_replicas == 3, message="3 ready")
+        assert worker(daemon, "pool").pid == first
+        await daemon.scale_agent("pool", 1)
+        await eventually(lambda: len(agent(daemon, "pool").workers) == 1, message="1 left")
+        assert worker(daemon, "pool").pid == first
+        await daemon.stop_agent("pool")
+        snap = agent(daemon, "pool")
+        assert snap.state == "stopped" and snap.workers[0].pid is None
+        await daemon.start_agent("pool")
+        await eventually(lambda: agent(daemon, "pool").state == "running", message="running")
+        with pytest.raises(ControlError):
+            await daemon.scale_agent("pool", -1)
+
+
+async def test_restart_agent_replaces_every_worker(tmp_path: Path, python_exe: str) -> None:
+    """restart_agent (not rolling) gives every worker a new pid without counting failures."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "r"
+    command = {cmd(python_exe, READY_THEN_SLEEP)}
+    start_seconds = "30s"
+    replicas = 2
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "r").ready_replicas == 2)
+        old = {w.pid for w in agent(daemon, "r").workers}
+        await daemon.restart_agent("r")
+        await eventually(
+            lambda: (
+                agent(daemon, "r").ready_replicas == 2
+                and not ({w.pid for w in agent(daemon, "r").workers} & old)
+            ),
+            message="all replaced",
+        )
+        assert {w.last_exit for w in agent(daemon, "r").workers} == {"signal SIGTERM"}
+
+
+@pytest.mark.timeout(60)
+async def test_rolling_restart_keeps_ready_count(tmp_path: Path, python_exe: str) -> None:
+    """Rolling restart: replacements get READY before old workers go; ready never drops."""
+    code = (
+        "from supervisor.sdnotify import sd_notify; import time; "
+        "time.sleep(0.3); sd_notify('READY=1'); time.sleep(600)"
+    )
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "roll"
+    command = {cmd(python_exe, code)}
+    start_seconds = "30s"
+    replicas = 3
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "roll").ready_replicas == 3)
+        old = {w.pid for w in agent(daemon, "roll").workers}
+        lowest = 3
+        done = False
+
+        async def watch() -> None:
+            nonlocal lowest
+            while not done:
+                lowest = min(lowest, agent(daemon, "roll").ready_replicas)
+                await anyio.sleep(0.005)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await daemon.restart_agent("roll", rolling=True)
+            done = True
+        snap = agent(daemon, "roll")
+        assert lowest >= 3
+        assert len(snap.workers) == 3 and snap.ready_replicas == 3
+        assert not ({w.pid for w in snap.workers} & old)
+
+
+async def test_failed_rolling_restart_keeps_old_workers(tmp_path: Path, python_exe: str) -> None:
+    """A replacement that cannot get ready stops the roll; old workers keep running."""
+    flag = tmp_path / "broken"
+    code = (
+        "import os, sys, time; from supervisor.sdnotify import sd_notify; "
+        f"sys.exit(1) if os.path.exists('{flag}') else None; "
+        "sd_notify('READY=1'); time.sleep(600)"
+    )
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "fragile"
+    command = {cmd(python_exe, code)}
+    start_seconds = "30s"
+    start_timeout = "5s"
+    replicas = 2
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "fragile").ready_replicas == 2)
+        old = {w.pid for w in agent(daemon, "fragile").workers}
+        flag.write_text("x")
+        with pytest.raises(ControlError, match="did not become ready"):
+            await daemon.restart_agent("fragile", rolling=True)
+        await eventually(lambda: len(agent(daemon, "fragile").workers) == 2, message="cleaned")
+        snap = agent(daemon, "fragile")
+        assert {w.pid for w in snap.workers} == old
+        assert snap.ready_replicas == 2
+
+
+@pytest.mark.timeout(60)
+async def test_sighup_reload_applies_the_diff(tmp_path: Path, python_exe: str) -> None:
+    """SIGHUP: unchanged agents keep pids, changed are replaced, added start, removed stop."""
+    sleep = cmd(python_exe, READY_THEN_SLEEP)
+    base = (
+        header()
+        + f"""
+    [[agents]]
+    name = "same"
+    command = {sleep}
+    start_seconds = "30s"
+    [[agents]]
+    name = "edit"
+    command = {sleep}
+    start_seconds = "30s"
+    env = {{ VERSION = "1" }}
+    [[agents]]
+    name = "gone"
+    command = {sleep}
+    start_seconds = "30s"
+    [[agents]]
+    name = "grow"
+    command = {sleep}
+    start_seconds = "30s"
+    """
+    )
+    async with running(tmp_path, base) as daemon:
+        await eventually(lambda: daemon.ready, message="fleet ready")
+        pids = {a.name: {w.pid for w in a.workers} for a in daemon.snapshot().agents}
+        new = base.replace('VERSION = "1"', 'VERSION = "2"').replace(
+            '    name = "gone"\n', '    name = "fresh"\n'
+        )
+        new = new.replace(
+            f'name = "grow"\n    command = {sleep}\n',
+            f'name = "grow"\n    replicas = 2\n    command = {sleep}\n',
+        )
+        (tmp_path / "fleet.toml").write_text(textwrap.dedent(new))
+        os.kill(os.getpid(), signal.SIGHUP)
+
+        def applied() -> bool:
+            names = {a.name for a in daemon.snapshot().agents}
+            return (
+                names == {"same", "edit", "fresh", "grow"}
+                and agent(daemon, "fresh").ready_replicas == 1
+                and agent(daemon, "grow").ready_replicas == 2
+                and agent(daemon, "edit").ready_replicas == 1
+                and {w.pid for w in agent(daemon, "edit").workers} != pids["edit"]
+            )
+
+        await eventually(applied, timeout=20, message="reload applied")
+        assert {w.pid for w in agent(daemon, "same").workers} == pids["same"]
+        assert pids["grow"] < {w.pid for w in agent(daemon, "grow").workers}
+        assert daemon.last_reload_error is None
+
+
+async def test_invalid_reload_keeps_the_old_plan(tmp_path: Path, python_exe: str) -> None:
+    """An invalid file is rejected with its problems; the running workers are untouched."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "keep"
+    command = {cmd(python_exe, "import time; time.sleep(600)")}
+    start_seconds = "100ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: daemon.ready, message="ready")
+        pid = worker(daemon, "keep").pid
+        (tmp_path / "fleet.toml").write_text(textwrap.dedent(toml) + "replicas = -3\n")
+        result = await daemon.reload()
+        assert not result.ok and result.errors
+        snap = daemon.snapshot()
+        assert snap.last_reload_error
+        assert worker(daemon, "keep").pid == pid
+
+
+async def test_snapshot_fields(tmp_path: Path, python_exe: str, redis_url: str) -> None:
+    """The snapshot fills supervisor, agent, worker and group fields the HTTP API shows."""
+    code = (
+        "from supervisor.sdnotify import Notifier; import time; n = Notifier(); "
+        "n.send('READY=1', 'STATUS=serving'); time.sleep(600)"
+    )
+    toml = (
+        header(url=redis_url)
+        + f"""
+    [[agents]]
+    name = "snap"
+    command = {cmd(python_exe, code)}
+    start_seconds = "30s"
+    """
+    )
+    async with running(tmp_path, toml, sample_interval=0.2) as daemon:
+        await eventually(lambda: worker(daemon, "snap").rss_bytes, message="sampled")
+        await eventually(lambda: daemon.snapshot().redis_up, message="redis up")
+        snap = daemon.snapshot()
+        assert snap.supervisor_name == "t" and snap.ready and snap.config_hash
+        w = worker(daemon, "snap")
+        assert w.state == "ready" and w.status_text == "serving"
+        assert w.consumer is not None and w.consumer.startswith("t:snap:0:")
+        assert w.uptime_seconds is not None and w.started_at is not None
+        assert agent(daemon, "snap").state == "running"
+        assert snap.to_dict()["agents"][0]["workers"][0]["pid"] == w.pid
