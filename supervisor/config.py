@@ -477,6 +477,9 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
 }
 """Top-level tables of fleet.toml (besides ``[[agents]]``) and their models."""
 
+TOP_LEVEL_KEYS: tuple[str, ...] = (*SECTION_MODELS, "agents")
+"""Every key allowed at the top of fleet.toml, in the order problems are reported."""
+
 SECRET_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "redis": {"password": ("AG1_REDIS__PASSWORD", "REDIS_PASSWORD")},
     "http": {"token": ("AG1_HTTP__TOKEN", "AG1_CONTROL_TOKEN")},

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from supervisor.config import AgentConfig
+from supervisor.config_errors import Loc
 
-Loc = tuple[str | int, ...]
 Problem = tuple[Loc, str]
 
 IMPORT_TIMEOUT = 30.0

@@ -6,31 +6,26 @@
     fleet.toml: agents[2].replicas: must be >= 0
     AG1_HTTP__LISTEN: http.listen: invalid listen address 'x': expected host:port, ...
 
-Environment overrides follow pydantic-settings conventions (``AG1_`` prefix,
-``__`` nesting, case-insensitive), implemented here so every error can name the
-variable it came from and agents can be addressed by name:
-``AG1_AGENTS__<NAME>__<KEY>`` (name upper-cased, ``-`` written as ``_``). Values
-starting with ``[`` or ``{`` are parsed as JSON (lists, tables).
+Environment overrides: :mod:`supervisor.config_env`; cross-agent and
+outside-world checks: :mod:`supervisor.config_checks`; message formatting:
+:mod:`supervisor.config_errors`.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import json
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 
 from supervisor.config import (
-    SECRET_FIELDS,
     SECTION_MODELS,
+    TOP_LEVEL_KEYS,
     AgentConfig,
     AgentDefaults,
     FleetConfig,
@@ -39,70 +34,12 @@ from supervisor.config import (
     SupervisorConfig,
 )
 from supervisor.config_checks import check_agents
+from supervisor.config_env import apply_environment, reject_file_secrets, split_url_password
+from supervisor.config_errors import ConfigError, Loc, Problems, did_you_mean, pydantic_message
 
-ENV_PREFIX = "AG1_"
-ENV_SEP = "__"
-TOP_LEVEL_KEYS = (*SECTION_MODELS, "agents")
+__all__ = ["ConfigError", "load_config"]
 
-Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(Exception):
-    """An invalid or unreadable fleet.toml; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-class _Problems:
-    """Collects problems, naming the env var when a value came from the environment."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.entries: list[tuple[tuple[int, int], str]] = []
-        self.origins: dict[Loc, str] = {}
-
-    @property
-    def lines(self) -> list[str]:
-        """Problems in file order: sections, then agents by index (stable within)."""
-        return [line for _, line in sorted(self.entries, key=lambda entry: entry[0])]
-
-    def source(self, loc: Loc) -> str:
-        for end in range(len(loc), 0, -1):
-            origin = self.origins.get(loc[:end])
-            if origin is not None:
-                return origin
-        return self.label
-
-    def add(self, loc: Loc, message: str) -> None:
-        where = dotted(loc)
-        prefix = f"{self.source(loc)}: {where}: " if where else f"{self.source(loc)}: "
-        line = prefix + message
-        if all(line != existing for _, existing in self.entries):
-            self.entries.append((_order(loc), line))
-
-    def add_raw(self, line: str) -> None:
-        self.entries.append(((-1, -1), line))
-
-
-def _order(loc: Loc) -> tuple[int, int]:
-    section = str(loc[0]) if loc else ""
-    rank = TOP_LEVEL_KEYS.index(section) if section in TOP_LEVEL_KEYS else -1
-    index = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
-    return rank, index
-
-
-def dotted(loc: Loc) -> str:
-    """``("agents", 2, "replicas")`` -> ``"agents[2].replicas"``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
 
 
 # -- public entry point ------------------------------------------------------------------
@@ -128,13 +65,13 @@ def load_config(
     data = _read(file_path, label)
     raw = _parse_toml(data, label)
     env = os.environ if environ is None else environ
-    problems = _Problems(label)
+    problems = Problems(label)
     config_dir = file_path.resolve().parent
 
     _check_structure(raw, problems)
-    _reject_file_secrets(raw, problems)
-    _apply_environment(raw, env, problems)
-    _split_url_password(raw, problems)
+    reject_file_secrets(raw, problems)
+    apply_environment(raw, env, problems)
+    split_url_password(raw, problems)
 
     context = {"config_dir": config_dir, "namespace": _namespace_of(raw)}
     supervisor = _validate(SupervisorConfig, raw, ("supervisor",), context, problems)
@@ -224,19 +161,14 @@ def _parse_toml(data: bytes, label: str) -> dict[str, Any]:
         raise ConfigError([f"{label}: {message}"]) from None
 
 
-# -- structure and secrets -------------------------------------------------------------------
+# -- structure and validation ------------------------------------------------------------
 
 
-def _did_you_mean(key: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _check_structure(raw: dict[str, Any], problems: _Problems) -> None:
+def _check_structure(raw: dict[str, Any], problems: Problems) -> None:
     """Unknown top-level keys, sections that are not tables, ``agents`` not an array."""
     for key in list(raw):
         if key not in TOP_LEVEL_KEYS:
-            problems.add((key,), "unknown key" + _did_you_mean(key, list(TOP_LEVEL_KEYS)))
+            problems.add((key,), "unknown key" + did_you_mean(key, list(TOP_LEVEL_KEYS)))
             del raw[key]
     for section in SECTION_MODELS:
         value = raw.get(section)
@@ -255,164 +187,10 @@ def _check_structure(raw: dict[str, Any], problems: _Problems) -> None:
             problems.add(("agents", index), "must be a table ([[agents]])")
 
 
-def _reject_file_secrets(raw: dict[str, Any], problems: _Problems) -> None:
-    for section, fields in SECRET_FIELDS.items():
-        table = raw.get(section)
-        if not isinstance(table, dict):
-            continue
-        for field, env_names in fields.items():
-            if field in table:
-                del table[field]
-                problems.add(
-                    (section, field),
-                    "secrets are not allowed in the file; set "
-                    + " or ".join(env_names)
-                    + " in the environment",
-                )
-    redis = raw.get("redis")
-    if isinstance(redis, dict) and isinstance(redis.get("url"), str):
-        try:
-            has_password = urlsplit(redis["url"]).password is not None
-        except ValueError:
-            has_password = False
-        if has_password:
-            problems.add(
-                ("redis", "url"),
-                "contains a password; remove it and set AG1_REDIS__PASSWORD or "
-                "REDIS_PASSWORD in the environment",
-            )
-            del redis["url"]
-
-
-def _split_url_password(raw: dict[str, Any], problems: _Problems) -> None:
-    """A password inside an env-provided URL moves to ``password`` so reprs never show it."""
-    redis = raw.get("redis")
-    if not isinstance(redis, dict) or not isinstance(redis.get("url"), str):
-        return
-    try:
-        parts = urlsplit(redis["url"])
-        password = parts.password
-    except ValueError:
-        return
-    if password is None:
-        return
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    redis["url"] = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    if "password" not in redis:
-        from urllib.parse import unquote
-
-        redis["password"] = unquote(password)
-        origin = problems.origins.get(("redis", "url"))
-        if origin is not None:
-            problems.origins[("redis", "password")] = origin
-
-
-# -- environment overrides -------------------------------------------------------------------
-
-
-def env_name_for_agent(name: str) -> str:
-    """How an agent name is written in ``AG1_AGENTS__<NAME>__...`` variables."""
-    return name.upper().replace("-", "_")
-
-
-def _env_value(raw_value: str) -> Any:
-    stripped = raw_value.strip()
-    if stripped[:1] in ("[", "{"):
-        return json.loads(stripped)
-    return raw_value
-
-
-def _apply_environment(
-    raw: dict[str, Any], environ: Mapping[str, str], problems: _Problems
-) -> None:
-    """Write ``AG1_*`` overrides into ``raw``, remembering where each value came from."""
-    agents = raw.get("agents", [])
-    by_env_name: dict[str, list[int]] = {}
-    for index, agent in enumerate(agents):
-        if isinstance(agent, dict) and isinstance(agent.get("name"), str):
-            by_env_name.setdefault(env_name_for_agent(agent["name"]), []).append(index)
-
-    for var in sorted(environ):
-        if not var.upper().startswith(ENV_PREFIX):
-            continue
-        parts = var[len(ENV_PREFIX) :].split(ENV_SEP)
-        section = parts[0].lower()
-        if section not in TOP_LEVEL_KEYS or len(parts) < 2 or not all(parts):
-            continue  # AG1_CONFIG, AG1_AGENT, ... belong to others
-        try:
-            value = _env_value(environ[var])
-        except json.JSONDecodeError as exc:
-            problems.add_raw(f"{var}: invalid JSON value: {exc.msg} at column {exc.colno}")
-            continue
-        loc: Loc
-        if section == "agents":
-            if len(parts) < 3:
-                continue
-            indexes = by_env_name.get(parts[1].upper(), [])
-            if len(indexes) != 1:
-                names = ", ".join(sorted(by_env_name)) or "none"
-                what = "no agent" if not indexes else "more than one agent"
-                problems.add_raw(
-                    f"{var}: {what} matches {parts[1]!r} (agents, as written in variables: {names})"
-                )
-                continue
-            loc = ("agents", indexes[0], *_env_keys(parts[2:]))
-        else:
-            loc = (section, *_env_keys(parts[1:]))
-        _set_path(raw, loc, value)
-        problems.origins[loc] = var
-
-    _apply_secret_fallbacks(raw, environ, problems)
-
-
-def _apply_secret_fallbacks(
-    raw: dict[str, Any], environ: Mapping[str, str], problems: _Problems
-) -> None:
-    """Secrets not set via ``AG1_<SECTION>__<FIELD>`` come from their fallback variables."""
-    for section, fields in SECRET_FIELDS.items():
-        for field, names in fields.items():
-            var = next((name for name in names[1:] if environ.get(name)), None)
-            table = raw.setdefault(section, {})
-            if var is None or not isinstance(table, dict) or field in table:
-                continue
-            table[field] = environ[var]
-            problems.origins[(section, field)] = var
-
-
-def _env_keys(parts: list[str]) -> list[str]:
-    """Field names are case-insensitive; names under ``env`` keep their case."""
-    out: list[str] = []
-    for part in parts:
-        out.append(part if out and out[-1] == "env" else part.lower())
-    return out
-
-
-def _set_path(raw: dict[str, Any], loc: Loc, value: Any) -> None:
-    node: Any = raw
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            node = node[part]
-            continue
-        child = node.get(part)
-        if not isinstance(child, dict | list):
-            child = {}
-            node[part] = child
-        node = child
-    node[loc[-1]] = value
-
-
 def _namespace_of(raw: dict[str, Any]) -> str:
     redis = raw.get("redis")
     namespace = redis.get("namespace") if isinstance(redis, dict) else None
     return namespace if isinstance(namespace, str) and namespace else "AG1"
-
-
-# -- validation and error formatting -----------------------------------------------------------
 
 
 def _validate(
@@ -420,7 +198,7 @@ def _validate(
     raw: dict[str, Any],
     loc: Loc,
     context: dict[str, Any],
-    problems: _Problems,
+    problems: Problems,
 ) -> M | None:
     section = raw.get(str(loc[0]), {})
     return _validate_model(model, section, loc, context, problems)
@@ -431,14 +209,14 @@ def _validate_model(
     data: Any,
     loc: Loc,
     context: dict[str, Any],
-    problems: _Problems,
+    problems: Problems,
 ) -> M | None:
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             error_loc = (*loc, *error["loc"])
-            problems.add(error_loc, _message(model, error))
+            problems.add(error_loc, pydantic_message(model, error))
         return None
 
 
@@ -466,56 +244,3 @@ def _salvage(
         return model.model_validate(data, context=context)
     except ValidationError:
         return None
-
-
-def _fmt_input(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _message(model: type[BaseModel], error: Any) -> str:
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    given = error.get("input")
-    field = str(error["loc"][-1]) if error["loc"] else ""
-    if field in ("password", "token"):
-        given = "***"
-    if kind == "extra_forbidden":
-        return _unknown_key_message(model, field)
-    simple = {
-        "missing": "required",
-        "list_type": f"must be a list (got {_fmt_input(given)})",
-        "dict_type": f"must be a table (got {_fmt_input(given)})",
-        "model_type": f"must be a table (got {_fmt_input(given)})",
-        "string_type": f"must be a string (got {_fmt_input(given)})",
-        "path_type": f"must be a path string (got {_fmt_input(given)})",
-        "int_type": f"must be an integer (got {_fmt_input(given)})",
-        "int_parsing": f"must be an integer (got {_fmt_input(given)})",
-        "int_from_float": f"must be an integer (got {_fmt_input(given)})",
-        "bool_type": f"must be true or false (got {_fmt_input(given)})",
-        "bool_parsing": f"must be true or false (got {_fmt_input(given)})",
-    }
-    if kind in simple:
-        return simple[kind]
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}"
-    if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
-    if kind == "less_than":
-        return f"must be < {ctx.get('lt')}"
-    if kind == "literal_error":
-        return f"must be {ctx.get('expected')} (got {_fmt_input(given)})"
-    if kind == "too_short":
-        return "must not be empty"
-    if kind in ("value_error", "assertion_error"):
-        return str(ctx.get("error", error["msg"]))
-    return str(error["msg"])
-
-
-def _unknown_key_message(model: type[BaseModel], key: str) -> str:
-    fields = list(model.model_fields)
-    if model is AgentDefaults and key in AgentConfig.model_fields:
-        return "only valid in [[agents]], not in [defaults]"
-    return "unknown key" + _did_you_mean(key, fields)
