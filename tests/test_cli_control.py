@@ -26,24 +26,29 @@ ROOT = Path(__file__).resolve().parent.parent
 Server = Callable[..., str]
 
 
-def _read_port(proc: subprocess.Popen[str], deadline: float) -> int:
+def _read_port(proc: subprocess.Popen[bytes], deadline: float) -> int:
+    """Read raw stdout (no buffering surprises with select) until the PORT line."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buffer = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0))
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
         if not ready:
             break
-        line = proc.stdout.readline()
-        if not line:
+        chunk = os.read(fd, 4096)
+        if not chunk:
             break
-        if line.startswith("PORT "):
-            return int(line.split()[1])
-    raise AssertionError(f"fake supervisor did not start (exit {proc.poll()})")
+        buffer += chunk
+        for line in buffer.decode(errors="replace").splitlines():
+            if line.startswith("PORT ") and line.split()[1].isdigit():
+                return int(line.split()[1])
+    raise AssertionError(f"fake supervisor did not start (exit {proc.poll()}): {buffer!r}")
 
 
 @pytest.fixture
 def fake_server(python_exe: str) -> Iterator[Server]:
     """Start fake supervisors in subprocesses; each stops when its stdin closes."""
-    procs: list[subprocess.Popen[str]] = []
+    procs: list[subprocess.Popen[bytes]] = []
 
     def start(*flags: str, token: str | None = None) -> str:
         env = {**os.environ, "AG1_LOG_LEVEL": "WARNING"}
@@ -57,7 +62,6 @@ def fake_server(python_exe: str) -> Iterator[Server]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            text=True,
         )
         procs.append(proc)
         port = _read_port(proc, time.monotonic() + 20)

@@ -168,6 +168,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from core_bus.log import configure_logging
+
+    configure_logging(json=True)  # logs to stderr: stdout carries only the PORT line
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--reject-reload", action="store_true")
