@@ -535,6 +535,7 @@ async def test_snapshot_fields(tmp_path: Path, python_exe: str, redis_url: str) 
     async with running(tmp_path, toml, sample_interval=0.2) as daemon:
         await eventually(lambda: worker(daemon, "snap").rss_bytes, message="sampled")
         await eventually(lambda: daemon.snapshot().redis_up, message="redis up")
+        await eventually(lambda: daemon.ready, message="fleet ready")
         snap = daemon.snapshot()
         assert snap.supervisor_name == "t" and snap.ready and snap.config_hash
         w = worker(daemon, "snap")
