@@ -169,7 +169,7 @@ def with_password(url: str, password: str) -> str:
         # unix:///path?password=...: redis-py reads credentials from the query.
         query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("password="))
         query = (query + "&" if query else "") + "password=" + quote(password, safe="")
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+        return f"unix://{parts.netloc}{parts.path}?{query}"  # urlunsplit would drop "//"
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"

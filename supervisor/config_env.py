@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from supervisor.config import SECRET_FIELDS, TOP_LEVEL_KEYS
 from supervisor.config_errors import Loc, Problems
@@ -25,6 +25,7 @@ ENV_SEP = "__"
 
 
 def reject_file_secrets(raw: dict[str, Any], problems: Problems) -> None:
+    """Report (and drop) secrets written in the file: secret keys, passwords inside URLs."""
     for section, fields in SECRET_FIELDS.items():
         table = raw.get(section)
         if not isinstance(table, dict):
@@ -41,7 +42,8 @@ def reject_file_secrets(raw: dict[str, Any], problems: Problems) -> None:
     redis = raw.get("redis")
     if isinstance(redis, dict) and isinstance(redis.get("url"), str):
         try:
-            has_password = urlsplit(redis["url"]).password is not None
+            parts = urlsplit(redis["url"])
+            has_password = parts.password is not None or "password" in parse_qs(parts.query)
         except ValueError:
             has_password = False
         if has_password:

@@ -376,3 +376,16 @@ def test_crashing_import_blames_only_its_agent(tmp_path: Path) -> None:
         '[[agents]]\nname = "b"\nhandler = "dies:handle"\n'
     )
     assert problems_of(path) == [f"{path}: agents[1].handler: import check failed: exit code 3"]
+
+
+def test_password_in_unix_socket_query_is_refused(tmp_path: Path) -> None:
+    """unix:// URLs carry credentials in the query; those are secrets too."""
+    path = tmp_path / "fleet.toml"
+    path.write_text('[redis]\nurl = "unix:///run/redis.sock?db=1&password=x"\n')
+    assert problems_of(path) == [
+        f"{path}: redis.url: contains a password; remove it and set AG1_REDIS__PASSWORD or "
+        "REDIS_PASSWORD in the environment"
+    ]
+    path.write_text('[redis]\nurl = "unix:///run/redis.sock?db=1"\n')
+    config = load_config(path, environ={"REDIS_PASSWORD": "p w"})
+    assert config.redis.effective_url() == "unix:///run/redis.sock?db=1&password=p%20w"
