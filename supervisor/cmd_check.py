@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def plan_to_dict(config: FleetConfig, plan: Plan) -> dict[str, Any]:
-    """The resolved plan as JSON-ready data (secrets redacted)."""
+    """The resolved plan as JSON-ready data (secrets and env values redacted)."""
     return {
         "config": str(config.path),
         "hash": config.hash,
@@ -56,6 +56,8 @@ def plan_to_dict(config: FleetConfig, plan: Plan) -> dict[str, Any]:
         "agents": [
             {
                 **agent.config.model_dump(mode="json"),
+                # env may hold secrets set via AG1_AGENTS__<NAME>__ENV__<VAR>: names only
+                "env": dict.fromkeys(agent.config.env, "***"),
                 "kind": agent.kind,
                 "workers": agent.worker_names,
                 "read_streams": agent.read_streams,

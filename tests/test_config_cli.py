@@ -85,6 +85,7 @@ def test_json_plan_and_env_override(python_exe: str) -> None:
     assert echo["kind"] == "handler"
     assert echo["dlq_stream"] == "T1:dlq:echo"
     assert echo["stop_timeout"] == 10.0
+    assert echo["env"] == {"SHARED": "***"}
 
 
 def test_invalid_env_override_via_cli(python_exe: str) -> None:
