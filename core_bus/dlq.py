@@ -4,8 +4,9 @@ A target names dead letters in one of three ways, tried in this order:
 
 1. a dead-letter stream itself (``AG1:dlq:<group>``);
 2. a consumer group or agent name whose ``keys.dead_letter(name)`` exists;
-3. a source stream: the dead-letter streams of its consumer groups, keeping only
-   entries whose ``source_stream`` is that stream.
+3. a source stream: the dead-letter streams of its consumer groups (or, when it
+   has none or no longer exists, every dead-letter stream), keeping only entries
+   whose ``source_stream`` is that stream.
 
 Replay re-adds the original envelope to its ``source_stream`` and deletes the
 dead letter in one Lua script, so an entry leaves the dead-letter stream only
@@ -87,11 +88,26 @@ async def resolve_target(redis: Any, target: str) -> DlqTarget:
         groups = await group_infos(redis, target, with_consumers=False)
         streams = [keys.dead_letter(g.name) for g in groups]
         existing = [s for s in streams if await _is_stream(redis, s)]
-        return DlqTarget(existing, source_stream=target)
+        if existing:
+            return DlqTarget(existing, source_stream=target)
+    # a source stream without groups (or deleted since): look through every DLQ
+    every = DlqTarget(await _all_dead_letter_streams(redis), source_stream=target)
+    if await _is_stream(redis, target) or await list_dead_letters(redis, every):
+        return every
     raise UnknownStream(
-        f"no dead letters for {target!r}: {keys.dead_letter(target)} does not exist "
-        f"and {target!r} is not a stream"
+        f"no dead letters for {target!r}: {keys.dead_letter(target)} does not exist, "
+        f"{target!r} is not a stream, and no dead letter came from a stream of that name"
     )
+
+
+async def _all_dead_letter_streams(redis: Any) -> list[str]:
+    found = [
+        text(key)
+        async for key in redis.scan_iter(
+            match=_keys().dead_letter_pattern(), count=1000, _type="stream"
+        )
+    ]
+    return sorted(found)
 
 
 async def _read_all(redis: Any, stream: str) -> list[DeadLetter]:
