@@ -332,11 +332,13 @@ class AgentConfig(AgentSettings):
     @model_validator(mode="before")
     @classmethod
     def _fill_derived(cls, data: Any, info: ValidationInfo) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        if not isinstance(data, dict):
             return data
         data = dict(data)
-        # An invalid name is reported once; derive the rest from a cleaned-up form.
-        name = re.sub(r"[^a-zA-Z0-9_-]", "_", data["name"]) or "_"
+        # An invalid or missing name is reported once; derive the rest from a clean form.
+        given = data.get("name")
+        name = re.sub(r"[^a-zA-Z0-9_-]", "_", given) if isinstance(given, str) else ""
+        name = name or "_"
         if data.get("group") is None:
             data["group"] = name
         if data.get("streams") is None:

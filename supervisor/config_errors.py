@@ -8,6 +8,8 @@ after the environment variable the value came from.
 from __future__ import annotations
 
 import difflib
+import json
+import shlex
 from typing import Any
 
 from pydantic import BaseModel
@@ -106,6 +108,8 @@ def pydantic_message(model: type[BaseModel], error: Any) -> str:
         "bool_type": f"must be true or false (got {_fmt_input(given)})",
         "bool_parsing": f"must be true or false (got {_fmt_input(given)})",
     }
+    if kind == "list_type" and isinstance(given, str):
+        return f"must be a list (got {_fmt_input(given)}; write {_as_toml_list(field, given)})"
     if kind in simple:
         return simple[kind]
     if kind == "greater_than_equal":
@@ -123,6 +127,16 @@ def pydantic_message(model: type[BaseModel], error: Any) -> str:
     if kind in ("value_error", "assertion_error"):
         return str(ctx.get("error", error["msg"]))
     return str(error["msg"])
+
+
+def _as_toml_list(field: str, text: str) -> str:
+    """How the user probably meant a string given where a list is expected."""
+    if field == "command":
+        try:
+            return json.dumps(shlex.split(text))
+        except ValueError:
+            pass
+    return json.dumps([text])
 
 
 def _unknown_key_message(model: type[BaseModel], key: str) -> str:
