@@ -163,3 +163,17 @@ def test_format_long_content_is_one_truncated_line() -> None:
     line = format_entry("s", "1732540000000-0", {"data": env.to_json()}, show_stream=False)
     assert "\n" not in line and "…" in line and "cid=abcdefgh " in line
     assert line.startswith("2024-11-25T13:06:40.000Z 1732540000000-0 user")
+
+
+@pytest.mark.timeout(40)
+async def test_tail_waits_for_a_stream_that_does_not_exist_yet(redis: Any, tail_proc: Any) -> None:
+    """Tailing a missing stream says so on stderr and shows its first entry once created."""
+    proc, reader = tail_proc("AG1:agent:notyet:inbox")
+    assert proc.stderr is not None
+    note = await anyio.to_thread.run_sync(proc.stderr.readline)
+    assert "does not exist yet" in note
+    await publish_envelope(redis, "AG1:agent:notyet:inbox", Envelope(role="user", content="hi"))
+    lines = await _wait(reader, 1)
+    assert '"hi"' in lines[0]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0
