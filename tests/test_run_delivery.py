@@ -1,0 +1,174 @@
+"""Daemon wiring of delivery and systemd: crash reclaim, orphans, sd_notify sequence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from core_bus.envelope import Envelope
+from core_bus.publish import publish_many
+from supervisor.config_load import load_config
+from supervisor.daemon import FleetDaemon
+from supervisor.notify import NotifyMessage, NotifyServer
+from supervisor.sdnotify import Notifier
+from tests.test_run_daemon import agent, header, running, worker
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.anyio
+
+HANGING_HANDLER = """
+import os
+from pathlib import Path
+
+import anyio
+
+HERE = Path(__file__).parent
+
+
+async def handle(env, redis):
+    flag = HERE / ("hang-" + os.environ["AG1_WORKER"].replace("/", "-"))
+    while flag.exists():
+        await anyio.sleep(0.05)
+    await redis.sadd("reclaim:seen", env.envelope_id)
+"""
+
+INBOX = "AG1:agent:hold:inbox"
+
+
+async def _pending_of(redis: Any, consumer: str) -> int:
+    rows = await redis.xpending_range(INBOX, "hold", "-", "+", 1000, consumername=consumer)
+    return len(rows)
+
+
+@pytest.mark.timeout(90)
+async def test_sigkilled_worker_entries_go_to_a_sibling_at_once(
+    tmp_path: Path, redis: Any, redis_url: str
+) -> None:
+    """SIGKILL a worker holding pending entries: a sibling gets and handles them at once
+    (long before claim_idle), nothing stays pending and the dead consumer is deleted."""
+    (tmp_path / "hold_agent.py").write_text(HANGING_HANDLER)
+    (tmp_path / "hang-hold-0").write_text("")
+    toml = (
+        header(url=redis_url)
+        + """
+    [[agents]]
+    name = "hold"
+    handler = "hold_agent:handle"
+    replicas = 1
+    claim_idle = "10m"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "hold").ready_replicas == 1, timeout=30)
+        holder = worker(daemon, "hold")
+        assert holder.consumer is not None and holder.pid is not None
+        envelopes = [Envelope(role="user", content=i) for i in range(10)]
+        await publish_many(redis, INBOX, envelopes)
+        await eventually(lambda: _pending_of(redis, holder.consumer or ""), message="pending")
+        await eventually(lambda: _count_pending(redis, holder.consumer or "", 10), timeout=15)
+        await daemon.scale_agent("hold", 2)
+        await eventually(lambda: agent(daemon, "hold").ready_replicas == 2, timeout=30)
+        os.kill(holder.pid, signal.SIGKILL)
+        with anyio.fail_after(15):
+            await eventually(
+                lambda: _scard_is(redis, "reclaim:seen", 10), timeout=15, message="all handled"
+            )
+        info = await redis.xpending(INBOX, "hold")
+        assert info["pending"] == 0
+        await eventually(
+            lambda: _consumer_gone(redis, holder.consumer or ""), message="dead consumer deleted"
+        )
+        assert agent(daemon, "hold").reclaimed_by_reason.get("crash", 0) >= 10
+        assert worker(daemon, "hold").last_exit == "signal SIGKILL (likely OOM kill)"
+
+
+async def _count_pending(redis: Any, consumer: str, n: int) -> bool:
+    return await _pending_of(redis, consumer) == n
+
+
+async def _scard_is(redis: Any, key: str, n: int) -> bool:
+    return int(await redis.scard(key)) == n
+
+
+async def _consumer_gone(redis: Any, consumer: str) -> bool:
+    names = set()
+    for c in await redis.xinfo_consumers(INBOX, "hold"):
+        name = c["name"]
+        names.add(name.decode() if isinstance(name, bytes) else name)
+    return consumer not in names
+
+
+@pytest.mark.timeout(60)
+async def test_supervisor_speaks_sd_notify(tmp_path: Path, python_exe: str) -> None:
+    """READY=1 once the plan is up, WATCHDOG=1 at half WATCHDOG_USEC, RELOADING=1 with
+    MONOTONIC_USEC then READY=1 on reload, STOPPING=1 on shutdown; children never see
+    our NOTIFY_SOCKET/WATCHDOG_USEC."""
+    code = "import os, time; assert 'WATCHDOG_USEC' not in os.environ; time.sleep(600)"
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        textwrap.dedent(
+            header()
+            + f"""
+    [[agents]]
+    name = "a"
+    command = ["{python_exe}", "-c", "{code}"]
+    start_seconds = "200ms"
+    """
+        )
+    )
+    config = load_config(path)
+    messages: list[NotifyMessage] = []
+    with NotifyServer() as systemd:
+        environ = dict(os.environ)
+        environ.update(
+            {
+                "NOTIFY_SOCKET": systemd.address,
+                "WATCHDOG_USEC": "400000",
+                "WATCHDOG_PID": str(os.getpid()),
+            }
+        )
+        daemon = FleetDaemon(
+            config,
+            config_loader=load_config,
+            environ=environ,
+            systemd=Notifier(systemd.address),
+        )
+
+        async def until(cond: Any) -> None:
+            with anyio.fail_after(20):
+                while not cond():
+                    await anyio.wait_readable(systemd.sock)
+                    messages.extend(systemd.receive_ready())
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            await until(lambda: any(m.ready for m in messages))
+            ready_index = next(i for i, m in enumerate(messages) if m.ready)
+            assert "1/1 workers ready" in (messages[ready_index].status or "")
+            await until(lambda: sum(m.watchdog for m in messages) >= 3)
+            assert worker(daemon, "a").restarts == 0  # the child saw no WATCHDOG_USEC
+            reload_task_done = anyio.Event()
+
+            async def do_reload() -> None:
+                await daemon.reload()
+                reload_task_done.set()
+
+            tg.start_soon(do_reload)
+            await until(lambda: any("RELOADING" in m.fields for m in messages))
+            await reload_task_done.wait()
+            await until(lambda: any(m.ready for m in messages[_index_of(messages, "RELOADING") :]))
+            reloading = messages[_index_of(messages, "RELOADING")]
+            assert int(reloading.fields["MONOTONIC_USEC"]) > 0
+            daemon.request_stop()
+            await until(lambda: any(m.stopping for m in messages))
+        assert all(m.pid == os.getpid() for m in messages)
+
+
+def _index_of(messages: list[NotifyMessage], key: str) -> int:
+    return next(i for i, m in enumerate(messages) if key in m.fields)
