@@ -288,6 +288,7 @@ class FleetDaemon:
                         agents=len(self.agents),
                         redis=redact_url(self.redis_url or ""),
                         notify_socket=notify_server.address,
+                        http=_address_text(self.http_address),
                     )
                     task_status.started()
                     await self._stop_requested.wait()
@@ -1201,6 +1202,13 @@ def _systemd_watchdog_interval(environ: dict[str, str]) -> float | None:
     if pid and pid.isdigit() and int(pid) != os.getpid():
         return None
     return int(usec) / 2e6
+
+
+def _address_text(address: tuple[str, int] | None) -> str | None:
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _secret(http: Any) -> str | None:

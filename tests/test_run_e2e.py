@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psutil
 import pytest
 
@@ -224,3 +225,67 @@ def test_invalid_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "replicas" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(90)
+async def test_http_probes_and_rolling_restart_over_the_api(
+    fleet_factory: Any, tmp_path: Path, redis_url: str
+) -> None:
+    """With [http] on: /readyz turns 200, /status lists workers, a rolling restart through
+    the control API replaces every pid while /readyz stays 200."""
+    import aiohttp
+
+    (tmp_path / "e2e_agent.py").write_text(HANDLER)
+    fleet = fleet_factory(
+        f"""
+        [supervisor]
+        name = "http"
+        [redis]
+        url = "{redis_url}"
+        [http]
+        listen = "127.0.0.1:0"
+        [[agents]]
+        name = "echo"
+        handler = "e2e_agent:handle"
+        replicas = 2
+        """
+    )
+    started = fleet.wait_event("supervisor started", timeout=30)
+    base = f"http://{started['http']}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
+        async def ready() -> bool:
+            async with http.get(f"{base}/readyz") as resp:
+                return resp.status == 200
+
+        await eventually(ready, timeout=30, message="/readyz 200")
+        async with http.get(f"{base}/status") as resp:
+            status = await resp.json()
+        (echo,) = [a for a in status["agents"] if a["name"] == "echo"]
+        old = {w["pid"] for w in echo["workers"]}
+        assert len(old) == 2 and None not in old
+
+        probes: list[int] = []
+        done = False
+
+        async def probe() -> None:
+            while not done:
+                async with http.get(f"{base}/readyz") as resp:
+                    probes.append(resp.status)
+                await anyio.sleep(0.02)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probe)
+            async with http.post(f"{base}/v1/agents/echo/restart", json={"rolling": True}) as resp:
+                assert resp.status in (200, 202), await resp.text()
+
+            async def replaced() -> bool:
+                async with http.get(f"{base}/status") as resp:
+                    data = await resp.json()
+                (agent,) = [a for a in data["agents"] if a["name"] == "echo"]
+                pids = {w["pid"] for w in agent["workers"]}
+                return agent["ready_replicas"] == 2 and len(pids) == 2 and not (pids & old)
+
+            await eventually(replaced, timeout=40, message="all workers replaced")
+            done = True
+        assert probes and set(probes) == {200}
