@@ -11,9 +11,11 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import redis
 
 from supervisor.redis_server import pick_free_port
 from tests.waiting import eventually_sync
@@ -58,6 +60,16 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _pings(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def _code_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
 
@@ -96,8 +108,31 @@ def test_readme_bus_snippet_runs(redis_url: str, tmp_path: Path) -> None:
     assert "user {'hello': 'agent'}" in result.stdout
 
 
+def _echo_round_trip(bus: list[str], env: dict[str, str], cid: str, count: int) -> dict[str, Any]:
+    """README steps: ``ag1-bus publish`` to the echo agent, ``ag1-bus tail`` its reply stream.
+
+    ``count`` is the number of replies expected on the stream so far; the last
+    one must carry ``cid``.
+    """
+    reply_to = "AG1:user:quickstart:inbox"
+    publish = [*bus, "publish", "AG1:agent:echo:inbox", "--reply-to", reply_to]
+    publish += ["--content", '{"hello": "quickstart"}', "--correlation-id", cid]
+    subprocess.run(publish, env=env, check=True, capture_output=True, timeout=30)
+    tail = subprocess.run(
+        [*bus, "tail", reply_to, "--from-start", "--json", "--count", str(count)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    reply: dict[str, Any] = json.loads(tail.stdout.strip().splitlines()[-1])["envelope"]
+    assert reply["correlation_id"] == cid
+    return reply
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
     """ag1-fleet run -c fleet.example.toml: embedded Redis, echo replies, /readyz 200,
     SIGTERM exits 0 and leaves no process (workers, shell agent, redis-server) behind.
@@ -131,36 +166,27 @@ def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
         assert url.startswith("redis://127.0.0.1:")
 
         bus = [*_script("ag1-bus"), "--state-dir", str(state_dir)]
-        reply_to = "AG1:user:quickstart:inbox"
-        subprocess.run(
-            [
-                *bus,
-                "publish",
-                "AG1:agent:echo:inbox",
-                "--content",
-                '{"hello": "quickstart"}',
-                "--reply-to",
-                reply_to,
-                "--correlation-id",
-                "quickstart-1",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        tail = subprocess.run(
-            [*bus, "tail", reply_to, "--from-start", "--json", "--count", "1"],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        reply = json.loads(tail.stdout.strip().splitlines()[-1])["envelope"]
-        assert reply["correlation_id"] == "quickstart-1"
+        reply = _echo_round_trip(bus, env, "quickstart-1", count=1)
         assert reply["content"] == {"hello": "quickstart"}
         assert reply["agent_name"] == "echo"
+
+        # a crashed embedded Redis comes back on the same URL and the fleet reconnects
+        redis_server = next(
+            p for p in psutil.Process(fleet.pid).children() if "redis-server" in p.name()
+        )
+        redis_server.kill()
+        eventually_sync(
+            lambda: any(
+                "redis-server" in p.name() and p.pid != redis_server.pid
+                for p in psutil.Process(fleet.pid).children()
+            ),
+            timeout=20,
+            message="embedded redis-server restarted",
+        )
+        assert (state_dir / "redis.url").read_text().strip() == url
+        eventually_sync(lambda: _pings(url), timeout=20, message="embedded redis answers")
+        _echo_round_trip(bus, env, "quickstart-2", count=2)
+        eventually_sync(lambda: _readyz(http_port) == 200, timeout=30, message="ready again")
 
         children = psutil.Process(fleet.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in children)
