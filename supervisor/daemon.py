@@ -376,8 +376,19 @@ class FleetDaemon:
         self._changed = anyio.Event()
 
     def _next_deadline(self) -> float | None:
-        deadlines = [w.lifecycle.next_deadline() for w in self._all_workers()]
-        known = [d for d in deadlines if d is not None]
+        """Earliest timer of the workers :meth:`_reconcile` ticks (None: wait for events)."""
+        if self._stopping:
+            return None
+        known: list[float] = []
+        for layer in self.layers:
+            for name in layer:
+                runtime = self.agents.get(name)
+                if runtime is None:
+                    continue
+                for worker in runtime.workers.values():
+                    deadline = worker.lifecycle.next_deadline()
+                    if deadline is not None:
+                        known.append(deadline)
         return min(known) if known else None
 
     def _all_workers(self) -> list[Worker]:
@@ -445,6 +456,9 @@ class FleetDaemon:
         if action.kind == "spawn":
             if runtime.enabled and not worker.retired:
                 self._spawn(runtime, worker, now)
+            else:  # not wanted any more: leave backoff for stopped (no busy timer)
+                worker.lifecycle.on_stop_requested(CAUSE_STOP)
+                self._worker_changed(worker)
         elif action.kind == "ready":
             self._mark_ready(runtime, worker, now)
         elif action.kind == "kill":
@@ -509,6 +523,8 @@ class FleetDaemon:
         return list(agent.command)
 
     def _spawn(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
+        if self._stopping or self._tg is None:
+            return
         agent = runtime.config
         consumer = f"{self.supervisor_name}:{agent.name}:{worker.slot}:{self._ids.next()}"
         env = self._worker_env(runtime, worker, consumer)
@@ -846,12 +862,24 @@ class FleetDaemon:
             if not runtime.enabled:
                 continue
             if not runtime.gate_open:
+                if self._blocked_by_fatal(runtime, set()):
+                    continue  # waits on a fatal agent: as settled as it gets
                 return False
             ready = len(runtime.ready_workers())
             fatal = any(w.lifecycle.state == WorkerState.FATAL for w in runtime.workers.values())
             if ready < runtime.desired and not fatal:
                 return False
         return True
+
+    def _blocked_by_fatal(self, runtime: AgentRuntime, seen: set[str]) -> bool:
+        for dep in runtime.config.after:
+            other = self.agents.get(dep)
+            if other is None or dep in seen:
+                continue
+            seen.add(dep)
+            if self._agent_state(other) == "fatal" or self._blocked_by_fatal(other, seen):
+                return True
+        return False
 
     def _summary(self) -> str:
         total = sum(rt.desired for rt in self.agents.values())
@@ -1027,12 +1055,16 @@ class FleetDaemon:
             self._poke()
 
     async def _roll_workers(self, runtime: AgentRuntime) -> None:
+        if self._stopping:
+            raise ControlError("the supervisor is stopping")
         agent = runtime.config
         old = sorted(runtime.active(), key=lambda w: w.slot)
         surge = max(int(agent.max_surge), 0)
         batch = surge if surge > 0 else max(int(agent.max_unavailable), 1)
         log.info("rolling restart", agent=runtime.name, workers=len(old), batch=batch)
         for i in range(0, len(old), batch):
+            if self._stopping:
+                raise ControlError("rolling restart interrupted: the supervisor is stopping")
             group = old[i : i + batch]
             if surge == 0:
                 # No surge allowed: take the old ones down first (within max_unavailable).

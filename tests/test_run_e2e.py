@@ -289,3 +289,34 @@ async def test_http_probes_and_rolling_restart_over_the_api(
             await eventually(replaced, timeout=40, message="all workers replaced")
             done = True
         assert probes and set(probes) == {200}
+
+
+@pytest.mark.timeout(90)
+def test_embedded_redis_starts_first_and_stops_last(fleet_factory: Any, tmp_path: Path) -> None:
+    """url = "embedded": the bundled redis-server runs before the workers and is stopped
+    after them; a handler agent becomes ready against it."""
+    (tmp_path / "e2e_agent.py").write_text(HANDLER)
+    fleet = fleet_factory(
+        f"""
+        [supervisor]
+        name = "emb"
+        state_dir = "{tmp_path / "state"}"
+        [redis]
+        url = "embedded"
+        [http]
+        enabled = false
+        [[agents]]
+        name = "echo"
+        handler = "e2e_agent:handle"
+        """
+    )
+    fleet.wait_event("fleet ready", timeout=60)
+    tree = psutil.Process(fleet.proc.pid).children()
+    names = {p.name() for p in tree}
+    assert any("redis" in n for n in names), names
+    pids = {p.pid for p in tree}
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.proc.wait(30) == 0
+    assert _gone(pids)
+    exits = fleet.find("worker exited", agent="echo")
+    assert exits and exits[0]["reason"] == "exit 0"
