@@ -206,13 +206,13 @@ async def test_state_dir_and_local_redis_url_file(
 def test_every_command_has_help_with_example(bus: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """--help works for every command and shows an example (in-process for speed, plus
     one real subprocess)."""
-    from core_bus.cli import main
+    from core_bus.cli import build_parser
 
     commands = [[], ["tail"], ["publish"], ["groups"], ["dlq"]]
     commands += [["dlq", action] for action in ("list", "replay", "purge")]
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
-            main([*command, "--help"])
+            build_parser().parse_args([*command, "--help"])
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
         assert "example" in out and "ag1-bus" in out, command
