@@ -397,3 +397,11 @@ async def test_disabled_http_reports_none() -> None:
             partial(run_http_server, FakeControl(), HttpSettingsForTest(enabled=False), token=None)
         )
     assert result is None
+
+
+def test_status_json_matches_snapshot_to_dict() -> None:
+    """/status serialises exactly what FleetSnapshot.to_dict() holds (without secrets)."""
+    from supervisor.http_server import scrub
+
+    snap = snapshot(agent("a", 3), agent("b", desired=2, ready=1, state="degraded"))
+    assert scrub(snap) == snap.to_dict()

@@ -1,0 +1,376 @@
+"""Probe latency under load, and message throughput during a rolling restart.
+
+Runs ``ag1-fleet run`` (the real daemon) against a private redis-server with one
+agent (``replicas`` workers, a handler doing one Redis INCR):
+
+1. **Probes.** While a publisher offers a steady load (``--rate`` envelopes/s),
+   a separate prober process hits ``/livez`` and then ``/status`` at
+   ``--probe-rate`` requests/s each (open loop: requests are sent on schedule,
+   not after the previous answer) and reports p50/p99/max latency.
+2. **Throughput during a roll.** A backlog keeps the workers saturated; the
+   drain rate is measured over a steady window, then over a rolling restart
+   (``POST /v1/agents/bench/restart {"rolling": true}``) while ``/readyz`` is
+   polled every 10 ms to show it stays 200.
+
+    .venv/bin/python bench/probe_load.py [--rate 1000] [--probe-rate 500] [--seconds 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as redis_asyncio
+
+from core_bus.envelope import Envelope
+from core_bus.publish import publish_many
+from supervisor.redis_server import RedisServerProcess
+
+AGENT = "bench"
+STREAM = f"AG1:agent:{AGENT}:inbox"
+
+HANDLER = """
+async def handle(env, redis):
+    await redis.incr("bench:calls")
+"""
+
+FLEET = """
+[supervisor]
+name = "probe-bench"
+stop_timeout = "10s"
+[redis]
+url = "{url}"
+[http]
+listen = "127.0.0.1:0"
+request_timeout = "5s"
+[[agents]]
+name = "{agent}"
+handler = "bench_agent:handle"
+replicas = {replicas}
+concurrency = 32
+count = 100
+max_surge = 1
+max_unavailable = 0
+claim_idle = "60s"
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# ----------------------------------------------------------------------------- prober process
+
+
+async def probe(url: str, rate: float, seconds: float) -> dict[str, Any]:
+    """Open-loop GETs of ``url`` at ``rate``/s for ``seconds``; latencies in ms."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    late = 0
+    connector = aiohttp.TCPConnector(limit=200)
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one() -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+                return
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        tasks: set[asyncio.Task[None]] = set()
+        total = int(rate * seconds)
+        t0 = time.perf_counter()
+        for i in range(total):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.005:
+                late += 1  # the prober itself fell behind its schedule
+            task = asyncio.create_task(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    return {
+        "url": url,
+        "requests": total,
+        "achieved_rps": round(total / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 0.50), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "max_ms": round(max(latencies, default=float("nan")), 2),
+        "statuses": statuses,
+        "errors": errors,
+        "sent_late": late,
+    }
+
+
+def run_prober(url: str, rate: float, seconds: float) -> subprocess.Popen[bytes]:
+    """The prober in its own process, so its CPU does not disturb the publisher's loop."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--probe",
+            url,
+            "--probe-rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+    )
+
+
+async def prober_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    out, _ = await asyncio.to_thread(proc.communicate)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prober failed with exit {proc.returncode}")
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+# ----------------------------------------------------------------------------- fleet helpers
+
+
+def http_port(log_path: Path, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "http_listening":
+                return int(event["port"])
+        time.sleep(0.05)
+    raise RuntimeError(f"the supervisor did not start its HTTP server (see {log_path})")
+
+
+async def agent_status(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with session.get(base + "/status") as resp:
+        snap = await resp.json()
+    return next(a for a in snap["agents"] if a["name"] == AGENT)  # type: ignore[no-any-return]
+
+
+async def wait_ready(session: aiohttp.ClientSession, base: str, replicas: int) -> set[int]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        agent = await agent_status(session, base)
+        ready = {w["pid"] for w in agent["workers"] if w["state"] == "ready"}
+        if len(ready) >= replicas and agent["ready_replicas"] >= replicas:
+            return ready
+        await asyncio.sleep(0.1)
+    raise RuntimeError("workers did not become ready")
+
+
+async def publish_steadily(redis: Any, rate: float, stop: asyncio.Event) -> int:
+    sent = 0
+    batch = max(1, int(rate / 50))
+    started = time.monotonic()
+    while not stop.is_set():
+        await publish_many(redis, STREAM, [Envelope(role="user") for _ in range(batch)], maxlen=0)
+        sent += batch
+        ahead = sent / rate - (time.monotonic() - started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+    return sent
+
+
+async def calls(redis: Any) -> int:
+    return int(await redis.get("bench:calls") or 0)
+
+
+async def drain_rate(redis: Any, seconds: float) -> float:
+    start_calls, start = await calls(redis), time.perf_counter()
+    await asyncio.sleep(seconds)
+    return (await calls(redis) - start_calls) / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+async def probes_under_load(
+    redis: Any, base: str, rate: float, probe_rate: float, seconds: float
+) -> dict[str, Any]:
+    stop = asyncio.Event()
+    publisher = asyncio.create_task(publish_steadily(redis, rate, stop))
+    await asyncio.sleep(2.0)  # reach steady state
+    before = await calls(redis)
+    started = time.perf_counter()
+    results = {}
+    for path in ("/livez", "/status"):
+        results[path] = await prober_result(run_prober(base + path, probe_rate, seconds))
+    processed_rate = (await calls(redis) - before) / (time.perf_counter() - started)
+    stop.set()
+    sent = await publisher
+    return {
+        "offered_msgs_per_s": rate,
+        "processed_msgs_per_s": round(processed_rate, 1),
+        "published": sent,
+        "probes": results,
+    }
+
+
+async def throughput_during_roll(
+    redis: Any,
+    session: aiohttp.ClientSession,
+    base: str,
+    replicas: int,
+    backlog: int,
+    steady_seconds: float,
+) -> dict[str, Any]:
+    # Let the previous phase drain, then build a backlog that outlasts both windows.
+    while int((await redis.xinfo_groups(STREAM))[0]["lag"] or 0) > 0:
+        await asyncio.sleep(0.2)
+    for start in range(0, backlog, 5000):
+        chunk = [Envelope(role="user") for _ in range(min(5000, backlog - start))]
+        await publish_many(redis, STREAM, chunk, maxlen=0)
+    await asyncio.sleep(1.0)  # workers reach full speed
+    steady = await drain_rate(redis, steady_seconds)
+
+    old = {w["pid"] for w in (await agent_status(session, base))["workers"]}
+    readyz: dict[int, int] = {}
+    rolled = asyncio.Event()
+
+    async def watch_readyz() -> None:
+        while not rolled.is_set():
+            async with session.get(base + "/readyz") as resp:
+                readyz[resp.status] = readyz.get(resp.status, 0) + 1
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch_readyz())
+    start_calls, started = await calls(redis), time.perf_counter()
+    async with session.post(base + f"/v1/agents/{AGENT}/restart", json={"rolling": True}) as resp:
+        accepted = resp.status
+    while True:
+        agent = await agent_status(session, base)
+        pids = {w["pid"] for w in agent["workers"] if w["state"] == "ready"}
+        if not (pids & old) and len(pids) >= replicas and len(agent["workers"]) == replicas:
+            break
+        if time.perf_counter() - started > 120:
+            raise RuntimeError("the rolling restart did not finish within 120 s")
+        await asyncio.sleep(0.05)
+    roll_seconds = time.perf_counter() - started
+    during = (await calls(redis) - start_calls) / roll_seconds
+    rolled.set()
+    await watcher
+    remaining = int((await redis.xinfo_groups(STREAM))[0]["lag"] or 0)
+    if remaining == 0:
+        print("warning: the backlog ran out during the roll; raise --backlog", file=sys.stderr)
+    return {
+        "backlog": backlog,
+        "steady_msgs_per_s": round(steady, 1),
+        "roll_msgs_per_s": round(during, 1),
+        "roll_vs_steady": round(during / steady, 3) if steady else None,
+        "roll_seconds": round(roll_seconds, 2),
+        "restart_http_status": accepted,
+        "backlog_left_after_roll": remaining,
+        "readyz_during_roll": readyz,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ag1-probe-bench-") as tmp:
+        work = Path(tmp)
+        server = RedisServerProcess(data_dir=work / "redis", appendonly=False).start()
+        (work / "bench_agent.py").write_text(HANDLER)
+        toml = FLEET.format(url=server.url, agent=AGENT, replicas=args.replicas)
+        (work / "fleet.toml").write_text(textwrap.dedent(toml))
+        log_path = work / "run.log"
+        env = dict(os.environ, AG1_LOG_FORMAT="json")
+        env.pop("NOTIFY_SOCKET", None)
+        with log_path.open("wb") as log:
+            fleet = subprocess.Popen(
+                [sys.executable, "-m", "supervisor.cli", "run", "-c", str(work / "fleet.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(work),
+                start_new_session=True,
+            )
+        redis = redis_asyncio.Redis.from_url(server.url)
+        try:
+            base = f"http://127.0.0.1:{http_port(log_path)}"
+            async with aiohttp.ClientSession() as session:
+                await wait_ready(session, base, args.replicas)
+                probes = await probes_under_load(
+                    redis, base, args.rate, args.probe_rate, args.seconds
+                )
+                roll = await throughput_during_roll(
+                    redis, session, base, args.replicas, args.backlog, args.seconds
+                )
+        finally:
+            await redis.aclose()
+            if fleet.poll() is None:
+                os.killpg(fleet.pid, signal.SIGTERM)
+                try:
+                    fleet.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(fleet.pid, signal.SIGKILL)
+                    fleet.wait(10)
+            server.kill()
+    return {"replicas": args.replicas, **probes, "roll": roll}
+
+
+def _probe_main(args: argparse.Namespace) -> int:
+    """Prober subprocess: prints its result as JSON."""
+    print(json.dumps(asyncio.run(probe(args.probe, args.probe_rate, args.seconds))))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=1000.0, help="steady envelopes/s")
+    parser.add_argument("--probe-rate", type=float, default=500.0, help="probe requests/s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each window")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--backlog", type=int, default=200_000, help="entries for the roll phase")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON only")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run as the prober
+    args = parser.parse_args()
+    if args.probe:
+        return _probe_main(args)
+    result = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for path, r in result["probes"].items():
+        print(
+            f"{path:8s} at {r['achieved_rps']:.0f} req/s under {result['offered_msgs_per_s']:.0f} "
+            f"msgs/s: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms, "
+            f"statuses {r['statuses']}, errors {r['errors']}"
+        )
+    roll = result["roll"]
+    print(
+        f"throughput: steady {roll['steady_msgs_per_s']:.0f} msgs/s, during a rolling restart of "
+        f"{result['replicas']} workers ({roll['roll_seconds']} s) {roll['roll_msgs_per_s']:.0f} "
+        f"msgs/s = {roll['roll_vs_steady']:.0%}; /readyz during the roll: "
+        f"{roll['readyz_during_roll']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
