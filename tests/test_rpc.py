@@ -218,3 +218,16 @@ async def test_cancelled_call_releases_reader(redis: Any) -> None:
     with pytest.raises(RpcTimeout):
         await bus_rpc_call(redis, SERVICE, Envelope(role="user", content=1), timeout=0.2)
     assert rpc._readers == {}
+
+
+@pytest.mark.timeout(30)
+async def test_call_with_decoding_resp2_client(redis_url: str) -> None:
+    """RPC works the same on a decode_responses=True, RESP2 client (str replies)."""
+    client = redis_asyncio.Redis.from_url(redis_url, decode_responses=True, protocol=2)
+    try:
+        await client.flushall()
+        async with service(redis_url):
+            reply = await bus_rpc_call(client, SERVICE, Envelope(role="user", content=4), 10)
+        assert reply.content == {"double": 8, "n": 0}
+    finally:
+        await client.aclose()
