@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -87,6 +88,47 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_second() -> None:
     ]
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci_lines
+
+
+def test_readme_links_point_at_existing_files() -> None:
+    """Every relative link in README.md names a file or directory of the repository."""
+    targets = re.findall(r"\]\(([^)#\s]+)\)", README.read_text())
+    assert targets, "README has no links"
+    missing = [t for t in targets if "://" not in t and not (ROOT / t).exists()]
+    assert missing == []
+
+
+def _readme_cli_lines() -> list[list[str]]:
+    """``ag1-bus`` / ``ag1-fleet`` invocations in the README's bash blocks, as argv lists."""
+    lines: list[list[str]] = []
+    for block in _code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].split(" | ", 1)[0].strip()
+            for command in line.split(" && "):
+                argv = shlex.split(command)
+                if argv and argv[0] in (".venv/bin/ag1-bus", ".venv/bin/ag1-fleet"):
+                    lines.append([Path(argv[0]).name, *argv[1:]])
+    return lines
+
+
+def test_readme_cli_commands_and_flags_exist() -> None:
+    """Each ag1-bus / ag1-fleet subcommand and --flag shown in the README is in its --help."""
+    lines = _readme_cli_lines()
+    assert {argv[0] for argv in lines} == {"ag1-bus", "ag1-fleet"}
+    for program, *args in lines:
+        words = [a for a in args if not a.startswith("-")]
+        depth = 2 if words[:1] == ["dlq"] else 1
+        subcommand = words[:depth]
+        result = subprocess.run(
+            [*_script(program), *subcommand, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, f"{program} {subcommand}: {result.stderr}"
+        for flag in (a.split("=", 1)[0] for a in args if a.startswith("--")):
+            assert flag in result.stdout, f"{program} {' '.join(subcommand)} has no {flag}"
 
 
 @pytest.mark.timeout(60)
