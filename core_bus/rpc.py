@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core_bus.envelope import Envelope
 from core_bus.errors import RpcTimeout
@@ -49,6 +51,9 @@ PRIVATE_STREAM_TTL = 600
 TRIM_EVERY = 1000
 #: Bound on the cleanup (DEL) done when the last waiter leaves.
 CLEANUP_TIMEOUT = 5.0
+#: Pause before reading again after Redis was unreachable (the reply may still come).
+READ_RETRY_SECONDS = 0.25
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 
 
 def blocking_ms(redis: Any, wanted_seconds: float) -> int:
@@ -130,6 +135,10 @@ class _ReplyReader:
                 self.reading = True
                 try:
                     await self._read_once(min(remaining, MAX_BLOCK_SECONDS))
+                except TRANSIENT as exc:
+                    # the request is out: keep waiting for its reply until the deadline
+                    log.warning("rpc_reply_read_failed", stream=self.stream, error=repr(exc))
+                    await anyio.sleep(min(READ_RETRY_SECONDS, max(0.0, remaining)))
                 finally:
                     self.reading = False
                     self._wake_all()

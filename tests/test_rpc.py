@@ -231,3 +231,29 @@ async def test_call_with_decoding_resp2_client(redis_url: str) -> None:
         assert reply.content == {"double": 8, "n": 0}
     finally:
         await client.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_call_survives_redis_restart_while_waiting(redis_server_factory: Any) -> None:
+    """Redis restarting (AOF on) while a call waits does not fail the call: the reader
+    retries until its deadline and gets the reply written after the restart."""
+    server = redis_server_factory(appendonly=True)
+    caller = redis_asyncio.Redis.from_url(server.url)
+    admin = redis_asyncio.Redis.from_url(server.url)
+    result: list[Envelope] = []
+
+    async def call() -> None:
+        result.append(await bus_rpc_call(caller, SERVICE, Envelope(role="user", content=3), 30))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await eventually(lambda: _count_is(admin, 1), message="request published")
+            await anyio.to_thread.run_sync(server.stop)
+            redis_server_factory(port=server.port, data_dir=server.data_dir, appendonly=True)
+            async with service(server.url):
+                await eventually(lambda: bool(result), timeout=30, message="reply after restart")
+        assert result[0].content == {"double": 6, "n": 0}
+    finally:
+        await caller.aclose()
+        await admin.aclose()
