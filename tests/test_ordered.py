@@ -8,14 +8,17 @@ owner: at-least-once), is exactly ``0, 1, 2, ...``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from core_bus.envelope import Envelope
@@ -319,3 +322,92 @@ async def test_supervisor_reclaim_evicts_dead_owner_and_hands_over(redis: Any) -
         assert reb.counters_for("ledger").deleted_consumers == 1
     finally:
         await live.stop(5)
+
+
+FLEET_HANDLER = """
+import asyncio
+
+
+async def handle(env, redis):
+    await redis.rpush("seen:" + env.meta["key"], env.meta["seq"])
+    await asyncio.sleep(0.005)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_ordered_agent_under_ag1_fleet_run_keeps_order_across_sigkill(
+    redis: Any, redis_url: str, tmp_path: Path
+) -> None:
+    """An `ordered = true` agent run by `ag1-fleet run` (2 workers, 4 shards): one worker
+    is SIGKILLed mid-stream and replaced; every entry is handled, per-key order holds
+    (adjacent repeats only) and nothing stays pending."""
+    (tmp_path / "ordered_agent.py").write_text(FLEET_HANDLER)
+    (tmp_path / "fleet.toml").write_text(
+        f"""
+[supervisor]
+name = "ord"
+[redis]
+url = "{redis_url}"
+[http]
+enabled = false
+[[agents]]
+name = "ledger"
+handler = "ordered_agent:handle"
+replicas = 2
+group = "{GROUP}"
+streams = ["{BASE}"]
+shards = {SHARDS}
+ordered = true
+backoff_initial = "50ms"
+"""
+    )
+    log_path = tmp_path / "run.log"
+    env = dict(os.environ, AG1_LOG_FORMAT="json")
+    env.pop("NOTIFY_SOCKET", None)
+    with log_path.open("wb") as log:
+        fleet = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(tmp_path / "fleet.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(tmp_path),
+            start_new_session=True,
+        )
+
+    def fleet_ready() -> bool:
+        for line in log_path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line).get("event") == "fleet ready":
+                    return True
+            except (ValueError, AttributeError):
+                continue
+        return False
+
+    try:
+        await eventually(fleet_ready, 30, interval=0.05, message="fleet ready")
+        leases = [KEYS.shard_lease(GROUP, BASE, i) for i in range(SHARDS)]
+
+        async def split() -> bool:
+            owners = {text(v) for v in await redis.mget(leases) if v is not None}
+            return len(owners) == 2
+
+        await eventually(split, 20, message="two owners")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish_keyed, redis, 0, 40)
+            await eventually(lambda: llen_at_least(redis, "seen:acct-5", 10), 20)
+            victim = psutil.Process(fleet.pid).children()[0]
+            victim.kill()
+        await eventually(lambda: all_seen(redis, 40), 60, interval=0.1, message="all handled")
+        ok, dupes = await order_report(redis, 40)
+        assert ok, "per-key order broken"
+        assert dupes <= SHARDS
+        assert await eventually(lambda: nothing_pending(redis), 20)
+    finally:
+        if fleet.poll() is None:
+            os.killpg(fleet.pid, signal.SIGTERM)
+            try:
+                fleet.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(fleet.pid, signal.SIGKILL)
+                fleet.wait(10)
