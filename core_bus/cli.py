@@ -207,7 +207,9 @@ async def cmd_tail(redis: Any, args: argparse.Namespace) -> int:
         count=args.count,
         as_json=args.json,
     )
-    tailer = Tailer(redis, options, _out, flush=sys.stdout.flush)
+    tailer = Tailer(
+        redis, options, _out, flush=sys.stdout.flush, notify=lambda m: _err(f"{PROG}: {m}")
+    )
     missing = await tailer.start()
     for name in missing:
         _err(f"{PROG}: {name} does not exist yet; waiting for it")

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core_bus.discovery import glob_match
 from core_bus.envelope import Envelope
@@ -34,6 +36,8 @@ BLOCK_SECONDS = 1.0
 RESCAN_SECONDS = 5.0
 PREVIEW_CHARS = 80
 GLOB_CHARS = frozenset("*?[")
+RETRY_SECONDS = 1.0
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 
 
 class TailError(BusError):
@@ -171,11 +175,13 @@ class Tailer:
         options: TailOptions,
         emit: Callable[[str], None],
         flush: Callable[[], None] | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
         self.options = options
         self.emit = emit
         self.flush = flush or (lambda: None)
+        self.notify = notify or (lambda _message: None)
         self.keys = StreamKeyBuilder(get_settings().bus_namespace)
         self.patterns = [n for n in options.names if is_pattern(n)]
         self.positions: dict[str, str] = {}
@@ -282,10 +288,25 @@ class Tailer:
                 self._adopt(stream)
 
     async def follow(self) -> None:
-        """Live entries until ``count`` entries were shown in all (forever without one)."""
+        """Live entries until ``count`` entries were shown in all (forever without one).
+
+        Losing Redis is reported through ``notify`` and retried; nothing is skipped.
+        """
         next_scan = anyio.current_time() + RESCAN_SECONDS
+        lost = False
         while not self.done:
-            await self.read_once()
+            try:
+                await self.read_once()
+            except TRANSIENT as exc:
+                # keep our positions and resume where we were once Redis is back
+                if not lost:
+                    self.notify(f"lost the Redis connection ({exc}); retrying")
+                    lost = True
+                await anyio.sleep(RETRY_SECONDS)
+                continue
+            if lost:
+                self.notify("reconnected")
+                lost = False
             self.flush()
             if self.patterns and anyio.current_time() >= next_scan:
                 await self.rescan()

@@ -177,3 +177,43 @@ async def test_tail_waits_for_a_stream_that_does_not_exist_yet(redis: Any, tail_
     assert '"hi"' in lines[0]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.timeout(60)
+async def test_tail_survives_redis_restart(
+    redis_server_factory: Any, python_exe: str, tmp_path: Any
+) -> None:
+    """When Redis goes away and comes back (AOF on), tail reports it on stderr, keeps
+    running and shows the entries written after the restart."""
+    import redis.asyncio as redis_asyncio
+
+    server = redis_server_factory(appendonly=True)
+    client = redis_asyncio.Redis.from_url(server.url)
+    env = {**os.environ, "REDIS_URL": server.url, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [python_exe, "-m", "core_bus.tail", STREAM, "--from-start"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        reader = LineReader(proc)
+        await client.xadd(STREAM, {DATA_FIELD: Envelope(role="user", content="before").to_json()})
+        assert '"before"' in (await _wait(reader, 1))[0]
+        await anyio.to_thread.run_sync(server.stop)
+        assert proc.stderr is not None
+        note = await anyio.to_thread.run_sync(proc.stderr.readline)
+        assert "lost the Redis connection" in note
+        redis_server_factory(port=server.port, data_dir=server.data_dir, appendonly=True)
+        await client.aclose()
+        client = redis_asyncio.Redis.from_url(server.url)
+        await client.xadd(STREAM, {DATA_FIELD: Envelope(role="user", content="after").to_json()})
+        assert '"after"' in (await _wait(reader, 2))[1]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await client.aclose()
