@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from core_bus import Envelope, StreamKeyBuilder, publish_envelope
+from core_bus import Envelope, StreamKeyBuilder, publish_envelope, subscribe
 from core_bus.rpc import bus_rpc_call, rpc_request
 from examples import echo, flaky, planner, summarizer
 from tests.waiting import eventually
@@ -25,20 +25,12 @@ from tests.waiting import eventually
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = StreamKeyBuilder()
 
-try:
-    from core_bus import subscribe
-except ImportError:  # pragma: no cover - until core_bus.subscribe lands
-    subscribe = None
-
-needs_subscribe = pytest.mark.skipif(subscribe is None, reason="core_bus.subscribe not available")
-
 
 @asynccontextmanager
 async def serving(
     redis: Any, agent: str, handler: Callable[..., Any], **options: Any
 ) -> AsyncIterator[Any]:
     """Run ``handler`` on ``agent``'s inbox with core_bus.subscribe, as a worker would."""
-    assert subscribe is not None
     sub = await subscribe(
         redis, KEYS.agent_inbox(agent), handler, group=agent, consumer=f"test-{agent}", **options
     )
@@ -83,7 +75,6 @@ def test_flaky_decides_from_content_then_at_random(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.anyio
-@needs_subscribe
 @pytest.mark.timeout(30)
 async def test_echo_replies_with_same_content_and_correlation_id(redis: Any) -> None:
     """A request with reply_to gets one reply: same content and correlation id, from "echo"."""
@@ -96,7 +87,6 @@ async def test_echo_replies_with_same_content_and_correlation_id(redis: Any) -> 
 
 
 @pytest.mark.anyio
-@needs_subscribe
 @pytest.mark.timeout(30)
 async def test_planner_fans_out_to_summarizer_and_gathers(redis: Any) -> None:
     """The planner's parts are summarised concurrently by the summarizer and returned in order."""
@@ -119,7 +109,6 @@ async def test_planner_fans_out_to_summarizer_and_gathers(redis: Any) -> None:
 
 
 @pytest.mark.anyio
-@needs_subscribe
 @pytest.mark.timeout(30)
 async def test_flaky_failure_lands_in_the_dead_letter_stream_after_three_deliveries(
     redis: Any,
@@ -147,12 +136,12 @@ def _receive(sock: socket.socket) -> tuple[int, int | None, str]:
     data, ancdata, _flags, _addr = sock.recvmsg(
         4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(4 * fd_size)
     )
-    pid, fds = 0, []
+    pid, fds = 0, array.array("i")
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
             pid = struct.unpack("3i", payload[:12])[0]
         elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", payload[: len(payload) - len(payload) % fd_size]))
+            fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
     try:
         pgid: int | None = os.getpgid(pid)
     except OSError:
