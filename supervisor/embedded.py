@@ -258,7 +258,8 @@ class EmbeddedRedis:
                 await anyio.sleep(0.2)
             return
         raise EmbeddedRedisError(
-            f"an earlier redis-server (pid {pid}) still uses {self.data_dir}; stop it first"
+            f"another redis-server (pid {pid}) still uses {self.data_dir} (a supervisor "
+            "already running on this state_dir?); stop it first"
         )
 
     async def _start_once(self) -> bool:

@@ -145,6 +145,17 @@ async def test_cancellation_stops_the_server_and_leaves_no_process(tmp_path: Pat
     assert "SIGTERM" in log_text  # a graceful shutdown (AOF flushed), not a kill
 
 
+async def test_second_server_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    """Two supervisors on one state dir would corrupt the AOF: the second one refuses to start."""
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(run_embedded_redis, tmp_path)
+        second = EmbeddedRedis(tmp_path, stop_timeout=0.5)
+        with pytest.raises(EmbeddedRedisError, match="still uses"):
+            await second.run()
+        assert read_embedded_url(tmp_path) == url  # the first one's file is left alone
+        tg.cancel_scope.cancel()
+
+
 async def test_too_old_binary_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     """A redis-server older than 6.2 (no XAUTOCLAIM) is refused before anything starts."""
     fake = tmp_path / "redis-server"
