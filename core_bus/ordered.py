@@ -262,8 +262,7 @@ class OrderedSubscription:
     async def _main(self) -> None:
         try:
             for unit in self.units:
-                with contextlib.suppress(ResponseError):  # BUSYGROUP
-                    await self.redis.xgroup_create(unit.stream, self.group, id="0", mkstream=True)
+                await self._ensure_group(unit.stream)
             async with anyio.create_task_group() as tg:
                 await self._control(tg)
         except BaseException as exc:
@@ -274,6 +273,13 @@ class OrderedSubscription:
         finally:
             self._started.set()
             self._done.set()
+
+    async def _ensure_group(self, stream: str) -> None:
+        try:
+            await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     async def _control(self, tg: anyio.abc.TaskGroup) -> None:
         failures = 0
@@ -377,6 +383,11 @@ class OrderedSubscription:
                         failures += 1
                         log.warning("shard_read_failed", error=repr(exc))
                         await anyio.sleep(self._retry.delay(failures))
+                    except ResponseError as exc:
+                        if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                            raise
+                        log.warning("shard_group_recreated")  # stream or group deleted
+                        await self._ensure_group(unit.stream)
         finally:
             with anyio.CancelScope(shield=True):
                 if not runner.lost:

@@ -208,6 +208,24 @@ async def test_failing_entry_dead_lettered_after_max_deliveries_then_shard_moves
         await sub.stop(5)
 
 
+async def test_deleted_shard_stream_is_recreated(redis: Any) -> None:
+    """A shard stream deleted under a running ordered consumer (DEL, group gone) is
+    recreated with its group; entries published afterwards are handled."""
+    sub = await start_sub(redis, "solo")
+    try:
+        await eventually(lambda: len(sub.owned()) == SHARDS, 10)
+        await publish_keyed(redis, 0, 1)
+        await eventually(lambda: all_seen(redis, 1), 10)
+        for stream in KEYS.shard_streams(BASE, SHARDS):
+            await redis.delete(stream)
+        await publish_keyed(redis, 1, 3)
+        await eventually(lambda: all_seen(redis, 3), 15, message="handled after DEL")
+        ok, dupes = await order_report(redis, 3)
+        assert ok and dupes == 0
+    finally:
+        await sub.stop(5)
+
+
 class Procs:
     def __init__(self, python: str, script: Path, url: str) -> None:
         self.python, self.script, self.url = python, script, url
