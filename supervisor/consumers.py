@@ -161,14 +161,7 @@ async def consumers_of(redis: Any, stream: str, group: str) -> list[ConsumerInfo
     return out
 
 
-async def group_stats(redis: Any, stream: str, group: str) -> GroupStats | None:
-    """XINFO GROUPS row of ``group`` on ``stream``; None when either does not exist."""
-    try:
-        rows = await redis.xinfo_groups(stream)
-    except ResponseError as exc:
-        if is_missing(exc):
-            return None
-        raise
+def _group_row(stream: str, group: str, rows: Any) -> GroupStats | None:
     for row in rows or ():
         fields = {text(k): v for k, v in row.items()}
         if text(fields.get("name", "")) != group:
@@ -182,6 +175,26 @@ async def group_stats(redis: Any, stream: str, group: str) -> GroupStats | None:
             consumers=int(fields.get("consumers", 0)),
         )
     return None
+
+
+async def group_stats(redis: Any, streams: list[str], group: str) -> list[GroupStats]:
+    """XINFO GROUPS row of ``group`` per stream (one pipeline); missing streams/groups left out."""
+    if not streams:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xinfo_groups(stream)
+    replies = await pipe.execute(raise_on_error=False)
+    out: list[GroupStats] = []
+    for stream, reply in zip(streams, replies, strict=True):
+        if isinstance(reply, ResponseError) and is_missing(reply):
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        row = _group_row(stream, group, reply)
+        if row is not None:
+            out.append(row)
+    return out
 
 
 class ConsumerDeleter:

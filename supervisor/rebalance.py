@@ -540,12 +540,7 @@ class Rebalancer:
     # -- metrics -----------------------------------------------------------------------
     async def group_stats(self, target: GroupTarget) -> list[GroupStats]:
         """Pending, lag (None when Redis reports it unknown) and consumers per stream."""
-        out: list[GroupStats] = []
-        for stream in target.streams:
-            stats = await group_stats(self.redis, stream, target.group)
-            if stats is not None:
-                out.append(stats)
-        return out
+        return await group_stats(self.redis, list(target.streams), target.group)
 
 
 __all__ = [
