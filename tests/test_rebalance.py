@@ -418,3 +418,23 @@ async def test_redis_62_nil_entries_are_acked(redis_server_factory: Any) -> None
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+async def test_bounded_sweep_resumes_from_its_cursor(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep stops after MAX_BATCHES batches per stream and the next sweep continues
+    from the saved cursor instead of rescanning the head, so every idle entry is
+    eventually covered without one call running unbounded."""
+    import supervisor.rebalance as rebalance
+
+    monkeypatch.setattr(rebalance, "MAX_BATCHES", 2)
+    monkeypatch.setattr(rebalance, "BATCH", 100)
+    ids = await setup_group(redis, 500)
+    await read_as(redis, "gone", 500)
+    reb = Rebalancer(redis, KEYS, "sup")
+    tgt = target(claim_idle=0)
+    claimed = [sum((await reb.sweep(tgt, ["live"])).values()) for _ in range(3)]
+    assert claimed == [200, 200, 100]
+    rows = await pending_entries(redis, STREAM, GROUP, consumer="live", count=1000)
+    assert sorted(r.id for r in rows) == sorted(ids)
