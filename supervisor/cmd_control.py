@@ -17,7 +17,7 @@ from supervisor.control_client import (
     ControlClient,
     ControlClientError,
     Reply,
-    resolve_base_url,
+    resolve_target,
     token_from_env,
 )
 
@@ -30,10 +30,10 @@ def main(args: argparse.Namespace) -> int:
         print("ag1-fleet scale: replicas must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
-        client = ControlClient(
-            resolve_base_url(getattr(args, "config", None), getattr(args, "url", None)),
-            token=token_from_env(),
+        base_url, timeout = resolve_target(
+            getattr(args, "config", None), getattr(args, "url", None)
         )
+        client = ControlClient(base_url, token=token_from_env(), timeout=timeout)
         if args.command == "status":
             return _status(client, args.json)
         return _control(client, args)

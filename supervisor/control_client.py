@@ -61,46 +61,59 @@ def url_from_listen(listen: str) -> str:
     return f"http://{host}:{port}"
 
 
-def listen_from_config(path: str | Path) -> str:
-    """``[http] listen`` of the fleet config (environment overrides included).
+def listen_from_config(path: str | Path) -> tuple[str, float | None]:
+    """``[http] listen`` and ``request_timeout`` of the fleet config (env overrides included).
 
     A config the supervisor would reject still yields its address when the
     ``[http]`` table itself is readable, so ``ag1-fleet reload`` can report the
-    supervisor's own rejection of a broken file.
+    supervisor's own rejection of a broken file (the timeout is then unknown).
     """
     from supervisor.config_load import ConfigError, load_config
 
     try:
-        return load_config(path, check_imports=False).http.listen
+        http = load_config(path, check_imports=False).http
+        return http.listen, float(http.request_timeout)
     except ConfigError as exc:
         problems = exc.problems
     env_listen = os.environ.get("AG1_HTTP__LISTEN")
     if env_listen:
-        return env_listen
+        return env_listen, None
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         first = problems[0] if problems else f"{path}: unreadable"
         raise ControlClientError(f"cannot find the control API address: {first}") from None
-    http = raw.get("http", {})
-    listen = http.get("listen", DEFAULT_LISTEN) if isinstance(http, dict) else DEFAULT_LISTEN
+    section = raw.get("http", {})
+    listen = section.get("listen", DEFAULT_LISTEN) if isinstance(section, dict) else DEFAULT_LISTEN
     if not isinstance(listen, str):
         raise ControlClientError(f"{path}: http.listen must be a string like '127.0.0.1:8765'")
-    return listen
+    return listen, None
 
 
-def resolve_base_url(config: str | None, url: str | None) -> str:
-    """``--url`` if given, else the config's listen address (default when no config file)."""
+def resolve_target(config: str | None, url: str | None) -> tuple[str, float]:
+    """Base URL and client timeout: ``--url`` if given, else the config's listen address.
+
+    The timeout outlasts the server's ``request_timeout`` (when the config
+    says it), so a long call comes back as 202 rather than a client timeout.
+    """
     if url:
-        return url.rstrip("/")
+        return url.rstrip("/"), DEFAULT_TIMEOUT
+    server_timeout: float | None = None
     if config and Path(config).exists():
-        listen = listen_from_config(config)
+        listen, server_timeout = listen_from_config(config)
     else:
         listen = os.environ.get("AG1_HTTP__LISTEN", DEFAULT_LISTEN)
     try:
-        return url_from_listen(listen)
+        base = url_from_listen(listen)
     except ValueError as exc:
         raise ControlClientError(str(exc)) from None
+    timeout = max(DEFAULT_TIMEOUT, server_timeout + 10) if server_timeout else DEFAULT_TIMEOUT
+    return base, timeout
+
+
+def resolve_base_url(config: str | None, url: str | None) -> str:
+    """Only the base URL of :func:`resolve_target`."""
+    return resolve_target(config, url)[0]
 
 
 def token_from_env() -> str | None:

@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from supervisor.cmd_control import format_status
-from supervisor.control_client import ControlClientError, resolve_base_url, url_from_listen
+from supervisor.control_client import (
+    ControlClientError,
+    resolve_base_url,
+    resolve_target,
+    url_from_listen,
+)
 from tests.test_http_fakes import agent, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,3 +312,17 @@ def test_format_status_marks_unknowns() -> None:
     worker_line = next(line for line in text.splitlines() if line.startswith("echo/1"))
     assert worker_line.split()[1:3] == ["starting", "-"]
     assert "47.7MiB" not in worker_line
+
+
+def test_client_timeout_outlasts_server_request_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a config, the client waits request_timeout + 10 s (at least 30 s) for an answer."""
+    monkeypatch.delenv("AG1_HTTP__LISTEN", raising=False)
+    monkeypatch.delenv("AG1_HTTP__REQUEST_TIMEOUT", raising=False)
+    config = tmp_path / "fleet.toml"
+    config.write_text('[http]\nlisten = "127.0.0.1:9999"\nrequest_timeout = "60s"\n')
+    assert resolve_target(str(config), None) == ("http://127.0.0.1:9999", 70.0)
+    config.write_text('[http]\nlisten = "127.0.0.1:9999"\n')
+    assert resolve_target(str(config), None) == ("http://127.0.0.1:9999", 30.0)
+    assert resolve_target(str(config), "http://x:1") == ("http://x:1", 30.0)
