@@ -11,24 +11,29 @@ or by a sibling through the supervisor's reclaim).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core_bus.acks import AckBatcher
 from core_bus.backoff import Backoff
 from core_bus.connwatch import ConnectionWatch
 from core_bus.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
 from core_bus.decode import Malformed, decode_payload, payload_of
+from core_bus.envelope import Envelope
 from core_bus.errors import BusError
 from core_bus.handlers import Handler, handler_arity
 from core_bus.keys import StreamKeyBuilder
@@ -36,7 +41,7 @@ from core_bus.log import get_logger
 from core_bus.pending import RawFields, fetch_entries, history_page, own_pending, reclaim_for_retry
 from core_bus.replies import text
 from core_bus.settings import get_settings
-from core_bus.stats import SubscriptionStats
+from core_bus.stats import HANDLER_BUCKETS, SubscriptionStats
 
 #: Errors meaning "Redis is unreachable right now": back off and retry, never fail.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -47,6 +52,13 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 RECONNECT_BACKOFF = Backoff(base=0.05, cap=5.0)
 SHIELDED_WRITE_TIMEOUT = 10.0
+
+# pydantic-core's validator, called directly on the hot path (what
+# Envelope.from_json does, minus two Python frames per message).
+_VALIDATE_JSON = Envelope.__pydantic_validator__.validate_json
+
+#: Queued work: (stream, entry id, raw fields or None if deleted, delivery number)
+Work = tuple[str, str, RawFields, int]
 
 # Subscriptions still running. Strong references: a caller may drop the handle
 # (the seed's dynamic_subscribe does) and asyncio keeps tasks only weakly.
@@ -137,13 +149,20 @@ class Subscription:
         self._read_spec = dict.fromkeys(streams, ">")
         # Entries we hold (queued, running, awaiting retry, ack or dead-letter).
         self._local: dict[str, set[str]] = {name: set() for name in streams}
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queue: deque[Work] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._space = asyncio.Event()
         self._busy = 0
         self._idle = asyncio.Event()
-        self._acks: dict[str, list[str]] = {}
-        self._acks_counted = 0
-        self._ack_event = asyncio.Event()
+        self._acks = AckBatcher(
+            self._r,
+            group,
+            self._local,
+            self.stats,
+            self._watch,
+            TRANSIENT_ERRORS,
+            RECONNECT_BACKOFF,
+        )
         self._retry_heap: list[tuple[float, int, _Item]] = []
         self._retry_seq = itertools.count()
         self._retry_event = asyncio.Event()
@@ -215,7 +234,7 @@ class Subscription:
         try:
             try:
                 async with anyio.create_task_group() as services:
-                    services.start_soon(self._ack_loop)
+                    services.start_soon(self._acks.run)
                     services.start_soon(self._retry_loop)
                     async with anyio.create_task_group() as workers:
                         for _ in range(self._concurrency):
@@ -225,7 +244,7 @@ class Subscription:
                         workers.cancel_scope.cancel()
                     services.cancel_scope.cancel()
             finally:
-                await self._final_flush()
+                await self._acks.final_flush(self._log)
         except asyncio.CancelledError:
             self._log.info("subscription_cancelled")
             raise
@@ -287,12 +306,33 @@ class Subscription:
 
     # -- reading ------------------------------------------------------------------
     async def _wait_for_space(self) -> None:
-        while self._queue.qsize() >= self._count and not self._check_requested:
+        """Backpressure: read again once at most ``count`` entries wait (prefetch one batch)."""
+        while len(self._queue) > self._count and not self._check_requested:
             self._space.clear()
             with anyio.CancelScope() as scope:
                 self._wait_scope = scope
                 await self._space.wait()
             self._wait_scope = None
+
+    def _enqueue(self, work: Work) -> None:
+        self._queue.append(work)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _wait_for_work(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
 
     async def _read_new(self, block_ms: int) -> None:
         reply: Any = None
@@ -310,16 +350,17 @@ class Subscription:
     def _dispatch(self, reply: Any) -> None:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each)."""
         pairs = reply.items() if isinstance(reply, dict) else reply
-        put = self._queue.put_nowait
+        append = self._queue.append
         for raw_stream, entries in pairs:
             stream = self._names.get(raw_stream) or text(raw_stream)
             local = self._local[stream]
             for raw_id, fields in entries:
-                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                entry_id = raw_id.decode() if type(raw_id) is bytes else str(raw_id)
                 if entry_id in local:
                     continue
                 local.add(entry_id)
-                put(_Item(stream, entry_id, fields if fields else None, 1))
+                append((stream, entry_id, fields or None, 1))
+        self._wake_one()
 
     async def _recover_history(self) -> None:
         """Our own pending entries first (recovery after a restart).
@@ -346,12 +387,11 @@ class Subscription:
                         continue
                     local.add(entry_id)
                     before = counts.get(entry_id, 0)
-                    item = _Item(stream, entry_id, fields, before + 1)
                     if fields is not None and before >= self._max_deliveries:
                         msg = f"already delivered {before} times (limit {self._max_deliveries})"
-                        poison.append((item, msg))
+                        poison.append((_Item(stream, entry_id, fields, before + 1), msg))
                     else:
-                        self._queue.put_nowait(item)
+                        self._enqueue((stream, entry_id, fields, before + 1))
                         recovered += 1
                 if poison:
                     await self._dead_letter_many([(i, REASON_POISON, e) for i, e in poison])
@@ -382,65 +422,84 @@ class Subscription:
                 continue
             local.add(entry_id)
             delivered = counts[(stream, entry_id)]
-            item = _Item(stream, entry_id, fields, delivered)
             if fields is not None and delivered > self._max_deliveries:
                 msg = f"delivered {delivered} times (limit {self._max_deliveries})"
-                poison.append((item, REASON_POISON, msg))
+                poison.append((_Item(stream, entry_id, fields, delivered), REASON_POISON, msg))
             else:
-                self._queue.put_nowait(item)
+                self._enqueue((stream, entry_id, fields, delivered))
         self._log.info("pending_claimed", entries=len(wanted))
         if poison:
             await self._dead_letter_many(poison)
 
     # -- handling -----------------------------------------------------------------
     async def _worker(self) -> None:
-        get = self._queue.get
+        """Run handlers for queued entries. The hot path: kept flat on purpose.
+
+        A worker that takes an entry while more wait wakes one idle sibling, so
+        slow handlers spread over ``concurrency`` workers while a fast handler
+        drains a whole batch without task switches.
+        """
+        queue, stats, acks = self._queue, self.stats, self._acks
+        handler, pass_redis, user_redis = self._handler, self._pass_redis, self._user_redis
+        buckets, limit, group = stats.handler_buckets, self._limit, self.group
+        perf = time.perf_counter
+        hop_second, hop = 0, ""
         while True:
-            item = await get()
-            if self._queue.qsize() < self._count:
-                self._space.set()
-            if self._stopping:
-                self._local[item.stream].discard(item.entry_id)
+            if not queue:
+                await self._wait_for_work()
                 continue
+            work = queue.popleft()
+            if queue and self._waiters:
+                self._wake_one()
+            if len(queue) <= self._count:
+                self._space.set()
+            stream, entry_id, fields, _deliveries = work
+            if self._stopping:
+                self._local[stream].discard(entry_id)
+                continue
+            if fields is None:  # deleted / trimmed while pending: nothing to process
+                acks.add(stream, entry_id, False)
+                continue
+            raw = fields.get(b"data")
+            env: Any = None
+            if type(raw) is bytes and len(raw) <= limit:
+                try:
+                    env = _VALIDATE_JSON(raw)
+                except ValidationError:
+                    env = None
             self._busy += 1
             try:
-                await self._process(item)
+                if env is None:
+                    env = decode_payload(payload_of(fields), limit)
+                    if isinstance(env, Malformed):
+                        stats.malformed += 1
+                        await self._dead_letter_many([(_Item(*work), env.reason, env.error)])
+                        continue
+                now = int(time.time())
+                if now != hop_second:
+                    hop_second, hop = now, f"{group}:{now}"
+                env.trace.append(hop)
+                stats.in_flight += 1
+                started = perf()
+                try:
+                    if pass_redis:
+                        await handler(env, user_redis)
+                    else:
+                        await handler(env)
+                except Exception as exc:
+                    stats.failed += 1
+                    await self._handler_failed(_Item(*work), exc)
+                    continue
+                finally:
+                    elapsed = perf() - started
+                    stats.in_flight -= 1
+                    buckets[bisect.bisect_left(HANDLER_BUCKETS, elapsed)] += 1
+                    stats.handler_seconds_sum += elapsed
+                acks.add(stream, entry_id, True)
             finally:
                 self._busy -= 1
                 if self._busy == 0 and self._stopping:
                     self._idle.set()
-
-    async def _process(self, item: _Item) -> None:
-        fields = item.fields
-        if fields is None:  # deleted / trimmed while pending: nothing to process
-            self._ack(item, counted=False)
-            return
-        env = decode_payload(payload_of(fields), self._limit)
-        if isinstance(env, Malformed):
-            self.stats.malformed += 1
-            await self._dead_letter_many([(item, env.reason, env.error)])
-            return
-        env.add_hop(self.group)
-        stats = self.stats
-        stats.in_flight += 1
-        started = time.perf_counter()
-        try:
-            if self._pass_redis:
-                await self._handler(env, self._user_redis)
-            else:
-                await self._handler(env)
-        except Exception as exc:
-            stats.in_flight -= 1
-            stats.failed += 1
-            stats.observe_handler(time.perf_counter() - started)
-            await self._handler_failed(item, exc)
-            return
-        except BaseException:
-            stats.in_flight -= 1
-            raise
-        stats.in_flight -= 1
-        stats.observe_handler(time.perf_counter() - started)
-        self._ack(item, counted=True)
 
     async def _handler_failed(self, item: _Item, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
@@ -496,58 +555,10 @@ class Subscription:
             if not claimed.owned or self._stopping:
                 self._local[item.stream].discard(item.entry_id)
                 continue
-            item.fields = claimed.fields
-            item.deliveries = claimed.deliveries or item.deliveries + 1
-            self._queue.put_nowait(item)
+            deliveries = claimed.deliveries or item.deliveries + 1
+            self._enqueue((item.stream, item.entry_id, claimed.fields, deliveries))
 
-    # -- acks and dead letters ------------------------------------------------------
-    def _ack(self, item: _Item, counted: bool) -> None:
-        ids = self._acks.get(item.stream)
-        if ids is None:
-            self._acks[item.stream] = [item.entry_id]
-        else:
-            ids.append(item.entry_id)
-        if counted:
-            self._acks_counted += 1
-        self._ack_event.set()
-
-    async def _ack_loop(self) -> None:
-        """Flush acks as they come: one pipelined XACK per stream per round trip."""
-        attempt = 0
-        while True:
-            await self._ack_event.wait()
-            self._ack_event.clear()
-            while self._acks:
-                if await self._flush_acks():
-                    attempt = 0
-                    continue
-                attempt += 1
-                await anyio.sleep(RECONNECT_BACKOFF.delay(attempt))
-
-    async def _flush_acks(self) -> bool:
-        batch, counted = self._acks, self._acks_counted
-        self._acks, self._acks_counted = {}, 0
-        try:
-            # Shielded: a started flush completes even when the subscription stops.
-            with anyio.CancelScope(shield=True), anyio.fail_after(SHIELDED_WRITE_TIMEOUT):
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for stream, ids in batch.items():
-                        pipe.xack(stream, self.group, *ids)
-                    await pipe.execute()
-        except BaseException as exc:
-            for stream, ids in batch.items():
-                self._acks.setdefault(stream, []).extend(ids)
-            self._acks_counted += counted
-            if isinstance(exc, TRANSIENT_ERRORS):
-                self._watch.lost(exc, "ack")
-                return False
-            raise
-        self._watch.restored()
-        for stream, ids in batch.items():
-            self._local[stream].difference_update(ids)
-        self.stats.processed += counted
-        return True
-
+    # -- dead letters ----------------------------------------------------------------
     async def _dead_letter_many(self, items: list[tuple[_Item, str, str]]) -> None:
         """XADD to the dead-letter stream and XACK, all in one MULTI/EXEC (shielded)."""
         written = False
@@ -601,27 +612,15 @@ class Subscription:
     # -- shutdown -------------------------------------------------------------------
     async def _drain(self) -> None:
         """Drop queued entries (they stay pending); wait for running ones up to the timeout."""
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            self._local[item.stream].discard(item.entry_id)
+        while self._queue:
+            stream, entry_id, _fields, _deliveries = self._queue.popleft()
+            self._local[stream].discard(entry_id)
         with anyio.move_on_after(self._drain_timeout):
             while self._busy > 0:
                 self._idle.clear()
                 await self._idle.wait()
         if self._busy:
             self._log.warning("drain_timeout", unfinished=self._busy)
-
-    async def _final_flush(self) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(SHIELDED_WRITE_TIMEOUT):
-            attempt = 0
-            try:
-                while self._acks and not await self._flush_acks():
-                    attempt += 1
-                    await anyio.sleep(RECONNECT_BACKOFF.delay(attempt))
-            except Exception as exc:
-                self._log.warning("final_ack_flush_failed", error=repr(exc))
-        if self._acks:
-            self._log.warning("acks_not_flushed", entries=sum(map(len, self._acks.values())))
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -1,0 +1,122 @@
+"""Bus throughput: raw redis-py vs publish_many / subscribe() on a private redis-server.
+
+    .venv/bin/python bench/bus_throughput.py [--messages 100000] [--rounds 3]
+
+Prints one ``name: N msgs/s`` line per figure (best of ``--rounds``) and the ratios.
+Not part of the test suite; see docs/BENCHMARKS.md for recorded numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core_bus import Envelope, publish_many, subscribe  # noqa: E402
+from supervisor.redis_server import RedisServerProcess  # noqa: E402
+
+BATCH = 1000
+COUNT = 100
+
+
+def make_envelopes(n: int) -> list[Envelope]:
+    """Envelopes of about 400 bytes of JSON each."""
+    probe = len(Envelope(role="user", content="").to_json())
+    pad = "x" * max(0, 400 - probe)
+    return [Envelope(role="user", content=pad, agent_name="bench") for _ in range(n)]
+
+
+async def raw_xadd(r: Any, stream: str, envs: list[Envelope]) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(envs), BATCH):
+        pipe = r.pipeline(transaction=False)
+        for env in envs[i : i + BATCH]:
+            pipe.xadd(stream, {"data": env.to_json()})
+        await pipe.execute()
+    return len(envs) / (time.perf_counter() - start)
+
+
+async def bus_publish(r: Any, stream: str, envs: list[Envelope]) -> float:
+    start = time.perf_counter()
+    await publish_many(r, stream, envs, maxlen=0, batch_size=BATCH)
+    return len(envs) / (time.perf_counter() - start)
+
+
+async def raw_consume(r: Any, stream: str, n: int) -> float:
+    await r.xgroup_create(stream, "raw", id="0")
+    done = 0
+    start = time.perf_counter()
+    while done < n:
+        reply = await r.xreadgroup("raw", "c", {stream: ">"}, count=COUNT, block=1000)
+        if not reply:
+            continue
+        ids = [entry_id for entry_id, _fields in reply[0][1]]
+        await r.xack(stream, "raw", *ids)
+        done += len(ids)
+    return n / (time.perf_counter() - start)
+
+
+async def bus_consume(r: Any, stream: str, n: int) -> float:
+    async def noop(env: Envelope) -> None:
+        pass
+
+    start = time.perf_counter()
+    sub = await subscribe(r, stream, noop, group="bus", count=COUNT)
+    while sub.stats.processed < n:
+        await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    await sub.stop()
+    return n / elapsed
+
+
+async def run(messages: int, rounds: int) -> None:
+    from core_bus.log import configure_logging
+
+    configure_logging(json=False, level="WARNING")
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServerProcess(data_dir=Path(tmp), appendonly=False).start()
+        try:
+            r = redis_asyncio.Redis.from_url(server.url)
+            envs = make_envelopes(messages)
+            size = len(envs[0].to_json())
+            best: dict[str, float] = {}
+            for i in range(rounds):
+                await r.flushall()
+                results = {
+                    "raw_xadd": await raw_xadd(r, f"raw:{i}", envs),
+                    "publish_many": await bus_publish(r, f"bus:{i}", envs),
+                    "raw_consume": await raw_consume(r, f"raw:{i}", messages),
+                    "subscribe": await bus_consume(r, f"bus:{i}", messages),
+                }
+                for name, value in results.items():
+                    best[name] = max(best.get(name, 0.0), value)
+            await r.aclose()
+        finally:
+            server.kill()
+    print(f"messages: {messages} x {rounds} rounds, envelope: {size} bytes")
+    print(f"redis: {'.'.join(map(str, server.version))}")
+    for name, value in best.items():
+        print(f"{name}: {value:,.0f} msgs/s")
+    print(f"ratio publish_many/raw_xadd: {best['publish_many'] / best['raw_xadd']:.2f}")
+    print(f"ratio subscribe/raw_consume: {best['subscribe'] / best['raw_consume']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(run(args.messages, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
