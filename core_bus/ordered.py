@@ -62,6 +62,10 @@ TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutEr
 READ_COUNT = 10
 BACKLOG_PAGE = 200
 
+# Running subscriptions, strongly referenced: asyncio keeps tasks only weakly and
+# a caller may drop the handle.
+_LIVE: set[OrderedSubscription] = set()
+
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -257,6 +261,7 @@ class OrderedSubscription:
 
     # -- lifecycle -------------------------------------------------------------------
     def _start(self) -> None:
+        _LIVE.add(self)
         self._task = asyncio.get_running_loop().create_task(self._main())
 
     async def _main(self) -> None:
@@ -273,6 +278,7 @@ class OrderedSubscription:
         finally:
             self._started.set()
             self._done.set()
+            _LIVE.discard(self)
 
     async def _ensure_group(self, stream: str) -> None:
         try:

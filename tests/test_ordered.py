@@ -27,6 +27,7 @@ from core_bus.ordered import (
     OrderedSubscription,
     assigned,
     evict_consumer,
+    members_key,
     shard_units,
     subscribe_ordered,
 )
@@ -129,7 +130,8 @@ def test_assignment_is_deterministic_and_fair() -> None:
 
 @pytest.mark.timeout(60)
 async def test_two_consumers_split_shards_and_keep_order(redis: Any) -> None:
-    """Two live consumers own disjoint halves of the shards; per-key order holds."""
+    """Two live consumers own disjoint halves of the shards; per-key order holds; stop()
+    releases every lease and leaves the membership."""
     a = await start_sub(redis, "a")
     b = await start_sub(redis, "b")
     try:
@@ -145,7 +147,11 @@ async def test_two_consumers_split_shards_and_keep_order(redis: Any) -> None:
     finally:
         await a.stop(5)
         await b.stop(5)
-    assert await redis.get(KEYS.shard_lease(GROUP, BASE, 0)) is None
+    assert (
+        await redis.mget([KEYS.shard_lease(GROUP, BASE, i) for i in range(SHARDS)])
+        == [None] * SHARDS
+    )
+    assert await redis.zcard(members_key(KEYS, GROUP)) == 0
 
 
 @pytest.mark.timeout(90)
