@@ -47,5 +47,8 @@ def configure_logging(json: bool | None = None, level: str | None = None) -> Non
 
 
 def get_logger(name: str, **fields: Any) -> Any:
-    """A structlog logger bound with ``logger=name`` and extra fields."""
-    return structlog.get_logger(name).bind(**fields)
+    """A lazy structlog logger with ``logger=name`` and extra fields.
+
+    Lazy, so a module-level logger follows a later :func:`configure_logging`.
+    """
+    return structlog.get_logger(**{"logger_name": name, **fields})
