@@ -79,8 +79,7 @@ async def test_sigkilled_worker_entries_go_to_a_sibling_at_once(
             await eventually(
                 lambda: _scard_is(redis, "reclaim:seen", 10), timeout=15, message="all handled"
             )
-        info = await redis.xpending(INBOX, "hold")
-        assert info["pending"] == 0
+        await eventually(lambda: _group_pending_is(redis, 0), message="all acked")
         await eventually(
             lambda: _consumer_gone(redis, holder.consumer or ""), message="dead consumer deleted"
         )
@@ -90,6 +89,11 @@ async def test_sigkilled_worker_entries_go_to_a_sibling_at_once(
 
 async def _count_pending(redis: Any, consumer: str, n: int) -> bool:
     return await _pending_of(redis, consumer) == n
+
+
+async def _group_pending_is(redis: Any, n: int) -> bool:
+    info = await redis.xpending(INBOX, "hold")
+    return int(info["pending"]) == n
 
 
 async def _scard_is(redis: Any, key: str, n: int) -> bool:
