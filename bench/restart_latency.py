@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,8 +73,28 @@ stopasgroup = true
 killasgroup = true
 stdout_logfile = /dev/null
 stderr_logfile = /dev/null
-environment = AG1_AGENT="w",AG1_WORKER="w/%(process_num)d",AG1_HANDLER="bench_agent:handle",AG1_GROUP="wsd",AG1_CONSUMER="sd:w:%(process_num)d",AG1_STREAMS="AG1:agent:wsd:inbox",AG1_WORKING_DIR="{dir}",REDIS_URL="{url}",PYTHONUNBUFFERED="1",AG1_LOG_FORMAT="json"
+environment = {environment}
 """
+
+
+SUPERVISORD_ENV = {
+    "AG1_AGENT": "w",
+    "AG1_WORKER": "w/%(process_num)d",
+    "AG1_HANDLER": "bench_agent:handle",
+    "AG1_GROUP": "wsd",
+    "AG1_CONSUMER": "sd:w:%(process_num)d",
+    "AG1_STREAMS": "AG1:agent:wsd:inbox",
+    "AG1_WORKING_DIR": "{dir}",
+    "REDIS_URL": "{url}",
+    "PYTHONUNBUFFERED": "1",
+    "AG1_LOG_FORMAT": "json",
+}
+
+
+def supervisord_environment(workdir: Path, url: str) -> str:
+    """supervisord's ``environment =`` line for the same worker env we give ours."""
+    pairs = (f'{k}="{v.format(dir=workdir, url=url)}"' for k, v in SUPERVISORD_ENV.items())
+    return ",".join(pairs)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -182,7 +201,14 @@ class OurFleet:
 class Supervisord:
     def __init__(self, venv: Path, workdir: Path, url: str, n: int) -> None:
         conf = workdir / f"supervisord-{n}.conf"
-        conf.write_text(SUPERVISORD.format(dir=workdir, python=PYTHON, url=url, n=n))
+        conf.write_text(
+            SUPERVISORD.format(
+                dir=workdir,
+                python=PYTHON,
+                n=n,
+                environment=supervisord_environment(workdir, url),
+            )
+        )
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
         self.proc = subprocess.Popen(
             [str(venv / "bin" / "supervisord"), "-c", str(conf)],
@@ -307,7 +333,8 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(
-        "| supervisor | replacement pid p50 | p95 | READY p50 | p95 | idle CPU (50 children) | idle RSS |"
+        "| supervisor | replacement pid p50 | p95 | READY p50 | p95 "
+        "| idle CPU (50 children) | idle RSS |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(
