@@ -25,6 +25,7 @@ class AckBatcher:
 
     def __init__(
         self,
+        lock: asyncio.Lock,
         redis: Any,
         group: str,
         local: dict[str, set[str]],
@@ -33,6 +34,7 @@ class AckBatcher:
         transient: tuple[type[BaseException], ...],
         backoff: Backoff,
     ) -> None:
+        self._lock = lock  # shared with the own-pending check (see Subscription)
         self._r = redis
         self._group = group
         self._local = local
@@ -69,6 +71,10 @@ class AckBatcher:
 
     async def flush(self) -> bool:
         """Send every waiting ack in one pipeline; False (ids kept) if Redis is unreachable."""
+        async with self._lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> bool:
         batch, counted = self.pending, self.counted
         self.pending, self.counted = {}, 0
         try:

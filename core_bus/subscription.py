@@ -151,10 +151,16 @@ class Subscription:
         self._local: dict[str, set[str]] = {name: set() for name in streams}
         self._queue: deque[Work] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._woken = 0  # workers woken that have not run yet
         self._space = asyncio.Event()
         self._busy = 0
         self._idle = asyncio.Event()
+        # Held while our pending list is compared with ``_local`` and while acks or
+        # dead letters remove entries from both, so a check never sees an entry
+        # that is acked in Redis but still pending in its XPENDING reply.
+        self._pel_lock = asyncio.Lock()
         self._acks = AckBatcher(
+            self._pel_lock,
             self._r,
             group,
             self._local,
@@ -323,6 +329,7 @@ class Subscription:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._woken += 1
                 return
 
     async def _wait_for_work(self) -> None:
@@ -331,7 +338,9 @@ class Subscription:
         try:
             await waiter
         finally:
-            if not waiter.done():
+            if waiter.done() and not waiter.cancelled():
+                self._woken -= 1
+            else:
                 waiter.cancel()
 
     async def _read_new(self, block_ms: int) -> None:
@@ -374,29 +383,37 @@ class Subscription:
             after = "0"
             while True:
                 await self._wait_for_space()
-                counts, entries = await history_page(
-                    self._r, stream, self.group, self.consumer, after, self._count
-                )
+                async with self._pel_lock:
+                    counts, entries = await history_page(
+                        self._r, stream, self.group, self.consumer, after, self._count
+                    )
+                    fresh = self._claim_locally(stream, [entry_id for entry_id, _ in entries])
                 if not entries:
                     break
-                poison: list[tuple[_Item, str]] = []
-                local = self._local[stream]
+                after = entries[-1][0]
+                poison: list[tuple[_Item, str, str]] = []
                 for entry_id, fields in entries:
-                    after = entry_id
-                    if entry_id in local:
+                    if entry_id not in fresh:
                         continue
-                    local.add(entry_id)
                     before = counts.get(entry_id, 0)
                     if fields is not None and before >= self._max_deliveries:
                         msg = f"already delivered {before} times (limit {self._max_deliveries})"
-                        poison.append((_Item(stream, entry_id, fields, before + 1), msg))
+                        item = _Item(stream, entry_id, fields, before + 1)
+                        poison.append((item, REASON_POISON, msg))
                     else:
                         self._enqueue((stream, entry_id, fields, before + 1))
                         recovered += 1
                 if poison:
-                    await self._dead_letter_many([(i, REASON_POISON, e) for i, e in poison])
+                    await self._dead_letter_many(poison)
         if recovered:
             self._log.info("pending_recovered", entries=recovered)
+
+    def _claim_locally(self, stream: str, entry_ids: list[str]) -> set[str]:
+        """Mark entries as held by this process; return those we did not hold yet."""
+        local = self._local[stream]
+        fresh = {entry_id for entry_id in entry_ids if entry_id not in local}
+        local.update(fresh)
+        return fresh
 
     async def _check_own_pending(self) -> None:
         """Process own pending entries we do not hold (claimed to us by another client).
@@ -404,23 +421,26 @@ class Subscription:
         Costs one pipelined XPENDING when there is nothing to do. Payloads come
         from XRANGE: the claim that gave us the entry already counted as a delivery.
         """
-        pending = await own_pending(self._r, self.streams, self.group, self.consumer)
         wanted: list[tuple[str, str]] = []
         counts: dict[tuple[str, str], int] = {}
-        for stream, rows in pending.items():
-            local = self._local[stream]
-            for entry_id, delivered in rows:
-                if entry_id not in local:
-                    wanted.append((stream, entry_id))
-                    counts[(stream, entry_id)] = delivered
+        async with self._pel_lock:
+            pending = await own_pending(self._r, self.streams, self.group, self.consumer)
+            for stream, rows in pending.items():
+                fresh = self._claim_locally(stream, [entry_id for entry_id, _ in rows])
+                for entry_id, delivered in rows:
+                    if entry_id in fresh:
+                        wanted.append((stream, entry_id))
+                        counts[(stream, entry_id)] = delivered
         if not wanted:
             return
+        try:
+            fetched = await fetch_entries(self._r, wanted)
+        except BaseException:
+            for stream, entry_id in wanted:
+                self._local[stream].discard(entry_id)
+            raise
         poison: list[tuple[_Item, str, str]] = []
-        for stream, entry_id, fields in await fetch_entries(self._r, wanted):
-            local = self._local[stream]
-            if entry_id in local:
-                continue
-            local.add(entry_id)
+        for stream, entry_id, fields in fetched:
             delivered = counts[(stream, entry_id)]
             if fields is not None and delivered > self._max_deliveries:
                 msg = f"delivered {delivered} times (limit {self._max_deliveries})"
@@ -449,8 +469,8 @@ class Subscription:
                 await self._wait_for_work()
                 continue
             work = queue.popleft()
-            if queue and self._waiters:
-                self._wake_one()
+            if queue and self._waiters and not self._woken:
+                self._wake_one()  # one at a time: it runs only once we yield
             if len(queue) <= self._count:
                 self._space.set()
             stream, entry_id, fields, _deliveries = work
@@ -563,13 +583,15 @@ class Subscription:
         """XADD to the dead-letter stream and XACK, all in one MULTI/EXEC (shielded)."""
         written = False
         with anyio.CancelScope(shield=True), anyio.move_on_after(SHIELDED_WRITE_TIMEOUT):
-            try:
-                await self._write_dead_letters(items)
-                written = True
-            except TRANSIENT_ERRORS as exc:
-                self._watch.lost(exc, "dead_letter")
+            async with self._pel_lock:
+                try:
+                    await self._write_dead_letters(items)
+                    written = True
+                except TRANSIENT_ERRORS as exc:
+                    self._watch.lost(exc, "dead_letter")
+                for item, _reason, _error in items:
+                    self._local[item.stream].discard(item.entry_id)
         for item, reason, error in items:
-            self._local[item.stream].discard(item.entry_id)
             if not written:
                 continue
             self.stats.dead_lettered += 1

@@ -117,3 +117,21 @@ async def test_claimed_entry_past_the_limit_is_dead_lettered_unrun(redis: Any) -
     await sub.stop()
     assert calls == 0
     assert int((await redis.xpending(STREAM, "g"))["pending"]) == 0
+
+
+@pytest.mark.timeout(60)
+async def test_frequent_checks_under_load_never_double_process(redis: Any) -> None:
+    """Own-pending checks racing with batched acks never hand an entry to the handler twice."""
+    from core_bus import publish_many
+
+    seen: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        seen.append(env.envelope_id)
+
+    total = 5000
+    await publish_many(redis, STREAM, [Envelope(role="user") for _ in range(total)])
+    sub = await subscribe(redis, STREAM, handler, group="g", pending_check_interval=0.001)
+    await eventually(lambda: sub.stats.processed == total, timeout=40)
+    await sub.stop()
+    assert len(seen) == total and len(set(seen)) == total
