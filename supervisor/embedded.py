@@ -218,7 +218,7 @@ class EmbeddedRedis:
 
     # -- start -------------------------------------------------------------------
     def _resolve_binary(self) -> tuple[Path, tuple[int, int, int]]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the bus's data
         if self.binary is not None:
             return self.binary, check_redis_server(self.binary)
         return find_redis_server()
@@ -252,11 +252,15 @@ class EmbeddedRedis:
     async def _wait_for_stale_server(self) -> None:
         """Never run two servers on one AOF: wait for a dying predecessor to exit."""
         pid_file = self.data_dir / PID_FILE
-        with anyio.move_on_after(self.stop_timeout):
-            while (pid := _stale_server_pid(pid_file)) is not None:
-                _log().warning("embedded_redis_waiting_for_previous", pid=pid)
-                await anyio.sleep(0.2)
+        pid = _stale_server_pid(pid_file)
+        if pid is None:
             return
+        _log().warning("embedded_redis_waiting_for_previous", pid=pid, data_dir=str(self.data_dir))
+        deadline = anyio.current_time() + self.stop_timeout
+        while anyio.current_time() < deadline:
+            await anyio.sleep(0.2)  # not our child: nothing to wait on but its pid
+            if _stale_server_pid(pid_file) is None:
+                return
         raise EmbeddedRedisError(
             f"another redis-server (pid {pid}) still uses {self.data_dir} (a supervisor "
             "already running on this state_dir?); stop it first"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import textwrap
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from supervisor.embedded import (
     url_file,
 )
 from supervisor.redis_server import RedisServerError, bundled_redis_server
-from tests.waiting import eventually, eventually_sync
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -189,29 +188,34 @@ class _listener:
         self.sock.close()
 
 
-def test_server_does_not_outlive_a_sigkilled_owner(tmp_path: Path, python_exe: str) -> None:
-    """SIGKILL the process running the embedded server: the parent-death signal stops redis."""
-    script = textwrap.dedent(
-        f"""
-        import anyio
-        from pathlib import Path
-        from core_bus.log import configure_logging
-        from supervisor.embedded import EmbeddedRedis
+OWNER_SCRIPT = """
+import anyio, sys
+from pathlib import Path
+from core_bus.log import configure_logging
+from supervisor.embedded import EmbeddedRedis
 
-        configure_logging(json=True)  # logs to stderr; stdout carries the pid
+configure_logging(json=True)  # logs to stderr; stdout carries the pid and URL
 
-        async def main():
-            server = EmbeddedRedis(Path({str(tmp_path)!r}))
-            async with anyio.create_task_group() as tg:
-                await tg.start(server.run)
-                print(server.pid, flush=True)
-                await anyio.sleep_forever()
+async def main():
+    server = EmbeddedRedis(Path(sys.argv[1]))
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(server.run)
+        print(server.pid, url, flush=True)
+        await anyio.sleep_forever()
 
-        anyio.run(main)
-        """
-    )
+anyio.run(main)
+"""
+
+
+async def test_sigkilled_owner_leaves_no_server_and_a_restart_keeps_the_data(
+    tmp_path: Path, python_exe: str
+) -> None:
+    """SIGKILL the process owning the server (a supervisor killed hard): the parent-death
+    signal stops redis-server; starting again at once on the same state dir waits for it,
+    reuses the URL and finds the data.
+    """
     owner = subprocess.Popen(
-        [python_exe, "-c", script],
+        [python_exe, "-c", OWNER_SCRIPT, str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
@@ -220,11 +224,25 @@ def test_server_does_not_outlive_a_sigkilled_owner(tmp_path: Path, python_exe: s
     redis_pid = 0
     try:
         assert owner.stdout is not None
-        redis_pid = int(owner.stdout.readline())
-        assert psutil.pid_exists(redis_pid)
+        line = await anyio.to_thread.run_sync(owner.stdout.readline)
+        pid_text, url = line.split()
+        redis_pid = int(pid_text)
+        client = redis_asyncio.Redis.from_url(url)
+        await client.set("before-crash", b"1")
+        await client.aclose()
         owner.kill()
-        owner.wait(10)
-        eventually_sync(lambda: _gone(redis_pid), timeout=15, message="redis-server exits")
+        await anyio.to_thread.run_sync(owner.wait, 10)
+
+        async with anyio.create_task_group() as tg:
+            new_url = await tg.start(run_embedded_redis, tmp_path)
+            assert _gone(redis_pid)
+            assert new_url == url
+            client = redis_asyncio.Redis.from_url(new_url)
+            try:
+                assert await client.get("before-crash") == b"1"
+            finally:
+                await client.aclose()
+            tg.cancel_scope.cancel()
     finally:
         if owner.poll() is None:
             owner.kill()
