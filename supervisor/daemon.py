@@ -487,6 +487,7 @@ class FleetDaemon:
                 "BUS_NAMESPACE": self.config.redis.namespace,
                 "NOTIFY_SOCKET": self._notify.address,
                 "PYTHONUNBUFFERED": "1",
+                "AG1_SUPERVISOR_PID": str(os.getpid()),
             }
         )
         working_dir = agent.working_dir or self.config.config_dir
@@ -537,7 +538,13 @@ class FleetDaemon:
         worker.lifecycle.policy = runtime.policy
         worker.lifecycle.on_spawned(now)
         try:
-            process = ChildProcess.spawn(self._argv(runtime), env=env, cwd=cwd)
+            process = ChildProcess.spawn(
+                self._argv(runtime),
+                env=env,
+                cwd=cwd,
+                # Our worker arms its parent-death signal itself (the spawn can vfork).
+                pdeathsig="child" if agent.kind == "handler" else True,
+            )
         except OSError as exc:
             reason = f"spawn failed: {exc.strerror or exc}"
             log.error("worker spawn failed", agent=agent.name, worker=worker.key, error=reason)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +39,29 @@ def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
             os._exit(255)
 
     return preexec
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux setpriv, when it knows --pdeathsig (2.33+)."""
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "--pdeathsig" in out else None
+
+
+def _pdeathsig_mode(pdeathsig: bool | str) -> str:
+    if sys.platform != "linux" or pdeathsig is False:
+        return "off"
+    if pdeathsig is True:
+        return "exec" if _setpriv() else "preexec"
+    if pdeathsig not in ("exec", "preexec", "child", "off"):
+        raise ValueError(f"unknown pdeathsig mode {pdeathsig!r}")
+    return pdeathsig
 
 
 @dataclass(frozen=True)
@@ -96,12 +121,30 @@ class ChildProcess:
         env: Mapping[str, str],
         cwd: Path | str | None = None,
         capture_output: bool = True,
-        pdeathsig: bool = True,
+        pdeathsig: bool | str = True,
     ) -> ChildProcess:
-        """Start ``argv`` in a new session; raises OSError when it cannot be executed."""
-        preexec = _pdeathsig_preexec(os.getpid()) if pdeathsig and sys.platform == "linux" else None
+        """Start ``argv`` in a new session; raises OSError when it cannot be executed.
+
+        ``pdeathsig`` arms PR_SET_PDEATHSIG=SIGKILL (Linux): ``True`` picks
+        ``"exec"`` (through ``setpriv --pdeathsig KILL``, a tiny C exec, so the
+        spawn can use vfork) when setpriv exists, else ``"preexec"`` (a
+        preexec_fn: a full fork of the daemon, ~50x slower); ``"child"`` means
+        the program arms it itself (our worker does); ``False`` none.
+        """
+        mode = _pdeathsig_mode(pdeathsig)
+        argv = list(argv)
+        preexec = None
+        if mode == "preexec":
+            preexec = _pdeathsig_preexec(os.getpid())
+        elif mode == "exec":
+            # setpriv reports a missing program only as an exit code: check first.
+            program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+            if program is None or (cwd is not None and not Path(cwd).is_dir()):
+                missing = argv[0] if program is None else str(cwd)
+                raise FileNotFoundError(2, "No such file or directory", missing)
+            argv = [_setpriv() or "setpriv", "--pdeathsig", "KILL", "--", program, *argv[1:]]
         popen = subprocess.Popen(
-            list(argv),
+            argv,
             env=dict(env),
             cwd=str(cwd) if cwd is not None else None,
             stdin=subprocess.DEVNULL,
@@ -109,7 +152,7 @@ class ChildProcess:
             stderr=subprocess.PIPE if capture_output else None,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=preexec,  # prctl only; we never spawn from another thread
+            preexec_fn=preexec,  # prctl only; forces fork instead of vfork
         )
         return cls(popen)
 

@@ -134,14 +134,15 @@ async def test_spawn_of_a_missing_program_raises() -> None:
         ChildProcess.spawn(["/nonexistent/program"], env=ENV)
 
 
-async def test_parent_death_signal_kills_the_child(python_exe: str, tmp_path: Any) -> None:
-    """A child spawned with pdeathsig dies when its parent is SIGKILLed."""
+@pytest.mark.parametrize("mode", ["exec", "preexec"])
+async def test_parent_death_signal_kills_the_child(python_exe: str, mode: str) -> None:
+    """A child spawned with pdeathsig (via setpriv or a preexec_fn) dies with its parent."""
     code = (
         "import anyio, sys, time\n"
         "from supervisor.process import ChildProcess\n"
         "async def main():\n"
         "    c = ChildProcess.spawn([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
-        "                           env={}, capture_output=False)\n"
+        f"                           env={{}}, capture_output=False, pdeathsig={mode!r})\n"
         "    print(c.pid, flush=True)\n"
         "    await anyio.sleep(60)\n"
         "anyio.run(main)\n"

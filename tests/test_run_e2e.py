@@ -155,14 +155,18 @@ async def _count_is(redis: Any, n: int) -> bool:
 
 
 @pytest.mark.timeout(60)
-def test_supervisor_sigkill_leaves_no_children(fleet_factory: Any, python_exe: str) -> None:
-    """SIGKILL the supervisor: the parent-death signal takes every worker down with it."""
+def test_supervisor_sigkill_leaves_no_children(
+    fleet_factory: Any, tmp_path: Path, python_exe: str, redis_url: str
+) -> None:
+    """SIGKILL the supervisor: the parent-death signal takes every worker down with it,
+    command agents (armed through setpriv) and built-in workers (armed by themselves)."""
+    (tmp_path / "e2e_agent.py").write_text(HANDLER)
     fleet = fleet_factory(
         f"""
         [supervisor]
         name = "orphans"
         [redis]
-        url = "redis://127.0.0.1:1/0"
+        url = "{redis_url}"
         [http]
         enabled = false
         [[agents]]
@@ -170,11 +174,15 @@ def test_supervisor_sigkill_leaves_no_children(fleet_factory: Any, python_exe: s
         command = ["{python_exe}", "-c", "import time; time.sleep(600)"]
         replicas = 3
         start_seconds = "100ms"
+        [[agents]]
+        name = "echo"
+        handler = "e2e_agent:handle"
+        replicas = 2
         """
     )
     fleet.wait_event("fleet ready", timeout=30)
     pids = fleet.worker_pids()
-    assert len(pids) == 3
+    assert len(pids) == 5
     fleet.proc.send_signal(signal.SIGKILL)
     fleet.proc.wait(10)
     eventually_sync(lambda: _gone(pids), timeout=5, message="workers gone after supervisor SIGKILL")

@@ -15,7 +15,7 @@ from core_bus.envelope import Envelope
 from core_bus.publish import publish_envelope
 from supervisor.notify import NotifyMessage, NotifyServer
 from supervisor.process import ChildProcess
-from supervisor.worker import EXIT_BOOT_FAILURE, heartbeat_interval
+from supervisor.worker import EXIT_BOOT_FAILURE, EXIT_ORPHANED, heartbeat_interval
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -53,6 +53,19 @@ def worker_env(
     )
     env.update(extra)
     return env
+
+
+async def test_worker_started_by_a_dead_supervisor_leaves_at_once(
+    tmp_path: Path, python_exe: str
+) -> None:
+    """AG1_SUPERVISOR_PID is not our parent (it died before we armed PDEATHSIG): exit 4."""
+    env = dict(os.environ, AG1_SUPERVISOR_PID="1")
+    async with ChildProcess.spawn(
+        [python_exe, "-m", "supervisor.worker"], env=env, cwd=tmp_path, pdeathsig="child"
+    ) as child:
+        with anyio.fail_after(20):
+            status = await child.wait()
+    assert status.code == EXIT_ORPHANED
 
 
 def test_heartbeat_interval() -> None:
