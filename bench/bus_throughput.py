@@ -51,9 +51,10 @@ async def bus_publish(r: Any, stream: str, envs: list[Envelope]) -> float:
     return len(envs) / (time.perf_counter() - start)
 
 
-async def raw_consume(r: Any, stream: str, n: int) -> float:
+async def raw_consume(r: Any, stream: str, n: int) -> tuple[float, float]:
     await r.xgroup_create(stream, "raw", id="0")
     done = 0
+    cpu = time.process_time()
     start = time.perf_counter()
     while done < n:
         reply = await r.xreadgroup("raw", "c", {stream: ">"}, count=COUNT, block=1000)
@@ -62,20 +63,23 @@ async def raw_consume(r: Any, stream: str, n: int) -> float:
         ids = [entry_id for entry_id, _fields in reply[0][1]]
         await r.xack(stream, "raw", *ids)
         done += len(ids)
-    return n / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return n / elapsed, (time.process_time() - cpu) / n * 1e6
 
 
-async def bus_consume(r: Any, stream: str, n: int) -> float:
+async def bus_consume(r: Any, stream: str, n: int) -> tuple[float, float]:
     async def noop(env: Envelope) -> None:
         pass
 
+    cpu = time.process_time()
     start = time.perf_counter()
     sub = await subscribe(r, stream, noop, group="bus", count=COUNT)
     while sub.stats.processed < n:
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - start
+    cpu_per_msg = (time.process_time() - cpu) / n * 1e6
     await sub.stop()
-    return n / elapsed
+    return n / elapsed, cpu_per_msg
 
 
 async def run(messages: int, rounds: int) -> None:
@@ -89,14 +93,17 @@ async def run(messages: int, rounds: int) -> None:
             envs = make_envelopes(messages)
             size = len(envs[0].to_json())
             best: dict[str, float] = {}
+            cpu: dict[str, float] = {}
             for i in range(rounds):
                 await r.flushall()
                 results = {
                     "raw_xadd": await raw_xadd(r, f"raw:{i}", envs),
                     "publish_many": await bus_publish(r, f"bus:{i}", envs),
-                    "raw_consume": await raw_consume(r, f"raw:{i}", messages),
-                    "subscribe": await bus_consume(r, f"bus:{i}", messages),
                 }
+                results["raw_consume"], raw_cpu = await raw_consume(r, f"raw:{i}", messages)
+                results["subscribe"], bus_cpu = await bus_consume(r, f"bus:{i}", messages)
+                cpu["raw_consume"] = min(cpu.get("raw_consume", 1e9), raw_cpu)
+                cpu["subscribe"] = min(cpu.get("subscribe", 1e9), bus_cpu)
                 for name, value in results.items():
                     best[name] = max(best.get(name, 0.0), value)
             await r.aclose()
@@ -108,6 +115,10 @@ async def run(messages: int, rounds: int) -> None:
         print(f"{name}: {value:,.0f} msgs/s")
     print(f"ratio publish_many/raw_xadd: {best['publish_many'] / best['raw_xadd']:.2f}")
     print(f"ratio subscribe/raw_consume: {best['subscribe'] / best['raw_consume']:.2f}")
+    # Client CPU per message (process time): less sensitive to a busy machine.
+    for name, value in cpu.items():
+        print(f"{name}_cpu: {value:.1f} us/msg")
+    print(f"ratio cpu raw_consume/subscribe: {cpu['raw_consume'] / cpu['subscribe']:.2f}")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -32,7 +32,7 @@ from core_bus.acks import AckBatcher
 from core_bus.backoff import Backoff
 from core_bus.connwatch import ConnectionWatch
 from core_bus.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
-from core_bus.decode import Malformed, decode_payload, payload_of
+from core_bus.decode import decode_payload, payload_of
 from core_bus.envelope import Envelope
 from core_bus.errors import BusError
 from core_bus.handlers import Handler, handler_arity
@@ -153,6 +153,7 @@ class Subscription:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._woken = 0  # workers woken that have not run yet
         self._space = asyncio.Event()
+        self._reader_waiting = False
         self._busy = 0
         self._idle = asyncio.Event()
         # Held while our pending list is compared with ``_local`` and while acks or
@@ -315,10 +316,14 @@ class Subscription:
         """Backpressure: read again once at most ``count`` entries wait (prefetch one batch)."""
         while len(self._queue) > self._count and not self._check_requested:
             self._space.clear()
-            with anyio.CancelScope() as scope:
-                self._wait_scope = scope
-                await self._space.wait()
-            self._wait_scope = None
+            self._reader_waiting = True
+            try:
+                with anyio.CancelScope() as scope:
+                    self._wait_scope = scope
+                    await self._space.wait()
+            finally:
+                self._wait_scope = None
+                self._reader_waiting = False
 
     def _enqueue(self, work: Work) -> None:
         self._queue.append(work)
@@ -460,9 +465,10 @@ class Subscription:
         drains a whole batch without task switches.
         """
         queue, stats, acks = self._queue, self.stats, self._acks
-        handler, pass_redis, user_redis = self._handler, self._pass_redis, self._user_redis
+        handler = self._call_handler()
         buckets, limit, group = stats.handler_buckets, self._limit, self.group
-        perf = time.perf_counter
+        perf, clock, bisect_left = time.perf_counter, time.time, bisect.bisect_left
+        validate, space = _VALIDATE_JSON, self._space
         hop_second, hop = 0, ""
         while True:
             if not queue:
@@ -471,55 +477,82 @@ class Subscription:
             work = queue.popleft()
             if queue and self._waiters and not self._woken:
                 self._wake_one()  # one at a time: it runs only once we yield
-            if len(queue) <= self._count:
-                self._space.set()
+            if self._reader_waiting and len(queue) <= self._count:
+                space.set()
             stream, entry_id, fields, _deliveries = work
             if self._stopping:
                 self._local[stream].discard(entry_id)
                 continue
-            if fields is None:  # deleted / trimmed while pending: nothing to process
-                acks.add(stream, entry_id, False)
-                continue
-            raw = fields.get(b"data")
+            raw = fields.get(b"data") if fields is not None else None
             env: Any = None
             if type(raw) is bytes and len(raw) <= limit:
                 try:
-                    env = _VALIDATE_JSON(raw)
+                    env = validate(raw)
                 except ValidationError:
                     env = None
-            self._busy += 1
-            try:
+            if env is None:
+                env = await self._slow_decode(work)
                 if env is None:
-                    env = decode_payload(payload_of(fields), limit)
-                    if isinstance(env, Malformed):
-                        stats.malformed += 1
-                        await self._dead_letter_many([(_Item(*work), env.reason, env.error)])
-                        continue
-                now = int(time.time())
-                if now != hop_second:
-                    hop_second, hop = now, f"{group}:{now}"
-                env.trace.append(hop)
-                stats.in_flight += 1
-                started = perf()
-                try:
-                    if pass_redis:
-                        await handler(env, user_redis)
-                    else:
-                        await handler(env)
-                except Exception as exc:
-                    stats.failed += 1
-                    await self._handler_failed(_Item(*work), exc)
                     continue
-                finally:
-                    elapsed = perf() - started
-                    stats.in_flight -= 1
-                    buckets[bisect.bisect_left(HANDLER_BUCKETS, elapsed)] += 1
-                    stats.handler_seconds_sum += elapsed
-                acks.add(stream, entry_id, True)
+            now = int(clock())
+            if now != hop_second:
+                hop_second, hop = now, f"{group}:{now}"
+            env.trace.append(hop)
+            stats.in_flight += 1
+            failure: Exception | None = None
+            started = perf()
+            try:
+                await handler(env)
+            except Exception as exc:
+                failure = exc
             finally:
-                self._busy -= 1
-                if self._busy == 0 and self._stopping:
+                elapsed = perf() - started
+                stats.in_flight -= 1
+                buckets[bisect_left(HANDLER_BUCKETS, elapsed)] += 1
+                stats.handler_seconds_sum += elapsed
+                if self._stopping:
                     self._idle.set()
+            if failure is not None:
+                stats.failed += 1
+                await self._busy_with(self._handler_failed(_Item(*work), failure))
+                continue
+            ids = acks.pending.get(stream)  # inlined AckBatcher.add (hot path)
+            if ids is None:
+                acks.pending[stream] = [entry_id]
+                acks.event.set()
+            else:
+                ids.append(entry_id)
+            acks.counted += 1
+
+    def _call_handler(self) -> Callable[[Envelope], Awaitable[Any]]:
+        """The handler as a one-argument callable (``h(env)`` or ``h(env, redis)``)."""
+        if not self._pass_redis:
+            return self._handler
+        handler, redis = self._handler, self._user_redis
+        return lambda env: handler(env, redis)
+
+    async def _slow_decode(self, work: Work) -> Envelope | None:
+        """Deleted entries are acked, malformed ones dead-lettered; None means done with it."""
+        stream, entry_id, fields, _deliveries = work
+        if fields is None:  # deleted / trimmed while pending: nothing to process
+            self._acks.add(stream, entry_id, False)
+            return None
+        env = decode_payload(payload_of(fields), self._limit)
+        if isinstance(env, Envelope):
+            return env
+        self.stats.malformed += 1
+        await self._busy_with(self._dead_letter_many([(_Item(*work), env.reason, env.error)]))
+        return None
+
+    async def _busy_with(self, step: Awaitable[None]) -> None:
+        """Await bookkeeping for an entry; drain waits for it like for a handler."""
+        self._busy += 1
+        try:
+            await step
+        finally:
+            self._busy -= 1
+            if self._stopping:
+                self._idle.set()
 
     async def _handler_failed(self, item: _Item, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
@@ -638,11 +671,11 @@ class Subscription:
             stream, entry_id, _fields, _deliveries = self._queue.popleft()
             self._local[stream].discard(entry_id)
         with anyio.move_on_after(self._drain_timeout):
-            while self._busy > 0:
+            while self._busy or self.stats.in_flight:
                 self._idle.clear()
                 await self._idle.wait()
-        if self._busy:
-            self._log.warning("drain_timeout", unfinished=self._busy)
+        if self._busy or self.stats.in_flight:
+            self._log.warning("drain_timeout", unfinished=self._busy + self.stats.in_flight)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
