@@ -140,3 +140,16 @@ async def reclaim_for_retry(
         fields = entry_fields(first[1]) if first is not None and len(first) > 1 else None
         out.append(Claimed(entry_id, bool(rows), fields, deliveries))
     return out
+
+
+class HeldEntry:
+    """One entry this process holds until it is acked or dead-lettered (slow paths only)."""
+
+    __slots__ = ("deliveries", "entry_id", "fields", "retry_delay", "stream")
+
+    def __init__(self, stream: str, entry_id: str, fields: RawFields, deliveries: int) -> None:
+        self.stream = stream
+        self.entry_id = entry_id
+        self.fields = fields
+        self.deliveries = deliveries  # Redis delivery counter of the current attempt
+        self.retry_delay = 0.0

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import heapq
-import itertools
 import os
 import secrets
 import socket
@@ -31,15 +29,24 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from core_bus.acks import AckBatcher
 from core_bus.backoff import Backoff
 from core_bus.connwatch import ConnectionWatch
-from core_bus.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
+from core_bus.deadletter import REASON_POISON
 from core_bus.decode import decode_payload, payload_of
+from core_bus.dlq_writer import DeadLetterJob, DeadLetterWriter
 from core_bus.envelope import Envelope
 from core_bus.errors import BusError
 from core_bus.handlers import Handler, handler_arity
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
-from core_bus.pending import RawFields, fetch_entries, history_page, own_pending, reclaim_for_retry
+from core_bus.pending import (
+    HeldEntry,
+    RawFields,
+    fetch_entries,
+    history_page,
+    own_pending,
+    reclaim_for_retry,
+)
 from core_bus.replies import text
+from core_bus.retries import RetryScheduler
 from core_bus.settings import get_settings
 from core_bus.stats import HANDLER_BUCKETS, SubscriptionStats
 
@@ -51,7 +58,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 RECONNECT_BACKOFF = Backoff(base=0.05, cap=5.0)
-SHIELDED_WRITE_TIMEOUT = 10.0
 
 # pydantic-core's validator, called directly on the hot path (what
 # Envelope.from_json does, minus two Python frames per message).
@@ -81,19 +87,6 @@ async def ensure_group(redis: Any, stream: str, group: str, start_id: str = "0")
 
 def _is_nogroup(exc: ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
-
-
-class _Item:
-    """One entry this process is responsible for until it is acked or dead-lettered."""
-
-    __slots__ = ("deliveries", "entry_id", "fields", "retry_delay", "stream")
-
-    def __init__(self, stream: str, entry_id: str, fields: RawFields, deliveries: int) -> None:
-        self.stream = stream
-        self.entry_id = entry_id
-        self.fields = fields
-        self.deliveries = deliveries
-        self.retry_delay = 0.0
 
 
 class Subscription:
@@ -170,9 +163,25 @@ class Subscription:
             TRANSIENT_ERRORS,
             RECONNECT_BACKOFF,
         )
-        self._retry_heap: list[tuple[float, int, _Item]] = []
-        self._retry_seq = itertools.count()
-        self._retry_event = asyncio.Event()
+        self._retries = RetryScheduler(
+            self._reclaim,
+            batch=count,
+            watch=self._watch,
+            backoff=RECONNECT_BACKOFF,
+            transient=TRANSIENT_ERRORS,
+        )
+        self._dead_letters = DeadLetterWriter(
+            self._r,
+            self._pel_lock,
+            self._local,
+            dlq_stream=dlq_stream,
+            group=group,
+            consumer=consumer,
+            stats=self.stats,
+            watch=self._watch,
+            log=self._log,
+            transient=TRANSIENT_ERRORS,
+        )
         self._check_requested = False
         self._wait_scope: anyio.CancelScope | None = None
         self._stop_scope: anyio.CancelScope | None = None
@@ -242,7 +251,7 @@ class Subscription:
             try:
                 async with anyio.create_task_group() as services:
                     services.start_soon(self._acks.run)
-                    services.start_soon(self._retry_loop)
+                    services.start_soon(self._retries.run)
                     async with anyio.create_task_group() as workers:
                         for _ in range(self._concurrency):
                             workers.start_soon(self._worker)
@@ -396,14 +405,14 @@ class Subscription:
                 if not entries:
                     break
                 after = entries[-1][0]
-                poison: list[tuple[_Item, str, str]] = []
+                poison: list[tuple[HeldEntry, str, str]] = []
                 for entry_id, fields in entries:
                     if entry_id not in fresh:
                         continue
                     before = counts.get(entry_id, 0)
                     if fields is not None and before >= self._max_deliveries:
                         msg = f"already delivered {before} times (limit {self._max_deliveries})"
-                        item = _Item(stream, entry_id, fields, before + 1)
+                        item = HeldEntry(stream, entry_id, fields, before + 1)
                         poison.append((item, REASON_POISON, msg))
                     else:
                         self._enqueue((stream, entry_id, fields, before + 1))
@@ -444,12 +453,12 @@ class Subscription:
             for stream, entry_id in wanted:
                 self._local[stream].discard(entry_id)
             raise
-        poison: list[tuple[_Item, str, str]] = []
+        poison: list[tuple[HeldEntry, str, str]] = []
         for stream, entry_id, fields in fetched:
             delivered = counts[(stream, entry_id)]
             if fields is not None and delivered > self._max_deliveries:
                 msg = f"delivered {delivered} times (limit {self._max_deliveries})"
-                poison.append((_Item(stream, entry_id, fields, delivered), REASON_POISON, msg))
+                poison.append((HeldEntry(stream, entry_id, fields, delivered), REASON_POISON, msg))
             else:
                 self._enqueue((stream, entry_id, fields, delivered))
         self._log.info("pending_claimed", entries=len(wanted))
@@ -514,7 +523,7 @@ class Subscription:
                     self._idle.set()
             if failure is not None:
                 stats.failed += 1
-                await self._busy_with(self._handler_failed(_Item(*work), failure))
+                await self._busy_with(self._handler_failed(HeldEntry(*work), failure))
                 continue
             ids = acks.pending.get(stream)  # inlined AckBatcher.add (hot path)
             if ids is None:
@@ -541,7 +550,7 @@ class Subscription:
         if isinstance(env, Envelope):
             return env
         self.stats.malformed += 1
-        await self._busy_with(self._dead_letter_many([(_Item(*work), env.reason, env.error)]))
+        await self._busy_with(self._dead_letter_many([(HeldEntry(*work), env.reason, env.error)]))
         return None
 
     async def _busy_with(self, step: Awaitable[None]) -> None:
@@ -554,7 +563,7 @@ class Subscription:
             if self._stopping:
                 self._idle.set()
 
-    async def _handler_failed(self, item: _Item, exc: Exception) -> None:
+    async def _handler_failed(self, item: HeldEntry, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
         if item.deliveries >= self._max_deliveries:
             await self._dead_letter_many([(item, REASON_POISON, error)])
@@ -568,40 +577,9 @@ class Subscription:
             retry_in=round(item.retry_delay, 3),
             error=error,
         )
-        due = time.monotonic() + item.retry_delay
-        heapq.heappush(self._retry_heap, (due, next(self._retry_seq), item))
-        self._retry_event.set()
+        self._retries.schedule(item, item.retry_delay)
 
-    async def _retry_loop(self) -> None:
-        """Re-claim failed entries when their backoff expires (bumping the Redis counter)."""
-        attempt = 0
-        while True:
-            if not self._retry_heap:
-                self._retry_event.clear()
-                await self._retry_event.wait()
-                continue
-            wait = self._retry_heap[0][0] - time.monotonic()
-            if wait > 0:
-                self._retry_event.clear()
-                with anyio.move_on_after(wait):
-                    await self._retry_event.wait()
-                continue
-            due: list[_Item] = []
-            while self._retry_heap and self._retry_heap[0][0] <= time.monotonic():
-                due.append(heapq.heappop(self._retry_heap)[2])
-                if len(due) >= self._count:
-                    break
-            try:
-                await self._reclaim(due)
-                attempt = 0
-            except TRANSIENT_ERRORS as exc:
-                self._watch.lost(exc, "retry")
-                attempt += 1
-                later = time.monotonic() + RECONNECT_BACKOFF.delay(attempt)
-                for item in due:
-                    heapq.heappush(self._retry_heap, (later, next(self._retry_seq), item))
-
-    async def _reclaim(self, due: list[_Item]) -> None:
+    async def _reclaim(self, due: list[HeldEntry]) -> None:
         spec = [(i.stream, i.entry_id, max(0, int(i.retry_delay * 1000) - 5)) for i in due]
         results = await reclaim_for_retry(self._r, self.group, self.consumer, spec)
         for item, claimed in zip(due, results, strict=True):
@@ -612,57 +590,10 @@ class Subscription:
             self._enqueue((item.stream, item.entry_id, claimed.fields, deliveries))
 
     # -- dead letters ----------------------------------------------------------------
-    async def _dead_letter_many(self, items: list[tuple[_Item, str, str]]) -> None:
-        """XADD to the dead-letter stream and XACK, all in one MULTI/EXEC (shielded)."""
-        written = False
-        with anyio.CancelScope(shield=True), anyio.move_on_after(SHIELDED_WRITE_TIMEOUT):
-            async with self._pel_lock:
-                try:
-                    await self._write_dead_letters(items)
-                    written = True
-                except TRANSIENT_ERRORS as exc:
-                    self._watch.lost(exc, "dead_letter")
-                for item, _reason, _error in items:
-                    self._local[item.stream].discard(item.entry_id)
-        for item, reason, error in items:
-            if not written:
-                continue
-            self.stats.dead_lettered += 1
-            self._log.warning(
-                "dead_lettered",
-                source_stream=item.stream,
-                entry_id=item.entry_id,
-                reason=reason,
-                deliveries=item.deliveries,
-                error=error,
-                dlq_stream=self.dlq_stream,
-            )
-        if not written:
-            # Still pending in Redis: the next own-pending check finds them again.
+    async def _dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:
+        """Dead-letter and ack atomically; if Redis is away, look again after reconnecting."""
+        if not await self._dead_letters.write(jobs):
             self._check_requested = True
-
-    async def _write_dead_letters(self, items: list[tuple[_Item, str, str]]) -> None:
-        async with self._r.pipeline(transaction=True) as pipe:
-            for item, reason, error in items:
-                fields = dead_letter_fields(
-                    data=payload_of(item.fields or {}),
-                    reason=reason,
-                    error=error,
-                    deliveries=item.deliveries,
-                    source_stream=item.stream,
-                    source_id=item.entry_id,
-                    group=self.group,
-                    consumer=self.consumer,
-                )
-                queue_dead_letter(
-                    pipe,
-                    self.dlq_stream,
-                    stream=item.stream,
-                    group=self.group,
-                    entry_id=item.entry_id,
-                    fields=fields,
-                )
-            await pipe.execute()
 
     # -- shutdown -------------------------------------------------------------------
     async def _drain(self) -> None:
