@@ -219,3 +219,52 @@ async def test_dropped_handle_keeps_running_until_stopped(redis: Any) -> None:
     await subs[0].stop()
     await asyncio.sleep(0)
     assert not [s for s in active_subscriptions() if s.group == "gh"]
+
+
+async def test_fatal_error_surfaces_via_started_wait_and_stop(redis: Any) -> None:
+    """A non-transient Redis error (stream key of the wrong type) fails the subscription
+    loudly: started(), wait() and stop() re-raise it instead of losing it."""
+    from redis.exceptions import ResponseError
+
+    await redis.set("AG1:agent:wrongtype:inbox", "not a stream")
+
+    async def handler(env: Envelope) -> None:
+        pass
+
+    sub = await subscribe(redis, "AG1:agent:wrongtype:inbox", handler, group="g")
+    with anyio.fail_after(5), pytest.raises(ResponseError):
+        await sub.started()
+    with pytest.raises(ResponseError):
+        await sub.wait()
+    with pytest.raises(ResponseError):
+        await sub.stop()
+    assert not sub.running
+
+
+async def test_stop_right_after_subscribe(redis: Any) -> None:
+    """stop() immediately after subscribe() returns cleanly and leaves nothing running."""
+
+    async def handler(env: Envelope) -> None:
+        pass
+
+    sub = await subscribe(redis, STREAM, handler, group="g0")
+    with anyio.fail_after(5):
+        await sub.stop()
+    assert not sub.running and sub not in active_subscriptions()
+
+
+async def test_handler_gets_redis_and_no_info_log_per_message(redis: Any) -> None:
+    """Hot path logs nothing at info level per message (only start/stop events)."""
+    from structlog.testing import capture_logs
+
+    async def handler(env: Envelope, redis: Any) -> None:
+        pass
+
+    await publish_many(redis, STREAM, [Envelope(role="user") for _ in range(50)])
+    with capture_logs() as logs:
+        sub = await subscribe(redis, STREAM, handler, group="gl")
+        await eventually(lambda: sub.stats.processed == 50)
+        await sub.stop()
+    events = [e["event"] for e in logs]
+    assert events == ["subscription_started", "subscription_stopped"]
+    assert all(e.get("group") == "gl" and e.get("consumer") == sub.consumer for e in logs)
