@@ -197,6 +197,7 @@ class FleetDaemon:
         self._wake = anyio.Event()
         self._changed = anyio.Event()
         self._stop_requested = anyio.Event()
+        self._reload_lock = anyio.Lock()
         self._force_stop = False
         self._stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
@@ -1132,11 +1133,12 @@ class FleetDaemon:
         """Load, validate and diff the config; keep the old plan when it is invalid."""
         if self._config_loader is None:
             raise ControlError("reload is not available: no config loader")
-        self._systemd.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            return await self._reload_inner()
-        finally:
-            self._systemd.send("READY=1", f"STATUS={self._summary()}")
+        async with self._reload_lock:  # SIGHUP twice, or SIGHUP and the API: one at a time
+            self._systemd.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                return await self._reload_inner()
+            finally:
+                self._systemd.send("READY=1", f"STATUS={self._summary()}")
 
     async def _reload_inner(self) -> ReloadResult:
         self.last_reload_at = time.time()
