@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core_bus.acks import AckBatcher
@@ -52,7 +52,8 @@ from core_bus.stats import HANDLER_BUCKETS, SubscriptionStats
 
 #: Errors meaning "Redis is unreachable right now": back off and retry, never fail.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
+    RedisConnectionError,  # includes BusyLoadingError (server loading its AOF)
+    ReadOnlyError,  # talking to a demoted master during a failover
     RedisTimeoutError,
     ConnectionError,
     TimeoutError,
@@ -308,7 +309,7 @@ class Subscription:
                 if not _is_nogroup(exc):
                     raise
                 self._log.warning("group_missing", error=str(exc))
-                await self._connect()
+                await self._guarded(self._connect)  # Redis lost its data: recreate the group
                 continue
             attempt += 1
             await anyio.sleep(RECONNECT_BACKOFF.delay(attempt))

@@ -209,3 +209,22 @@ async def test_deleted_pending_entries_are_acked_not_crashed_on(redis: Any) -> N
     assert sorted(seen) == [1, 3]
     assert await pending(redis, STREAM, "g") == 0
     assert await dead_letters(redis, "g") == [] and again.stats.dead_lettered == 0
+
+
+async def test_group_destroyed_under_a_running_subscription_is_recreated(redis: Any) -> None:
+    """If the group vanishes (XGROUP DESTROY, or a Redis that lost its data) the subscription
+    recreates it and keeps consuming instead of failing."""
+    seen: list[Any] = []
+
+    async def handler(env: Envelope) -> None:
+        seen.append(env.content)
+
+    sub = await subscribe(redis, STREAM, handler, group="g", block_ms=200)
+    await sub.started()
+    await publish_envelope(redis, STREAM, Envelope(role="user", content=1))
+    await eventually(lambda: seen == [1])
+    await redis.xgroup_destroy(STREAM, "g")
+    await publish_envelope(redis, STREAM, Envelope(role="user", content=2))
+    await eventually(lambda: 2 in seen, timeout=10)
+    assert sub.running
+    await sub.stop()
