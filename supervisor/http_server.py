@@ -188,6 +188,9 @@ class Operations:
         async def runner() -> None:
             try:
                 outcome["result"] = await op()
+            except anyio.get_cancelled_exc_class():
+                outcome["error"] = ControlError(f"{name}: cancelled, the supervisor is stopping")
+                raise
             except Exception as exc:  # reported to the waiter, or logged below
                 outcome["error"] = exc
             finally:

@@ -405,3 +405,21 @@ def test_status_json_matches_snapshot_to_dict() -> None:
 
     snap = snapshot(agent("a", 3), agent("b", desired=2, ready=1, state="degraded"))
     assert scrub(snap) == snap.to_dict()
+
+
+async def test_operation_cancelled_by_shutdown_is_reported() -> None:
+    """A control call cut short because the server is stopping is an error, not a success."""
+    from supervisor.http_server import Operations
+
+    async def slow() -> None:
+        await anyio.sleep(30)
+
+    async with anyio.create_task_group() as tg:
+        ops = Operations(tg)
+        tg.cancel_scope.cancel()
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.fail_after(5),
+            pytest.raises(ControlError, match="the supervisor is stopping"),
+        ):
+            await ops.run("restart echo", slow, 5)
