@@ -359,7 +359,7 @@ async def handle(env, redis):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 async def test_ordered_agent_under_ag1_fleet_run_keeps_order_across_sigkill(
     redis: Any, redis_url: str, tmp_path: Path
 ) -> None:
@@ -409,14 +409,14 @@ backoff_initial = "50ms"
         return False
 
     try:
-        await eventually(fleet_ready, 30, interval=0.05, message="fleet ready")
+        await eventually(fleet_ready, 60, interval=0.05, message="fleet ready")
         leases = [KEYS.shard_lease(GROUP, BASE, i) for i in range(SHARDS)]
 
         async def split() -> bool:
             owners = {text(v) for v in await redis.mget(leases) if v is not None}
             return len(owners) == 2
 
-        await eventually(split, 20, message="two owners")
+        await eventually(split, 30, message="two owners")
         async with anyio.create_task_group() as tg:
             tg.start_soon(publish_keyed, redis, 0, 40)
             await eventually(lambda: llen_at_least(redis, "seen:acct-5", 10), 20)
@@ -426,7 +426,7 @@ backoff_initial = "50ms"
         ok, dupes = await order_report(redis, 40)
         assert ok, "per-key order broken"
         assert dupes <= SHARDS
-        assert await eventually(lambda: nothing_pending(redis), 20)
+        assert await eventually(lambda: nothing_pending(redis), 30)
     finally:
         if fleet.poll() is None:
             os.killpg(fleet.pid, signal.SIGTERM)
