@@ -544,3 +544,35 @@ async def test_snapshot_fields(tmp_path: Path, python_exe: str, redis_url: str) 
         assert w.uptime_seconds is not None and w.started_at is not None
         assert agent(daemon, "snap").state == "running"
         assert snap.to_dict()["agents"][0]["workers"][0]["pid"] == w.pid
+
+
+async def test_shutdown_leaves_no_task_process_or_socket(tmp_path: Path, python_exe: str) -> None:
+    """After run() returns: no task of the daemon is left, every child is reaped and
+    the notify socket directory is gone."""
+    import asyncio
+
+    import psutil
+
+    before = set(asyncio.all_tasks())
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "a"
+    command = {cmd(python_exe, READY_THEN_SLEEP)}
+    start_seconds = "30s"
+    replicas = 3
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: daemon.ready, message="ready")
+        pids = {w.pid for w in agent(daemon, "a").workers}
+        assert daemon._notify is not None
+        socket_dir = Path(daemon._notify.address).parent
+        assert socket_dir.exists()
+    assert set(asyncio.all_tasks()) <= before
+    assert not socket_dir.exists()
+    me = psutil.Process()
+    assert not [c for c in me.children(recursive=True) if c.pid in pids]
+    for pid in pids:
+        assert pid is not None and not psutil.pid_exists(pid)

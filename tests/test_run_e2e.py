@@ -237,10 +237,11 @@ def test_invalid_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(90)
 async def test_http_probes_and_rolling_restart_over_the_api(
-    fleet_factory: Any, tmp_path: Path, redis_url: str
+    fleet_factory: Any, tmp_path: Path, redis: Any, redis_url: str
 ) -> None:
     """With [http] on: /readyz turns 200, /status lists workers, a rolling restart through
-    the control API replaces every pid while /readyz stays 200."""
+    the control API replaces every pid while /readyz stays 200 and publishing goes on
+    without losing an envelope."""
     import aiohttp
 
     (tmp_path / "e2e_agent.py").write_text(HANDLER)
@@ -282,8 +283,18 @@ async def test_http_probes_and_rolling_restart_over_the_api(
                     probes.append(resp.status)
                 await anyio.sleep(0.02)
 
+        published: list[str] = []
+
+        async def publish() -> None:
+            while not done:
+                env = Envelope(role="user", content=len(published))
+                await publish_envelope(redis, "AG1:agent:echo:inbox", env)
+                published.append(env.envelope_id)
+                await anyio.sleep(0.01)
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(probe)
+            tg.start_soon(publish)
             async with http.post(f"{base}/v1/agents/echo/restart", json={"rolling": True}) as resp:
                 assert resp.status in (200, 202), await resp.text()
 
@@ -297,6 +308,11 @@ async def test_http_probes_and_rolling_restart_over_the_api(
             await eventually(replaced, timeout=40, message="all workers replaced")
             done = True
         assert probes and set(probes) == {200}
+        # Publishing went on through the roll: every envelope handled, none left pending.
+        await eventually(
+            lambda: _count_is(redis, len(published)), timeout=20, message="all handled"
+        )
+        assert len(published) > 20
 
 
 @pytest.mark.timeout(90)
