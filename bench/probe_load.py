@@ -354,7 +354,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     os.killpg(fleet.pid, signal.SIGKILL)
                     fleet.wait(10)
             server.kill()
-    return {"replicas": args.replicas, **probes, "roll": roll}
+    return {
+        "replicas": args.replicas,
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 1),
+        **probes,
+        "roll": roll,
+    }
 
 
 def _probe_main(args: argparse.Namespace) -> int:
@@ -377,7 +382,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.probe:
         return _probe_main(args)
+    load_before = round(os.getloadavg()[0], 1)
     result = asyncio.run(run(args))
+    result["loadavg_1m_at_start"] = load_before
     if args.json:
         print(json.dumps(result))
         return 0
@@ -388,6 +395,10 @@ def main() -> int:
             f"statuses {r['statuses']}, errors {r['errors']}"
         )
     roll = result["roll"]
+    print(
+        f"machine load average (1 min): {result['loadavg_1m_at_start']} at start, "
+        f"{result['loadavg_1m_at_end']} at end"
+    )
     print(
         f"throughput: steady {roll['steady_msgs_per_s']:.0f} msgs/s, during a rolling restart of "
         f"{result['replicas']} workers ({roll['roll_seconds']} s) {roll['roll_msgs_per_s']:.0f} "
