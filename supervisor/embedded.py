@@ -103,7 +103,8 @@ def _describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-def _log_tail(data_dir: Path, lines: int = 5) -> str:
+def _log_tail(data_dir: Path, lines: int = 3, width: int = 200) -> str:
+    """The last lines of redis.log (each cut to ``width``), to say why it stopped."""
     try:
         with (data_dir / "redis.log").open("rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -111,7 +112,7 @@ def _log_tail(data_dir: Path, lines: int = 5) -> str:
             tail = fh.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return ""
-    return " | ".join(line.strip() for line in tail[-lines:])
+    return " | ".join(line.strip()[:width] for line in tail[-lines:])
 
 
 async def _answers_ping(port: int) -> bool:
