@@ -357,10 +357,10 @@ class FleetDaemon:
     # -- reconcile ---------------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
         while True:
-            now = self._now()
-            self._reconcile(now)
-            deadline = self._next_deadline()
+            # A fresh event before acting: a poke during _reconcile is never lost.
             self._wake = anyio.Event()
+            self._reconcile(self._now())
+            deadline = self._next_deadline()
             if deadline is None:
                 await self._wake.wait()
             else:
@@ -1153,7 +1153,10 @@ class FleetDaemon:
             return ReloadResult(ok=False, errors=problems)
         from supervisor.plan import build_plan
 
-        diff = self.plan.diff(build_plan(new_config))
+        # Compare with the sections the running supervisor keeps, so a changed
+        # [redis] url (which needs a restart) does not mark every agent changed.
+        merged = _keep_supervisor_sections(self.config, new_config)
+        diff = self.plan.diff(build_plan(merged))
         if _supervisor_sections(self.config) != _supervisor_sections(new_config):
             log.warning("reload: [supervisor], [redis] and [http] changes need a restart")
         log.info(
@@ -1166,7 +1169,7 @@ class FleetDaemon:
         )
         old_agents = {a.name: a for a in self.config.agents}
         new_agents = {a.name: a for a in new_config.agents}
-        self._apply_config(_keep_supervisor_sections(self.config, new_config))
+        self._apply_config(merged)
         errors: list[str] = []
         async with anyio.create_task_group() as tg:
             for name in diff.removed:

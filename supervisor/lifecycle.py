@@ -190,7 +190,7 @@ class WorkerLifecycle:
         was_ready = self.ready_at is not None
         uptime = now - self.started_at if self.started_at is not None else 0.0
         self.state = WorkerState.EXITED
-        if cause == CAUSE_STOP:
+        if cause == CAUSE_STOP or self.stop_cause == CAUSE_STOP:  # a stop request always wins
             self.state = WorkerState.STOPPED
             return self.state
 

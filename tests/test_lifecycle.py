@@ -284,3 +284,14 @@ def test_policy_from_agent_config() -> None:
     assert policy.ready_after == 2.0
     handler = AgentConfig(name="y", handler="m:f")
     assert RestartPolicy.from_agent(handler).ready_after is None
+
+
+def test_stop_request_wins_over_a_watchdog_kill() -> None:
+    """Stopping, then killed by the watchdog while draining: stopped, reason kept."""
+    policy = replace(POLICY, watchdog=1.0)
+    lc = started(policy)
+    lc.on_stop_requested(CAUSE_STOP)
+    lc.on_stop_requested(CAUSE_WATCHDOG)
+    state = lc.on_exit(5.0, ExitInfo(signal=9, cause=CAUSE_WATCHDOG, reason="watchdog"))
+    assert state == WorkerState.STOPPED
+    assert lc.last_exit is not None and lc.last_exit.reason == "watchdog"
