@@ -125,6 +125,10 @@ class StreamKeyBuilder:
         """Lease naming the consumer that owns one ordered shard."""
         return f"{self.ns}:fleet:lease:{group}:{base_stream}:{index}"
 
+    def ordered_members(self, group: str) -> str:
+        """Live members of an ordered-shard group (scored by their last heartbeat)."""
+        return f"{self.ns}:fleet:ordered-members:{group}"
+
     def supervisor_registry(self, supervisor_name: str) -> str:
         """Hash of the consumer names a supervisor run handed out."""
         return f"{self.ns}:fleet:consumers:{supervisor_name}"

@@ -108,7 +108,7 @@ return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
 
 def members_key(keys: StreamKeyBuilder, group: str) -> str:
     """Key of the ordered-consumer membership set of ``group`` (a TTL'd bookkeeping key)."""
-    return keys.supervisor_lock(f"ordered-members:{group}")
+    return keys.ordered_members(group)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,10 +29,15 @@ def fields_of(raw: Any) -> Fields | None:
 
 
 def entries_of(raw: Any) -> list[Entry]:
-    """A list of ``(id, fields-or-None)`` from an XRANGE/XCLAIM/XREAD entry list."""
+    """A list of ``(id, fields-or-None)`` from an XRANGE/XCLAIM/XREAD entry list.
+
+    Items without an id (Redis 6.2 answers XCLAIM/XAUTOCLAIM of a deleted entry
+    with nil) are skipped; an id with a nil payload (a deleted entry read from
+    the pending history) is kept as ``(id, None)``.
+    """
     out: list[Entry] = []
     for item in raw or ():
-        if item is None:
+        if item is None or not item or item[0] is None:
             continue
         entry_id, payload = item[0], item[1] if len(item) > 1 else None
         out.append((text(entry_id), fields_of(payload)))
