@@ -226,27 +226,54 @@ class _Handlers:
         token: str | None,
         request_timeout: float,
         operations: Operations,
+        snapshot_ttl: float = 0.1,
     ) -> None:
         self.control = control
         self.token = token
         self.request_timeout = request_timeout
         self.operations = operations
+        self.snapshot_ttl = snapshot_ttl
         self.registry = build_registry(control.snapshot)
+        self._snap: FleetSnapshot | None = None
+        self._snap_at = 0.0
+        self._status_body: bytes | None = None
+
+    def snapshot(self) -> FleetSnapshot:
+        """The daemon's snapshot, reused for ``snapshot_ttl`` seconds.
+
+        Probes may arrive hundreds of times a second; one snapshot (and one
+        ``/status`` body) per 100 ms keeps their cost flat. Control calls
+        through this server drop the cached one, so a status read after a
+        control answer always sees its effect.
+        """
+        now = time.monotonic()
+        if self._snap is None or now - self._snap_at >= self.snapshot_ttl:
+            self._snap = self.control.snapshot()
+            self._snap_at = now
+            self._status_body = None
+        return self._snap
+
+    def invalidate(self) -> None:
+        self._snap = None
+        self._status_body = None
 
     async def livez(self, request: web.Request) -> web.Response:
         # Answering at all proves the supervisor's event loop is turning.
         return _json({"live": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        reasons = readiness(self.control.snapshot())
+        reasons = readiness(self.snapshot())
         if reasons:
             return _json({"ready": False, "reasons": reasons}, status=503)
         return _json({"ready": True, "reasons": []})
 
     async def status(self, request: web.Request) -> web.Response:
-        data = scrub(self.control.snapshot())
-        data["redis_url"] = redact_url(str(data.get("redis_url", "")))
-        return _json(data)
+        snap = self.snapshot()
+        if self._status_body is None:
+            data = scrub(snap)
+            data["redis_url"] = redact_url(str(data.get("redis_url", "")))
+            self._status_body = _dumps(data).encode()
+        return web.Response(body=self._status_body, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = render(self.registry, request.headers.get("Accept"))
@@ -311,6 +338,8 @@ class _Handlers:
         except Exception as exc:  # a daemon bug must not kill the server
             log.exception("control_error", action=action, agent=agent)
             return _error(500, f"{action} failed: {exc}")
+        finally:
+            self.invalidate()  # the next status read sees the call's effect
         base: dict[str, Any] = {"action": action}
         if agent is not None:
             base["agent"] = agent
@@ -417,14 +446,19 @@ def build_app(
     max_body: int,
     request_timeout: float,
     operations: Operations | None = None,
+    snapshot_ttl: float = 0.1,
 ) -> web.Application:
-    """The aiohttp application (tests may serve it themselves)."""
+    """The aiohttp application (tests may serve it themselves).
+
+    ``snapshot_ttl``: how long ``/readyz`` and ``/status`` reuse one snapshot.
+    """
     app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
     h = _Handlers(
         control,
         token=token or None,
         request_timeout=request_timeout,
         operations=operations or Operations(),
+        snapshot_ttl=snapshot_ttl,
     )
     app.add_routes(
         [

@@ -423,3 +423,55 @@ async def test_operation_cancelled_by_shutdown_is_reported() -> None:
             pytest.raises(ControlError, match="the supervisor is stopping"),
         ):
             await ops.run("restart echo", slow, 5)
+
+
+@asynccontextmanager
+async def serve_app(control: FakeControl, **kw: Any) -> AsyncIterator[str]:
+    """Serve build_app() directly (for options run_http_server does not expose)."""
+    from aiohttp import web
+
+    from supervisor.http_server import build_app
+
+    app = build_app(control, token=None, max_body=65536, request_timeout=5.0, **kw)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+class CountingControl(FakeControl):
+    snapshots = 0
+
+    def snapshot(self) -> Any:
+        self.snapshots += 1
+        return super().snapshot()
+
+
+async def test_probes_share_one_snapshot_within_ttl() -> None:
+    """/readyz and /status reuse one snapshot for snapshot_ttl; after it a fresh one is taken."""
+    control = CountingControl()
+    async with serve_app(control, snapshot_ttl=60.0) as url:
+        for path in ("/status", "/readyz", "/status", "/readyz"):
+            assert (await fetch("GET", url + path))[0] == 200
+        assert control.snapshots == 1
+    control = CountingControl()
+    async with serve_app(control, snapshot_ttl=0.0) as url:
+        for path in ("/status", "/readyz", "/status"):
+            await fetch("GET", url + path)
+        assert control.snapshots == 3
+
+
+async def test_control_call_drops_cached_snapshot() -> None:
+    """A status read after a control answer sees the call's effect, whatever the TTL."""
+    control = CountingControl()
+    async with serve_app(control, snapshot_ttl=60.0) as url:
+        assert (await fetch("GET", url + "/status"))[1]["agents"][0]["desired_replicas"] == 2
+        control.snap = snapshot(agent("echo", desired=5))  # what the daemon shows after scaling
+        status, _ = await fetch("POST", url + "/v1/agents/echo/scale", json_body={"replicas": 5})
+        assert status == 200
+        assert (await fetch("GET", url + "/status"))[1]["agents"][0]["desired_replicas"] == 5
