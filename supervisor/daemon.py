@@ -778,9 +778,15 @@ class FleetDaemon:
     async def _sweep_loop(self) -> None:
         if self._rebalancer is None:
             return
-        base = float(self.config.supervisor.sweep_interval)
         while True:
-            await anyio.sleep(base)
+            base = float(self.config.supervisor.sweep_interval)
+            # Wake as often as the most eager agent wants; each agent keeps its own pace.
+            own = [
+                float(rt.config.sweep_interval)
+                for rt in self.agents.values()
+                if rt.config.sweep_interval
+            ]
+            await anyio.sleep(min([base, *own]))
             now = self._now()
             for runtime in list(self.agents.values()):
                 interval = runtime.config.sweep_interval or base

@@ -60,6 +60,7 @@ async def test_sigkilled_worker_entries_go_to_a_sibling_at_once(
     [[agents]]
     name = "hold"
     handler = "hold_agent:handle"
+    stop_timeout = "1s"
     replicas = 1
     claim_idle = "10m"
     """
@@ -85,6 +86,45 @@ async def test_sigkilled_worker_entries_go_to_a_sibling_at_once(
         )
         assert agent(daemon, "hold").reclaimed_by_reason.get("crash", 0) >= 10
         assert worker(daemon, "hold").last_exit == "signal SIGKILL (likely OOM kill)"
+
+
+@pytest.mark.timeout(90)
+async def test_sweep_runs_at_the_agents_interval(
+    tmp_path: Path, redis: Any, redis_url: str
+) -> None:
+    """A live but hung worker: the daemon's sweep loop runs at the agent's own
+    sweep_interval and claims its entries once idle past claim_idle.
+
+    Which live consumer receives them is the rebalancer's choice; XAUTOCLAIM cannot
+    exclude the current owner, so this pins the daemon's wiring, not the receiver.
+    """
+    (tmp_path / "hold_agent.py").write_text(HANGING_HANDLER)
+    (tmp_path / "hang-hold-0").write_text("")
+    toml = (
+        header(url=redis_url)
+        + """
+    [[agents]]
+    name = "hold"
+    handler = "hold_agent:handle"
+    stop_timeout = "1s"
+    replicas = 1
+    claim_idle = "500ms"
+    sweep_interval = "200ms"
+    max_deliveries = 100
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "hold").ready_replicas == 1, timeout=30)
+        holder = worker(daemon, "hold")
+        await publish_many(redis, INBOX, [Envelope(role="user", content=i) for i in range(5)])
+        await eventually(lambda: _count_pending(redis, holder.consumer or "", 5), timeout=15)
+        with anyio.fail_after(20):
+            await eventually(
+                lambda: agent(daemon, "hold").reclaimed_by_reason.get("idle", 0) >= 10,
+                timeout=20,
+                message="two sweeps claimed the idle entries",
+            )
+        assert worker(daemon, "hold").pid == holder.pid  # nobody was killed
 
 
 async def _count_pending(redis: Any, consumer: str, n: int) -> bool:
