@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core_bus.replies import streams_of, text
+from core_bus.replies import text
 
 #: Entry fields (raw redis-py mapping) or ``None`` for an entry that no longer exists.
 RawFields = Mapping[Any, Any] | None
@@ -37,6 +37,28 @@ def pending_counts(reply: Any) -> list[tuple[str, int]]:
     return out
 
 
+def read_reply(reply: Any) -> list[tuple[Any, list[Any]]]:
+    """XREADGROUP reply as ``[(stream, [(id, fields), ...])]`` for RESP2 and RESP3.
+
+    RESP3 replies are a mapping whose entry lists redis-py 8 wraps in one more
+    list (``{stream: [[(id, fields), ...]]}``); RESP2 replies are a list of pairs.
+    """
+    if not reply:
+        return []
+    pairs = list(reply.items()) if isinstance(reply, Mapping) else list(reply)
+    out: list[tuple[Any, list[Any]]] = []
+    for stream, entries in pairs:
+        if (
+            entries
+            and len(entries) == 1
+            and isinstance(entries[0], list)
+            and (not entries[0] or isinstance(entries[0][0], list | tuple))
+        ):
+            entries = entries[0]
+        out.append((stream, list(entries or ())))
+    return out
+
+
 def entry_fields(raw: Any) -> RawFields:
     """Normalise one entry payload: empty or nil means the entry was deleted."""
     if not raw:
@@ -60,11 +82,14 @@ async def history_page(
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xpending_range(stream, group, low, "+", count, consumer)
         pipe.xreadgroup(group, consumer, {stream: after}, count=count)
-        pending_reply, read_reply = await pipe.execute()
+        pending_reply, read_reply_raw = await pipe.execute()
     counts = dict(pending_counts(pending_reply))
     entries: list[tuple[str, RawFields]] = []
-    for _stream, raw_entries in streams_of(read_reply):
-        entries.extend((entry_id, entry_fields(f)) for entry_id, f in raw_entries)
+    for _stream, raw_entries in read_reply(read_reply_raw):
+        for item in raw_entries:
+            if not item:
+                continue
+            entries.append((text(item[0]), entry_fields(item[1] if len(item) > 1 else None)))
     return counts, entries
 
 

@@ -43,6 +43,7 @@ from core_bus.pending import (
     fetch_entries,
     history_page,
     own_pending,
+    read_reply,
     reclaim_for_retry,
 )
 from core_bus.replies import text
@@ -373,7 +374,9 @@ class Subscription:
 
     def _dispatch(self, reply: Any) -> None:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each)."""
-        pairs = reply.items() if isinstance(reply, dict) else reply
+        pairs: Any = reply
+        if isinstance(reply, dict):  # RESP3
+            pairs = read_reply(reply)
         append = self._queue.append
         for raw_stream, entries in pairs:
             stream = self._names.get(raw_stream) or text(raw_stream)
