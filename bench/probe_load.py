@@ -5,8 +5,9 @@ agent (``replicas`` workers, a handler doing one Redis INCR):
 
 1. **Probes.** While a publisher offers a steady load (``--rate`` envelopes/s),
    a separate prober process hits ``/livez`` and then ``/status`` at
-   ``--probe-rate`` requests/s each (open loop: requests are sent on schedule,
-   not after the previous answer) and reports p50/p99/max latency.
+   ``--probe-rate`` requests/s each (open loop: requests leave on schedule over
+   keep-alive connections, not after the previous answer; latency is counted
+   from the scheduled send time) and reports p50/p99/max latency.
 2. **Throughput during a roll.** A backlog keeps the workers saturated; the
    drain rate is measured over a steady window, then over a rolling restart
    (``POST /v1/agents/bench/restart {"rolling": true}``) while ``/readyz`` is
