@@ -1014,6 +1014,8 @@ class FleetDaemon:
     async def restart_agent(self, name: str, rolling: bool = False) -> None:
         """Restart every worker (at once, or one replacement at a time when ``rolling``)."""
         runtime = self._runtime(name)
+        if not runtime.enabled:
+            raise ControlError(f"agent {name!r} is stopped: start it instead")
         if rolling:
             await self._roll(runtime)
             return

@@ -8,6 +8,7 @@ never blocks on a full pipe), but only ``rate`` lines per second (with a
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import anyio
 from core_bus.log import get_logger
 
 READ_SIZE = 64 * 1024
+_LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
 
 
 @dataclass
@@ -138,8 +140,31 @@ class LineCapture:
         if truncated:
             self.stats.truncated += 1
             self.log.info("output", stream=self.stream, line=text, truncated=True, **self.fields)
-        else:
+        elif not self._emit_structured(text):
             self.log.info("output", stream=self.stream, line=text, **self.fields)
+
+    def _emit_structured(self, text: str) -> bool:
+        """A JSON log line with an "event" (our workers, most structlog/JSON loggers) is
+        re-emitted as that event with its own fields and level, not as a quoted string.
+        The supervisor's fields (agent, worker, pid, stream) win over the child's."""
+        if not (text.startswith("{") and text.endswith("}")):
+            return False
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return False
+        if not isinstance(data, dict) or not isinstance(data.get("event"), str):
+            return False
+        event = data.pop("event")
+        level = str(data.pop("level", "info")).lower()
+        data.pop("timestamp", None)  # ours is added again; the child's is seconds older at most
+        if "logger_name" in data:
+            data["child_logger"] = data.pop("logger_name")
+        for key in (*self.fields, "stream", "logger", "logger_name"):
+            data.pop(key, None)
+        emit = getattr(self.log, level if level in _LEVELS else "info")
+        emit(event, stream=self.stream, **data, **self.fields)
+        return True
 
     def _flush_partial(self) -> None:
         if self._partial:

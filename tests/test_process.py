@@ -218,3 +218,18 @@ async def test_flooding_child_is_never_blocked(python_exe: str) -> None:
     assert stats.dropped + stats.lines == 200000
     dropped_events = [e for e in logs if e["event"] == "output dropped"]
     assert dropped_events and sum(e["dropped"] for e in dropped_events) == stats.dropped
+
+
+async def test_json_log_lines_are_re_emitted_as_events(python_exe: str) -> None:
+    """A child's JSON log line becomes its own event with its fields and level,
+    tagged with agent/worker/pid/stream (ours win on conflicts)."""
+    code = (
+        "import json; print(json.dumps({'event': 'subscription_started', 'level': 'warning', "
+        "'group': 'g', 'worker': 'spoofed', 'timestamp': 'x', 'logger_name': 'core_bus'}))"
+    )
+    stats, logs = await _capture(python_exe, code)
+    (event,) = [e for e in logs if e["event"] == "subscription_started"]
+    assert event["log_level"] == "warning"
+    assert event["group"] == "g" and event["worker"] == "a/0" and event["stream"] == "stdout"
+    assert event["child_logger"] == "core_bus"
+    assert stats.lines == 1
