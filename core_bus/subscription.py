@@ -16,7 +16,6 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -39,7 +38,6 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.pending import (
     HeldEntry,
-    RawFields,
     fetch_entries,
     history_page,
     own_pending,
@@ -50,6 +48,7 @@ from core_bus.replies import text
 from core_bus.retries import RetryScheduler
 from core_bus.settings import get_settings
 from core_bus.stats import HANDLER_BUCKETS, SubscriptionStats
+from core_bus.workqueue import Work, WorkQueue
 
 #: Errors meaning "Redis is unreachable right now": back off and retry, never fail.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -64,9 +63,6 @@ RECONNECT_BACKOFF = Backoff(base=0.05, cap=5.0)
 # pydantic-core's validator, called directly on the hot path (what
 # Envelope.from_json does, minus two Python frames per message).
 _VALIDATE_JSON = Envelope.__pydantic_validator__.validate_json
-
-#: Queued work: (stream, entry id, raw fields or None if deleted, delivery number)
-Work = tuple[str, str, RawFields, int]
 
 # Subscriptions still running. Strong references: a caller may drop the handle
 # (the seed's dynamic_subscribe does) and asyncio keeps tasks only weakly.
@@ -144,11 +140,7 @@ class Subscription:
         self._read_spec = dict.fromkeys(streams, ">")
         # Entries we hold (queued, running, awaiting retry, ack or dead-letter).
         self._local: dict[str, set[str]] = {name: set() for name in streams}
-        self._queue: deque[Work] = deque()
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._woken = 0  # workers woken that have not run yet
-        self._space = asyncio.Event()
-        self._reader_waiting = False
+        self._work = WorkQueue(low_water=count)
         self._busy = 0
         self._idle = asyncio.Event()
         # Held while our pending list is compared with ``_local`` and while acks or
@@ -227,7 +219,7 @@ class Subscription:
             self._stopping = True
             if self._stop_scope is not None:
                 self._stop_scope.cancel()
-            self._space.set()
+            self._work.space.set()
             self._idle.set()
         await self.wait()
 
@@ -324,40 +316,12 @@ class Subscription:
 
     # -- reading ------------------------------------------------------------------
     async def _wait_for_space(self) -> None:
-        """Backpressure: read again once at most ``count`` entries wait (prefetch one batch)."""
-        while len(self._queue) > self._count and not self._check_requested:
-            self._space.clear()
-            self._reader_waiting = True
-            try:
-                with anyio.CancelScope() as scope:
-                    self._wait_scope = scope
-                    await self._space.wait()
-            finally:
-                self._wait_scope = None
-                self._reader_waiting = False
-
-    def _enqueue(self, work: Work) -> None:
-        self._queue.append(work)
-        self._wake_one()
-
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                self._woken += 1
-                return
-
-    async def _wait_for_work(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter.done() and not waiter.cancelled():
-                self._woken -= 1
-            else:
-                waiter.cancel()
+        """Backpressure: wait while more than ``count`` entries wait (interruptible)."""
+        while self._work.needs_space() and not self._check_requested:
+            with anyio.CancelScope() as scope:
+                self._wait_scope = scope
+                await self._work.wait_for_space()
+            self._wait_scope = None
 
     async def _read_new(self, block_ms: int) -> None:
         reply: Any = None
@@ -377,7 +341,7 @@ class Subscription:
         pairs: Any = reply
         if isinstance(reply, dict):  # RESP3
             pairs = read_reply(reply)
-        append = self._queue.append
+        append = self._work.items.append
         for raw_stream, entries in pairs:
             stream = self._names.get(raw_stream) or text(raw_stream)
             local = self._local[stream]
@@ -387,7 +351,7 @@ class Subscription:
                     continue
                 local.add(entry_id)
                 append((stream, entry_id, fields or None, 1))
-        self._wake_one()
+        self._work.wake_one()
 
     async def _recover_history(self) -> None:
         """Our own pending entries first (recovery after a restart).
@@ -419,7 +383,7 @@ class Subscription:
                         item = HeldEntry(stream, entry_id, fields, before + 1)
                         poison.append((item, REASON_POISON, msg))
                     else:
-                        self._enqueue((stream, entry_id, fields, before + 1))
+                        self._work.put((stream, entry_id, fields, before + 1))
                         recovered += 1
                 if poison:
                     await self._dead_letter_many(poison)
@@ -464,7 +428,7 @@ class Subscription:
                 msg = f"delivered {delivered} times (limit {self._max_deliveries})"
                 poison.append((HeldEntry(stream, entry_id, fields, delivered), REASON_POISON, msg))
             else:
-                self._enqueue((stream, entry_id, fields, delivered))
+                self._work.put((stream, entry_id, fields, delivered))
         self._log.info("pending_claimed", entries=len(wanted))
         if poison:
             await self._dead_letter_many(poison)
@@ -477,20 +441,22 @@ class Subscription:
         slow handlers spread over ``concurrency`` workers while a fast handler
         drains a whole batch without task switches.
         """
-        queue, stats, acks = self._queue, self.stats, self._acks
+        work_queue, stats, acks = self._work, self.stats, self._acks
+        queue = work_queue.items
         handler = self._call_handler()
         buckets, limit, group = stats.handler_buckets, self._limit, self.group
         perf, clock, bisect_left = time.perf_counter, time.time, bisect.bisect_left
-        validate, space = _VALIDATE_JSON, self._space
+        validate, space, low_water = _VALIDATE_JSON, work_queue.space, self._count
         hop_second, hop = 0, ""
         while True:
             if not queue:
-                await self._wait_for_work()
+                await work_queue.wait_for_work()
                 continue
             work = queue.popleft()
-            if queue and self._waiters and not self._woken:
-                self._wake_one()  # one at a time: it runs only once we yield
-            if self._reader_waiting and len(queue) <= self._count:
+            # inlined WorkQueue.took_one (hot path)
+            if queue and work_queue.waiters and not work_queue.woken:
+                work_queue.wake_one()  # one at a time: it runs only once we yield
+            if work_queue.reader_waiting and len(queue) <= low_water:
                 space.set()
             stream, entry_id, fields, _deliveries = work
             if self._stopping:
@@ -591,7 +557,7 @@ class Subscription:
                 self._local[item.stream].discard(item.entry_id)
                 continue
             deliveries = claimed.deliveries or item.deliveries + 1
-            self._enqueue((item.stream, item.entry_id, claimed.fields, deliveries))
+            self._work.put((item.stream, item.entry_id, claimed.fields, deliveries))
 
     # -- dead letters ----------------------------------------------------------------
     async def _dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:
@@ -602,8 +568,7 @@ class Subscription:
     # -- shutdown -------------------------------------------------------------------
     async def _drain(self) -> None:
         """Drop queued entries (they stay pending); wait for running ones up to the timeout."""
-        while self._queue:
-            stream, entry_id, _fields, _deliveries = self._queue.popleft()
+        for stream, entry_id, _fields, _deliveries in self._work.clear():
             self._local[stream].discard(entry_id)
         with anyio.move_on_after(self._drain_timeout):
             while self._busy or self.stats.in_flight:
