@@ -122,7 +122,7 @@ class Subscription:
         self._pass_redis = handler_arity(handler) == 2
         self._concurrency = concurrency
         self._count = count
-        self._block_ms = block_ms
+        self._block_ms = _fit_block(redis, block_ms)
         self._max_deliveries = max_deliveries
         self._retry = Backoff(retry_backoff, retry_backoff_max)
         self._group_start_id = group_start_id
@@ -576,6 +576,16 @@ class Subscription:
                 await self._idle.wait()
         if self._busy or self.stats.in_flight:
             self._log.warning("drain_timeout", unfinished=self._busy + self.stats.in_flight)
+
+
+def _fit_block(redis: Any, block_ms: int) -> int:
+    """A blocking read must end before the client's socket timeout, or every idle
+    read would look like a lost connection."""
+    pool = getattr(redis, "connection_pool", None)
+    timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    if isinstance(timeout, int | float) and timeout > 0:
+        return max(1, min(block_ms, int(timeout * 800)))
+    return block_ms
 
 
 def _unwrap(exc: BaseException) -> BaseException:

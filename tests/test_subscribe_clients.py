@@ -69,3 +69,37 @@ async def test_client_flavours(redis: Any, redis_url: str, options: dict[str, An
         assert int((await redis.xpending(STREAM, "g"))["pending"]) == 0
     finally:
         await client.aclose()
+
+
+async def test_blocking_read_fits_the_socket_timeout(redis_url: str) -> None:
+    """With a client socket_timeout shorter than block_ms, idle reads end in time: no
+    spurious connection_lost, and entries still arrive."""
+    from structlog.testing import capture_logs
+
+    client = redis_asyncio.Redis.from_url(redis_url, socket_timeout=0.3)
+    seen: list[Any] = []
+
+    async def handler(env: Envelope) -> None:
+        seen.append(env.content)
+
+    try:
+        with capture_logs() as logs:
+            sub = await subscribe(client, STREAM, handler, group="g", block_ms=5000)
+            await sub.started()
+
+            async def reads() -> int:
+                info = await client.info("commandstats")
+                return int(info.get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+            before = await reads()
+
+            async def idle_reads_ended() -> bool:
+                return await reads() >= before + 3
+
+            await eventually(idle_reads_ended, timeout=10)
+            await publish_envelope(client, STREAM, Envelope(role="user", content="late"))
+            await eventually(lambda: seen == ["late"], timeout=10)
+            await sub.stop()
+        assert "connection_lost" not in [e["event"] for e in logs]
+    finally:
+        await client.aclose()
