@@ -12,6 +12,8 @@ agent (``replicas`` workers, a handler doing one Redis INCR):
    drain rate is measured over a steady window, then over a rolling restart
    (``POST /v1/agents/bench/restart {"rolling": true}``) while ``/readyz`` is
    polled every 10 ms to show it stays 200.
+3. **A roll below capacity.** The same roll while ``--roll-rate`` envelopes/s
+   are offered (the production case): processed rate and the largest backlog.
 
     .venv/bin/python bench/probe_load.py [--rate 1000] [--probe-rate 500] [--seconds 10] [--json]
 """
@@ -301,6 +303,43 @@ async def probes_under_load(
     }
 
 
+async def rolling_restart(
+    session: aiohttp.ClientSession, base: str, replicas: int, sample: Any = None
+) -> dict[str, Any]:
+    """Roll the agent over HTTP; wait until only new workers run; poll /readyz meanwhile.
+
+    ``sample`` (an async callable) is awaited every 50 ms during the roll.
+    """
+    old = {w["pid"] for w in (await agent_status(session, base))["workers"]}
+    readyz: dict[int, int] = {}
+    rolled = asyncio.Event()
+
+    async def watch_readyz() -> None:
+        while not rolled.is_set():
+            async with session.get(base + "/readyz") as resp:
+                readyz[resp.status] = readyz.get(resp.status, 0) + 1
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch_readyz())
+    started = time.perf_counter()
+    async with session.post(base + f"/v1/agents/{AGENT}/restart", json={"rolling": True}) as resp:
+        accepted = resp.status
+    while True:
+        agent = await agent_status(session, base)
+        pids = {w["pid"] for w in agent["workers"] if w["state"] == "ready"}
+        if not (pids & old) and len(pids) >= replicas and len(agent["workers"]) == replicas:
+            break
+        if time.perf_counter() - started > 120:
+            raise RuntimeError("the rolling restart did not finish within 120 s")
+        if sample is not None:
+            await sample()
+        await asyncio.sleep(0.05)
+    seconds = time.perf_counter() - started
+    rolled.set()
+    await watcher
+    return {"seconds": seconds, "http_status": accepted, "readyz": readyz}
+
+
 async def throughput_during_roll(
     redis: Any,
     session: aiohttp.ClientSession,
@@ -309,8 +348,9 @@ async def throughput_during_roll(
     backlog: int,
     steady_seconds: float,
 ) -> dict[str, Any]:
-    # Keep the workers saturated through both windows: a topper keeps the
-    # undelivered backlog above ``backlog`` (the same extra load in both windows).
+    """Saturated: drain rate of a standing backlog, steady vs during a roll."""
+    # A topper keeps the undelivered backlog above ``backlog`` through both
+    # windows (the same extra load in both).
     saturated = asyncio.Event()
     done = asyncio.Event()
     ran_dry = 0
@@ -332,33 +372,9 @@ async def throughput_during_roll(
     await saturated.wait()
     await asyncio.sleep(1.0)  # workers reach full speed
     steady = await drain_rate(redis, steady_seconds)
-
-    old = {w["pid"] for w in (await agent_status(session, base))["workers"]}
-    readyz: dict[int, int] = {}
-    rolled = asyncio.Event()
-
-    async def watch_readyz() -> None:
-        while not rolled.is_set():
-            async with session.get(base + "/readyz") as resp:
-                readyz[resp.status] = readyz.get(resp.status, 0) + 1
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.create_task(watch_readyz())
-    start_calls, started = await calls(redis), time.perf_counter()
-    async with session.post(base + f"/v1/agents/{AGENT}/restart", json={"rolling": True}) as resp:
-        accepted = resp.status
-    while True:
-        agent = await agent_status(session, base)
-        pids = {w["pid"] for w in agent["workers"] if w["state"] == "ready"}
-        if not (pids & old) and len(pids) >= replicas and len(agent["workers"]) == replicas:
-            break
-        if time.perf_counter() - started > 120:
-            raise RuntimeError("the rolling restart did not finish within 120 s")
-        await asyncio.sleep(0.05)
-    roll_seconds = time.perf_counter() - started
-    during = (await calls(redis) - start_calls) / roll_seconds
-    rolled.set()
-    await watcher
+    start_calls = await calls(redis)
+    roll = await rolling_restart(session, base, replicas)
+    during = (await calls(redis) - start_calls) / roll["seconds"]
     done.set()
     await topper
     if ran_dry:
@@ -368,10 +384,47 @@ async def throughput_during_roll(
         "steady_msgs_per_s": round(steady, 1),
         "roll_msgs_per_s": round(during, 1),
         "roll_vs_steady": round(during / steady, 3) if steady else None,
-        "roll_seconds": round(roll_seconds, 2),
-        "restart_http_status": accepted,
+        "roll_seconds": round(roll["seconds"], 2),
+        "restart_http_status": roll["http_status"],
         "backlog_ran_dry": ran_dry,
-        "readyz_during_roll": readyz,
+        "readyz_during_roll": roll["readyz"],
+    }
+
+
+async def roll_under_offered_load(
+    redis: Any,
+    session: aiohttp.ClientSession,
+    base: str,
+    replicas: int,
+    rate: float,
+    steady_seconds: float,
+) -> dict[str, Any]:
+    """Below capacity (the production case): does a roll keep up with the offered load?"""
+    while await group_lag(redis) > 0:  # start from an empty backlog
+        await asyncio.sleep(0.1)
+    stop = asyncio.Event()
+    publisher = asyncio.create_task(publish_steadily(redis, rate, stop))
+    await asyncio.sleep(2.0)
+    steady = await drain_rate(redis, steady_seconds)
+    max_lag = 0
+
+    async def sample() -> None:
+        nonlocal max_lag
+        max_lag = max(max_lag, await group_lag(redis))
+
+    start_calls = await calls(redis)
+    roll = await rolling_restart(session, base, replicas, sample)
+    during = (await calls(redis) - start_calls) / roll["seconds"]
+    stop.set()
+    await publisher
+    return {
+        "offered_msgs_per_s": rate,
+        "steady_msgs_per_s": round(steady, 1),
+        "roll_msgs_per_s": round(during, 1),
+        "roll_vs_steady": round(during / steady, 3) if steady else None,
+        "roll_seconds": round(roll["seconds"], 2),
+        "max_backlog_during_roll": max_lag,
+        "readyz_during_roll": roll["readyz"],
     }
 
 
@@ -405,6 +458,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 roll = await throughput_during_roll(
                     redis, session, base, args.replicas, args.backlog, args.seconds
                 )
+                offered_roll = await roll_under_offered_load(
+                    redis, session, base, args.replicas, args.roll_rate, args.seconds
+                )
         finally:
             await redis.aclose()
             if fleet.poll() is None:
@@ -420,6 +476,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_1m_at_end": round(os.getloadavg()[0], 1),
         **probes,
         "roll": roll,
+        "roll_offered": offered_roll,
     }
 
 
@@ -435,6 +492,9 @@ def main() -> int:
     parser.add_argument("--probe-rate", type=float, default=500.0, help="probe requests/s")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each window")
     parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument(
+        "--roll-rate", type=float, default=2000.0, help="offered envelopes/s in the last phase"
+    )
     parser.add_argument(
         "--backlog", type=int, default=50_000, help="undelivered entries kept in the roll phase"
     )
@@ -465,6 +525,14 @@ def main() -> int:
         f"{result['replicas']} workers ({roll['roll_seconds']} s) {roll['roll_msgs_per_s']:.0f} "
         f"msgs/s = {roll['roll_vs_steady']:.0%}; /readyz during the roll: "
         f"{roll['readyz_during_roll']}"
+    )
+    offered = result["roll_offered"]
+    print(
+        f"below capacity: {offered['offered_msgs_per_s']:.0f} msgs/s offered, processed "
+        f"{offered['steady_msgs_per_s']:.0f} msgs/s steady and {offered['roll_msgs_per_s']:.0f} "
+        f"during a roll ({offered['roll_seconds']} s) = {offered['roll_vs_steady']:.0%}; "
+        f"largest backlog {offered['max_backlog_during_roll']}; /readyz "
+        f"{offered['readyz_during_roll']}"
     )
     return 0
 
