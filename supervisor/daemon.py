@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,9 +28,19 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.settings import redact_url
 from core_bus.stats import SubscriptionStats
+from supervisor.delivery_hooks import DeliveryHooks
+from supervisor.fleet_state import (
+    AgentRuntime,
+    IncarnationIds,
+    Worker,
+    agent_snapshot,
+    agent_state,
+    child_environment,
+)
 from supervisor.lifecycle import (
     CAUSE_MEMORY,
     CAUSE_RESTART,
@@ -41,14 +48,14 @@ from supervisor.lifecycle import (
     CAUSE_STOP,
     CAUSE_WATCHDOG,
     ExitInfo,
-    RestartPolicy,
     WorkerLifecycle,
     WorkerState,
 )
-from supervisor.logcapture import CaptureStats, LineCapture, TokenBucket
+from supervisor.logcapture import LineCapture, TokenBucket
 from supervisor.notify import NotifyMessage, NotifyServer, SenderIndex
 from supervisor.process import ChildProcess, ExitStatus
-from supervisor.resources import ResourceSampler, Usage
+from supervisor.rebalance import Rebalancer
+from supervisor.resources import ResourceSampler
 from supervisor.sdnotify import Notifier
 from supervisor.snapshot import (
     AgentSnapshot,
@@ -57,117 +64,16 @@ from supervisor.snapshot import (
     GroupSnapshot,
     ReloadResult,
     UnknownAgentError,
-    WorkerSnapshot,
 )
 
 log = get_logger("supervisor.daemon")
 
-#: Inherited variables that belong to *our* service manager, never to children.
-SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 #: How often RSS/CPU, memory limits, group pending/lag and Redis health are sampled.
 SAMPLE_INTERVAL = 5.0
 #: Seconds the log readers of an exited child may still drain its pipes.
 OUTPUT_GRACE = 1.0
 #: Redis calls made by the daemon never block the loop longer than this.
 REDIS_TIMEOUT = 5.0
-
-
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
-
-
-class IncarnationIds:
-    """Unique across supervisor runs: base36 milliseconds + a counter."""
-
-    def __init__(self) -> None:
-        self._base = _base36(int(time.time() * 1000))
-        self._n = 0
-
-    def next(self) -> str:
-        self._n += 1
-        return f"{self._base}{_base36(self._n)}"
-
-
-@dataclass
-class Worker:
-    """One worker slot of an agent and its current incarnation."""
-
-    agent: str
-    slot: int
-    lifecycle: WorkerLifecycle
-    process: ChildProcess | None = None
-    consumer: str | None = None
-    started_wall: float | None = None
-    status_text: str | None = None
-    stats: SubscriptionStats | None = None
-    usage: Usage | None = None
-    kill_cause: str | None = None
-    retired: bool = False  # remove once stopped (scale down, replaced by a roll)
-    changed: anyio.Event = field(default_factory=anyio.Event)
-    capture: CaptureStats = field(default_factory=CaptureStats)
-
-    @property
-    def key(self) -> str:
-        return f"{self.agent}/{self.slot}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None and self.lifecycle.running else None
-
-    def notify_changed(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
-
-
-@dataclass
-class AgentRuntime:
-    """Observed and desired state of one agent."""
-
-    config: Any  # supervisor.config.AgentConfig
-    desired: int
-    enabled: bool = True
-    gate_open: bool = False
-    rolling: bool = False
-    workers: dict[int, Worker] = field(default_factory=dict)
-    totals: SubscriptionStats = field(default_factory=SubscriptionStats)
-    exits_by_reason: Counter[str] = field(default_factory=Counter)
-    restarts_total: int = 0
-    orphans: list[str] = field(default_factory=list)
-    stale_cleaned: bool = False
-    last_sweep: float = 0.0
-    last_roll_error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.config.name)
-
-    @property
-    def policy(self) -> RestartPolicy:
-        return RestartPolicy.from_agent(self.config)
-
-    def active(self) -> list[Worker]:
-        return [w for w in self.workers.values() if not w.retired]
-
-    def ready_workers(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.lifecycle.state == WorkerState.READY]
-
-    def live_consumers(self, exclude: str | None = None) -> list[str]:
-        return [
-            w.consumer
-            for w in self.ready_workers()
-            if w.consumer is not None and w.consumer != exclude
-        ]
-
-
-def child_environment(base: dict[str, str]) -> dict[str, str]:
-    """The supervisor's environment without what belongs to its own service manager."""
-    return {k: v for k, v in base.items() if k not in SYSTEMD_ENV}
 
 
 class FleetDaemon:
@@ -203,7 +109,7 @@ class FleetDaemon:
         self._tg: anyio.abc.TaskGroup | None = None
         self._notify: NotifyServer | None = None
         self._redis: Any = None
-        self._rebalancer: Any = None
+        self._delivery: DeliveryHooks | None = None
         self.redis_url: str | None = None
         self.redis_up = False
         self.redis_error: str | None = None
@@ -260,7 +166,12 @@ class FleetDaemon:
         from core_bus.settings import connect
 
         self._redis = connect(self.redis_url, socket_timeout=REDIS_TIMEOUT)
-        self._rebalancer = _make_rebalancer(self._redis, self.config)
+        self._delivery = DeliveryHooks(
+            Rebalancer(
+                self._redis, StreamKeyBuilder(self.config.redis.namespace), self.supervisor_name
+            ),
+            self.supervisor_name,
+        )
         try:
             with (
                 NotifyServer() as notify_server,
@@ -694,118 +605,29 @@ class FleetDaemon:
         if message.stopping:
             log.info("worker stopping", agent=name, worker=key, pid=worker.pid)
 
-    # -- delivery (rebalancer) ---------------------------------------------------------------
-    def _target(self, runtime: AgentRuntime) -> Any:
-        from supervisor.rebalance import GroupTarget
-
-        agent = runtime.config
-        return GroupTarget(
-            agent=agent.name,
-            group=agent.group,
-            streams=tuple(agent.read_streams),
-            max_deliveries=agent.max_deliveries,
-            claim_idle=agent.claim_idle,
-            dlq_stream=agent.dlq_stream,
-        )
-
-    def _nudge(self, runtime: AgentRuntime, receivers: dict[str, int]) -> None:
-        for worker in runtime.workers.values():
-            if worker.consumer in receivers and receivers[worker.consumer] and worker.process:
-                worker.process.signal_child(signal.SIGUSR1)
-
+    # -- delivery ------------------------------------------------------------------------------
     async def _reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
-        """Hand a dead consumer's pending entries to live siblings (shielded)."""
-        if self._rebalancer is None:
-            return
-        live = runtime.live_consumers(exclude=dead_consumer)
-        if not live:
-            if dead_consumer not in runtime.orphans:
-                runtime.orphans.append(dead_consumer)
-            return
-        try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(30):
-                moved = await self._rebalancer.reclaim_dead(
-                    self._target(runtime), dead_consumer, live
-                )
-        except Exception as exc:
-            log.warning(
-                "reclaim failed",
-                agent=runtime.name,
-                consumer=dead_consumer,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            if dead_consumer not in runtime.orphans:
-                runtime.orphans.append(dead_consumer)
-            return
-        if moved:
-            log.info(
-                "reclaimed pending entries",
-                agent=runtime.name,
-                consumer=dead_consumer,
-                moved=sum(moved.values()),
-                receivers=len(moved),
-            )
-            self._nudge(runtime, moved)
+        if self._delivery is not None:
+            await self._delivery.reclaim(runtime, dead_consumer)
 
     async def _cleanup_stale(self, runtime: AgentRuntime) -> None:
-        if self._rebalancer is None:
+        if self._delivery is None:
             return
-        live = runtime.live_consumers()
-        ours = {
+        running = {
             w.consumer
             for rt in self.agents.values()
             for w in rt.workers.values()
             if w.consumer and w.lifecycle.running
         }
-        try:
-            with anyio.fail_after(60):
-                moved = await self._rebalancer.cleanup_stale(
-                    self._target(runtime),
-                    sorted(ours | set(live)),
-                    f"{self.supervisor_name}:",
-                )
-        except Exception as exc:
-            log.warning(
-                "stale consumer cleanup failed",
-                agent=runtime.name,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            runtime.stale_cleaned = False
-            return
-        if moved:
-            self._nudge(runtime, moved)
+        await self._delivery.cleanup_stale(runtime, running)
 
     async def _sweep_loop(self) -> None:
-        if self._rebalancer is None:
+        if self._delivery is None:
             return
         while True:
             base = float(self.config.supervisor.sweep_interval)
-            # Wake as often as the most eager agent wants; each agent keeps its own pace.
-            own = [
-                float(rt.config.sweep_interval)
-                for rt in self.agents.values()
-                if rt.config.sweep_interval
-            ]
-            await anyio.sleep(min([base, *own]))
-            now = self._now()
-            for runtime in list(self.agents.values()):
-                interval = runtime.config.sweep_interval or base
-                if now - runtime.last_sweep < interval:
-                    continue
-                live = runtime.live_consumers()
-                if not live:
-                    continue
-                runtime.last_sweep = now
-                try:
-                    with anyio.fail_after(30):
-                        moved = await self._rebalancer.sweep(self._target(runtime), live)
-                except Exception as exc:
-                    log.warning(
-                        "sweep failed", agent=runtime.name, error=f"{type(exc).__name__}: {exc}"
-                    )
-                    continue
-                if moved:
-                    self._nudge(runtime, moved)
+            await anyio.sleep(self._delivery.sweep_period(self.agents.values(), base))
+            await self._delivery.sweep_due(self.agents.values(), self._now(), base)
 
     # -- sampling ----------------------------------------------------------------------------
     async def _sample_loop(self) -> None:
@@ -849,10 +671,9 @@ class FleetDaemon:
         try:
             with anyio.fail_after(REDIS_TIMEOUT):
                 await self._redis.ping()
-                if self._rebalancer is not None:
+                if self._delivery is not None:
                     for runtime in self.agents.values():
-                        for stat in await self._rebalancer.group_stats(self._target(runtime)):
-                            groups.append(_group_snapshot(stat, runtime.config.group))
+                        groups.extend(await self._delivery.group_stats(runtime))
             self.redis_up = True
             self.redis_error = None
         except Exception as exc:
@@ -891,14 +712,14 @@ class FleetDaemon:
             if other is None or dep in seen:
                 continue
             seen.add(dep)
-            if self._agent_state(other) == "fatal" or self._blocked_by_fatal(other, seen):
+            if agent_state(other) == "fatal" or self._blocked_by_fatal(other, seen):
                 return True
         return False
 
     def _summary(self) -> str:
         total = sum(rt.desired for rt in self.agents.values())
         ready = sum(len(rt.ready_workers()) for rt in self.agents.values())
-        fatal = [rt.name for rt in self.agents.values() if self._agent_state(rt) == "fatal"]
+        fatal = [rt.name for rt in self.agents.values() if agent_state(rt) == "fatal"]
         text = f"{ready}/{total} workers ready in {len(self.agents)} agents"
         if fatal:
             text += f"; fatal: {', '.join(sorted(fatal))}"
@@ -916,76 +737,14 @@ class FleetDaemon:
             await anyio.sleep(interval)
 
     # -- FleetControl ------------------------------------------------------------------------
-    def _agent_state(self, runtime: AgentRuntime) -> str:
-        if not runtime.enabled:
-            return "stopped"
-        if any(w.lifecycle.state == WorkerState.FATAL for w in runtime.workers.values()):
-            return "fatal"
-        ready = len(runtime.ready_workers())
-        if ready >= runtime.desired:
-            return "running" if runtime.desired else "stopped"
-        if any(w.lifecycle.restarts for w in runtime.workers.values()) or not runtime.gate_open:
-            return "degraded" if runtime.gate_open else "starting"
-        return "starting"
-
-    def _worker_snapshot(self, runtime: AgentRuntime, worker: Worker, now: float) -> WorkerSnapshot:
-        lc = worker.lifecycle
-        running = lc.running
-        stats = worker.stats
-        heartbeat_age = None
-        if running and lc.last_heartbeat is not None:
-            heartbeat_age = max(0.0, now - lc.last_heartbeat)
-        return WorkerSnapshot(
-            agent=runtime.name,
-            slot=worker.slot,
-            worker_id=worker.key,
-            state=str(lc.state),
-            pid=worker.pid,
-            consumer=worker.consumer if running else None,
-            restarts=lc.restarts,
-            last_exit=lc.last_exit.reason if lc.last_exit is not None else None,
-            started_at=worker.started_wall if running else None,
-            uptime_seconds=(now - lc.started_at) if running and lc.started_at is not None else None,
-            last_heartbeat_age_seconds=heartbeat_age,
-            rss_bytes=worker.usage.rss_bytes if running and worker.usage else None,
-            cpu_percent=worker.usage.cpu_percent if running and worker.usage else None,
-            in_flight=stats.in_flight if stats is not None and running else 0,
-            status_text=lc.fatal_reason if lc.state == WorkerState.FATAL else worker.status_text,
-        )
-
     def snapshot(self) -> FleetSnapshot:
         now = self._now()
         agents: list[AgentSnapshot] = []
         for runtime in self.agents.values():
-            messages = SubscriptionStats()
-            messages.merge(runtime.totals)
-            for worker in runtime.workers.values():
-                if worker.stats is not None:
-                    messages.merge(worker.stats)
             counters = None
-            if self._rebalancer is not None:
-                counters = self._rebalancer.counters_for(runtime.name)
-            if counters is not None:
-                messages.dead_lettered += int(getattr(counters, "dead_lettered", 0))
-            agents.append(
-                AgentSnapshot(
-                    name=runtime.name,
-                    group=runtime.config.group,
-                    streams=list(runtime.config.read_streams),
-                    desired_replicas=runtime.desired if runtime.enabled else 0,
-                    ready_replicas=len(runtime.ready_workers()),
-                    state=self._agent_state(runtime),
-                    workers=[
-                        self._worker_snapshot(runtime, w, now)
-                        for w in sorted(runtime.workers.values(), key=lambda w: w.slot)
-                    ],
-                    restarts_total=runtime.restarts_total,
-                    exits_by_reason=dict(runtime.exits_by_reason),
-                    messages=messages,
-                    reclaimed_by_reason=dict(getattr(counters, "reclaimed_by_reason", {}) or {}),
-                    deleted_consumers_total=int(getattr(counters, "deleted_consumers", 0)),
-                )
-            )
+            if self._delivery is not None:
+                counters = self._delivery.counters_for(runtime.name)
+            agents.append(agent_snapshot(runtime, now, counters))
         from core_bus import __version__
 
         return FleetSnapshot(
@@ -1268,26 +1027,3 @@ def _secret(http: Any) -> str | None:
     if token is None:
         return None
     return str(token.get_secret_value())
-
-
-def _make_rebalancer(redis: Any, config: Any) -> Any:
-    try:
-        from supervisor.rebalance import Rebalancer
-    except ImportError:  # pragma: no cover - during development only
-        return None
-    from core_bus.keys import StreamKeyBuilder
-
-    return Rebalancer(redis, StreamKeyBuilder(config.redis.namespace), config.supervisor.name)
-
-
-def _group_snapshot(stat: Any, group: str) -> GroupSnapshot:
-    lag = getattr(stat, "lag", None)
-    if isinstance(lag, float) and math.isnan(lag):
-        lag = None
-    return GroupSnapshot(
-        stream=str(getattr(stat, "stream", "")),
-        group=str(getattr(stat, "group", group)),
-        pending=getattr(stat, "pending", None),
-        lag=lag,
-        consumers=getattr(stat, "consumers", None),
-    )

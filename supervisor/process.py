@@ -41,6 +41,12 @@ def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+#: Run by /bin/sh between setpriv's prctl and the program (same pid throughout):
+#: $0 is the supervisor's pid; a different parent means it died before the
+#: parent-death signal was armed.
+_PARENT_CHECK = 'test "$PPID" = "$0" || exit 4; exec "$@"'
+
+
 @functools.cache
 def _setpriv() -> str | None:
     """util-linux setpriv, when it knows --pdeathsig (2.33+)."""
@@ -126,10 +132,11 @@ class ChildProcess:
         """Start ``argv`` in a new session; raises OSError when it cannot be executed.
 
         ``pdeathsig`` arms PR_SET_PDEATHSIG=SIGKILL (Linux): ``True`` picks
-        ``"exec"`` (through ``setpriv --pdeathsig KILL``, a tiny C exec, so the
+        ``"exec"`` (``setpriv --pdeathsig KILL`` then ``/bin/sh`` checking the
+        parent is still us, then ``exec`` of the program: same pid, and the
         spawn can use vfork) when setpriv exists, else ``"preexec"`` (a
-        preexec_fn: a full fork of the daemon, ~50x slower); ``"child"`` means
-        the program arms it itself (our worker does); ``False`` none.
+        preexec_fn: a full fork of the daemon, 10-50x slower); ``"child"``
+        means the program arms it itself (our worker does); ``False`` none.
         """
         mode = _pdeathsig_mode(pdeathsig)
         argv = list(argv)
@@ -142,7 +149,19 @@ class ChildProcess:
             if program is None or (cwd is not None and not Path(cwd).is_dir()):
                 missing = argv[0] if program is None else str(cwd)
                 raise FileNotFoundError(2, "No such file or directory", missing)
-            argv = [_setpriv() or "setpriv", "--pdeathsig", "KILL", "--", program, *argv[1:]]
+            argv = [
+                _setpriv() or "setpriv",
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "/bin/sh",
+                "-c",
+                # Armed now; if our parent died before that, we were reparented: leave.
+                _PARENT_CHECK,
+                str(os.getpid()),
+                program,
+                *argv[1:],
+            ]
         popen = subprocess.Popen(
             argv,
             env=dict(env),

@@ -233,3 +233,18 @@ async def test_json_log_lines_are_re_emitted_as_events(python_exe: str) -> None:
     assert event["group"] == "g" and event["worker"] == "a/0" and event["stream"] == "stdout"
     assert event["child_logger"] == "core_bus"
     assert stats.lines == 1
+
+
+async def test_exec_mode_keeps_the_program_pid(python_exe: str) -> None:
+    """Through setpriv and the parent check, the program still runs as the spawned pid."""
+    async with ChildProcess.spawn(
+        [python_exe, "-c", "import os; print(os.getpid(), os.getppid(), flush=True)"],
+        env=ENV,
+        pdeathsig="exec",
+    ) as child:
+        assert child.stdout_fd is not None
+        with anyio.fail_after(10):
+            status = await child.wait()
+        pid, ppid = (int(x) for x in os.read(child.stdout_fd, 100).split())
+    assert status.code == 0
+    assert pid == child.pid and ppid == os.getpid()
