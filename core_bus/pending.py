@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core_bus.replies import text
+from core_bus.replies import stream_pairs, text
 
 #: Entry fields (raw redis-py mapping) or ``None`` for an entry that no longer exists.
 RawFields = Mapping[Any, Any] | None
@@ -34,28 +34,6 @@ def pending_counts(reply: Any) -> list[tuple[str, int]]:
             out.append((text(row["message_id"]), int(row["times_delivered"])))
         else:
             out.append((text(row[0]), int(row[3])))
-    return out
-
-
-def read_reply(reply: Any) -> list[tuple[Any, list[Any]]]:
-    """XREADGROUP reply as ``[(stream, [(id, fields), ...])]`` for RESP2 and RESP3.
-
-    RESP3 replies are a mapping whose entry lists redis-py 8 wraps in one more
-    list (``{stream: [[(id, fields), ...]]}``); RESP2 replies are a list of pairs.
-    """
-    if not reply:
-        return []
-    pairs = list(reply.items()) if isinstance(reply, Mapping) else list(reply)
-    out: list[tuple[Any, list[Any]]] = []
-    for stream, entries in pairs:
-        if (
-            entries
-            and len(entries) == 1
-            and isinstance(entries[0], list)
-            and (not entries[0] or isinstance(entries[0][0], list | tuple))
-        ):
-            entries = entries[0]
-        out.append((stream, list(entries or ())))
     return out
 
 
@@ -85,7 +63,7 @@ async def history_page(
         pending_reply, read_reply_raw = await pipe.execute()
     counts = dict(pending_counts(pending_reply))
     entries: list[tuple[str, RawFields]] = []
-    for _stream, raw_entries in read_reply(read_reply_raw):
+    for _stream, raw_entries in stream_pairs(read_reply_raw):
         for item in raw_entries:
             if not item:
                 continue

@@ -44,30 +44,32 @@ def entries_of(raw: Any) -> list[Entry]:
     return out
 
 
-def streams_of(reply: Any) -> list[tuple[str, list[Entry]]]:
-    """XREAD/XREADGROUP reply as ``[(stream, entries)]`` for RESP2 (list) and RESP3 (dict)."""
+def stream_pairs(reply: Any) -> list[tuple[Any, list[Any]]]:
+    """XREAD/XREADGROUP reply as raw ``[(stream, [(id, fields), ...])]``, RESP2 or RESP3.
+
+    RESP3 replies are a mapping whose entry lists redis-py 8 wraps in one more
+    list (``{stream: [[(id, fields), ...]]}``, ``{stream: [[]]}`` when empty);
+    RESP2 replies are a list of pairs. Values are left raw for hot paths.
+    """
     if not reply:
         return []
-    if isinstance(reply, Mapping):
-        pairs: list[tuple[Any, Any]] = list(reply.items())
-    else:
-        pairs = [(item[0], item[1]) for item in reply]
-    result: list[tuple[str, list[Entry]]] = []
-    for stream, raw_entries in pairs:
-        # RESP3 may wrap the entries in another list level
+    pairs = list(reply.items()) if isinstance(reply, Mapping) else list(reply)
+    out: list[tuple[Any, list[Any]]] = []
+    for stream, entries in pairs:
         if (
-            raw_entries
-            and isinstance(raw_entries, list)
-            and len(raw_entries) == 1
-            and (
-                isinstance(raw_entries[0], list)
-                and raw_entries[0]
-                and isinstance(raw_entries[0][0], list)
-            )
+            entries
+            and len(entries) == 1
+            and isinstance(entries[0], list)
+            and (not entries[0] or isinstance(entries[0][0], list | tuple))
         ):
-            raw_entries = raw_entries[0]
-        result.append((text(stream), entries_of(raw_entries)))
-    return result
+            entries = entries[0]
+        out.append((stream, list(entries or ())))
+    return out
+
+
+def streams_of(reply: Any) -> list[tuple[str, list[Entry]]]:
+    """XREAD/XREADGROUP reply as ``[(stream, entries)]`` with text ids and field names."""
+    return [(text(stream), entries_of(raw)) for stream, raw in stream_pairs(reply)]
 
 
 def autoclaim_of(reply: Any) -> tuple[str, list[Entry], list[str]]:

@@ -41,10 +41,9 @@ from core_bus.pending import (
     fetch_entries,
     history_page,
     own_pending,
-    read_reply,
     reclaim_for_retry,
 )
-from core_bus.replies import text
+from core_bus.replies import stream_pairs, text
 from core_bus.retries import RetryScheduler
 from core_bus.settings import get_settings
 from core_bus.stats import HANDLER_BUCKETS, SubscriptionStats
@@ -340,7 +339,7 @@ class Subscription:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each)."""
         pairs: Any = reply
         if isinstance(reply, dict):  # RESP3
-            pairs = read_reply(reply)
+            pairs = stream_pairs(reply)
         append = self._work.items.append
         for raw_stream, entries in pairs:
             stream = self._names.get(raw_stream) or text(raw_stream)
