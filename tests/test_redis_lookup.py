@@ -85,3 +85,27 @@ def test_fixture_code_path_with_a_minimal_path(tmp_path: Path, python_exe: str) 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"binary": str(bundled_redis_server()), "pong": True}
+
+
+def _fake_server(directory: Path, version: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = directory / "redis-server"
+    binary.write_text(f"#!/bin/sh\necho 'Redis server v={version} sha=0:0 malloc=libc bits=64'\n")
+    binary.chmod(0o755)
+    return binary
+
+
+def test_newest_on_path_wins_not_just_the_first(tmp_path: Path) -> None:
+    """An older redis-server early on PATH (an activated venv's copy) does not hide a newer one."""
+    _fake_server(tmp_path / "venv-bin", "6.2.1")
+    newer = _fake_server(tmp_path / "usr-bin", "99.0.0")
+    path = os.pathsep.join([str(tmp_path / "venv-bin"), str(tmp_path / "usr-bin")])
+    assert find_redis_server(path=path) == (newer, (99, 0, 0))
+
+
+def test_equal_versions_prefer_the_earlier_path_entry(tmp_path: Path) -> None:
+    """On a version tie the first PATH entry wins, as a shell would pick it."""
+    first = _fake_server(tmp_path / "a", "99.0.0")
+    _fake_server(tmp_path / "b", "99.0.0")
+    path = os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert find_redis_server(path=path) == (first, (99, 0, 0))
