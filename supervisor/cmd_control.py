@@ -85,7 +85,8 @@ def _success_line(args: argparse.Namespace, reply: Reply) -> str:
     if args.command == "scale":
         return f"scaled {args.agent} to {args.replicas} replicas{suffix}"
     if args.command in ("stop", "start"):
-        return f"{args.command}{'ped' if args.command == 'stop' else 'ed'} {args.agent}{suffix}"
+        done = {"stop": "stopped", "start": "started"}[args.command]
+        return f"{done} {args.agent}{suffix}"
     if accepted:
         return f"reload accepted{suffix}"
     return "reloaded: " + _reload_summary(reply.body)
