@@ -203,6 +203,26 @@ def _stats_payload(sub: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+async def _started_or_stopped(sub: Any, signals: Any) -> bool:
+    """Wait for the subscription to start; False when SIGTERM/SIGINT came first."""
+    stopped = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal stopped
+            async for signum in signals:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    stopped = True
+                    tg.cancel_scope.cancel()
+                    return
+                # SIGUSR1 before ready: nothing is pending for us yet.
+
+        tg.start_soon(watch)
+        await sub.started()
+        tg.cancel_scope.cancel()
+    return not stopped
+
+
 async def run_worker(env: WorkerEnv, handler: Callable[..., Any]) -> int:
     """Subscribe, report READY, heartbeat, drain on SIGTERM; returns the exit code."""
     from core_bus.settings import connect
@@ -212,7 +232,12 @@ async def run_worker(env: WorkerEnv, handler: Callable[..., Any]) -> int:
     try:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             sub = await _subscribe(redis, env, handler)
-            await sub.started()
+            if not await _started_or_stopped(sub, signals):
+                # SIGTERM before we were ready (Redis unreachable, slow start): leave now.
+                _log().info("worker stopped before ready", agent=env.agent, worker=env.worker)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(env.drain_timeout):
+                    await sub.stop(env.drain_timeout)
+                return 0
             notifier.send("READY=1", f"STATUS=consuming {','.join(env.streams)}")
             _log().info("worker ready", agent=env.agent, worker=env.worker, consumer=env.consumer)
             interval = heartbeat_interval(env.watchdog_seconds)

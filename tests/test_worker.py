@@ -149,3 +149,30 @@ async def test_bad_handler_exits_3_with_one_line(
     event = json.loads(lines[0])
     assert event["event"] == "worker boot failed" and needle in event["error"]
     assert "Traceback" not in err.decode()
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_before_ready_exits_promptly(tmp_path: Path, python_exe: str) -> None:
+    """Redis unreachable, so never ready: SIGTERM still ends the worker quickly with 0."""
+    (tmp_path / "slow_agent.py").write_text(SLOW_HANDLER)
+    with NotifyServer() as server:
+        env = worker_env(
+            tmp_path,
+            "redis://127.0.0.1:1/0",
+            server.address,
+            "slow_agent:handle",
+            AG1_DRAIN_TIMEOUT="2",
+        )
+        async with ChildProcess.spawn(
+            [python_exe, "-m", "supervisor.worker"], env=env, cwd=tmp_path
+        ) as child:
+            assert child.stderr_fd is not None
+            # Wait until the runtime is up (it logs once it starts connecting).
+            with anyio.fail_after(20):
+                await anyio.wait_readable(child.stderr_fd)
+            child.signal_group(signal.SIGTERM)
+            with anyio.fail_after(10):
+                status = await child.wait()
+            got = server.receive_ready()
+    assert status.code == 0
+    assert not any(m.ready for m in got)
