@@ -51,8 +51,28 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except Exception as exc:
-        log.error("supervisor failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        leaves = list(_leaves(exc))
+        if all(isinstance(e, _expected_failures()) for e in leaves):
+            # Known refusals (address in use, no token, no redis-server): one line each.
+            for leaf in leaves:
+                log.error("supervisor cannot run", error=str(leaf))
+        else:
+            log.error("supervisor failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
         return EXIT_RUNTIME
     finally:
         systemd.close()
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The real errors inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _expected_failures() -> tuple[type[BaseException], ...]:
+    from supervisor.redis_server import RedisServerError
+    from supervisor.snapshot import ControlError
+
+    return (ControlError, RedisServerError, OSError)

@@ -180,13 +180,7 @@ class FleetDaemon:
                 self._notify = notify_server
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
-                    tg.start_soon(notify_server.serve, self._on_notify)
-                    tg.start_soon(self._signal_loop, signals)
-                    tg.start_soon(self._reconcile_loop)
-                    tg.start_soon(self._sample_loop)
-                    tg.start_soon(self._sweep_loop)
-                    if self._watchdog_interval is not None:
-                        tg.start_soon(self._systemd_watchdog_loop, self._watchdog_interval)
+                    # HTTP first: a refused address must fail before any worker starts.
                     if self.config.http.enabled:
                         from supervisor.http_server import run_http_server
 
@@ -194,6 +188,13 @@ class FleetDaemon:
                         self.http_address = await tg.start(
                             partial(run_http_server, token=token), self, self.config.http
                         )
+                    tg.start_soon(notify_server.serve, self._on_notify)
+                    tg.start_soon(self._signal_loop, signals)
+                    tg.start_soon(self._reconcile_loop)
+                    tg.start_soon(self._sample_loop)
+                    tg.start_soon(self._sweep_loop)
+                    if self._watchdog_interval is not None:
+                        tg.start_soon(self._systemd_watchdog_loop, self._watchdog_interval)
                     log.info(
                         "supervisor started",
                         supervisor=self.supervisor_name,

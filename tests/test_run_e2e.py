@@ -344,3 +344,28 @@ def test_embedded_redis_starts_first_and_stops_last(fleet_factory: Any, tmp_path
     assert _gone(pids)
     exits = fleet.find("worker exited", agent="echo")
     assert exits and exits[0]["reason"] == "exit 0"
+
+
+@pytest.mark.timeout(60)
+def test_refused_http_address_fails_before_any_worker(fleet_factory: Any, python_exe: str) -> None:
+    """A non-loopback [http] listen without a token: exit 1 with one clear line, and no
+    worker was ever started."""
+    fleet = fleet_factory(
+        f"""
+        [supervisor]
+        name = "refused"
+        [redis]
+        url = "redis://127.0.0.1:1/0"
+        [http]
+        listen = "0.0.0.0:0"
+        [[agents]]
+        name = "sleepy"
+        command = ["{python_exe}", "-c", "import time; time.sleep(600)"]
+        """,
+        env={"AG1_CONTROL_TOKEN": "", "AG1_HTTP__TOKEN": ""},
+    )
+    assert fleet.proc.wait(30) == 1
+    (failure,) = fleet.find("supervisor cannot run")
+    assert "without a token" in failure["error"]
+    assert not fleet.find("worker started")
+    assert "Traceback" not in fleet.log_path.read_text()
