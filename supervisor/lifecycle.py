@@ -160,8 +160,7 @@ class WorkerLifecycle:
         if self.state != WorkerState.STARTING:
             return False
         self.state = WorkerState.READY
-        self.ready_at = now
-        self.last_heartbeat = now
+        self.ready_at = now  # the watchdog counts from here until the first WATCHDOG=1
         self.boot_failures_in_row = 0
         return True
 
