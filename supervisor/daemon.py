@@ -822,6 +822,8 @@ class FleetDaemon:
     async def _roll(self, runtime: AgentRuntime) -> None:
         if runtime.rolling:
             raise ControlError(f"agent {runtime.name!r}: a rolling restart is already running")
+        if self._stopping:
+            raise ControlError("the supervisor is stopping")
         runtime.rolling = True
         runtime.last_roll_error = None
         try:
@@ -831,8 +833,6 @@ class FleetDaemon:
             self._poke()
 
     async def _roll_workers(self, runtime: AgentRuntime) -> None:
-        if self._stopping:
-            raise ControlError("the supervisor is stopping")
         agent = runtime.config
         old = sorted(runtime.active(), key=lambda w: w.slot)
         surge = max(int(agent.max_surge), 0)
@@ -841,48 +841,56 @@ class FleetDaemon:
         for i in range(0, len(old), batch):
             if self._stopping:
                 raise ControlError("rolling restart interrupted: the supervisor is stopping")
-            group = old[i : i + batch]
-            if surge == 0:
-                # No surge allowed: take the old ones down first (within max_unavailable).
-                async with anyio.create_task_group() as tg:
-                    for worker in group:
-                        worker.retired = True
-                        tg.start_soon(self._stop_and_wait, worker, CAUSE_STOP)
-            now = self._now()
-            used = set(runtime.workers)
-            fresh: list[Worker] = []
-            slot = 0
-            for _ in group:
-                while slot in used:
-                    slot += 1
-                used.add(slot)
-                worker = self._add_worker(runtime, slot, now)
-                fresh.append(worker)
-                self._spawn(runtime, worker, now)
-            ok = await self._wait_ready(fresh, float(agent.start_timeout))
-            if not ok:
-                for worker in fresh:
-                    worker.retired = True
-                    self._stop_worker(worker, CAUSE_STOP)
-                for worker in group:
-                    worker.retired = False
-                runtime.last_roll_error = (
-                    f"rolling restart of {runtime.name} stopped: a replacement did not become "
-                    f"ready within {agent.start_timeout:g}s"
-                )
-                log.error(
-                    "rolling restart failed", agent=runtime.name, error=runtime.last_roll_error
-                )
-                raise ControlError(runtime.last_roll_error)
-            if surge > 0:
-                async with anyio.create_task_group() as tg:
-                    for worker in group:
-                        worker.retired = True
-                        tg.start_soon(self._stop_and_wait, worker, CAUSE_STOP)
-            for worker in group:
-                if not worker.lifecycle.running:
-                    runtime.workers.pop(worker.slot, None)
+            await self._roll_batch(runtime, old[i : i + batch], surge_first=surge > 0)
         log.info("rolling restart done", agent=runtime.name)
+
+    async def _retire_all(self, workers: list[Worker]) -> None:
+        async with anyio.create_task_group() as tg:
+            for worker in workers:
+                worker.retired = True
+                tg.start_soon(self._stop_and_wait, worker, CAUSE_STOP)
+
+    async def _roll_batch(
+        self, runtime: AgentRuntime, group: list[Worker], *, surge_first: bool
+    ) -> None:
+        """Replace ``group``: replacements first (surge) or, without surge, old ones first."""
+        if not surge_first:
+            await self._retire_all(group)
+        now = self._now()
+        used = set(runtime.workers)
+        fresh: list[Worker] = []
+        slot = 0
+        for _ in group:
+            while slot in used:
+                slot += 1
+            used.add(slot)
+            worker = self._add_worker(runtime, slot, now)
+            fresh.append(worker)
+            self._spawn(runtime, worker, now)
+        if not await self._wait_ready(fresh, float(runtime.config.start_timeout)):
+            self._abort_roll(runtime, group, fresh)
+        if surge_first:
+            await self._retire_all(group)
+        for worker in group:
+            if not worker.lifecycle.running:
+                runtime.workers.pop(worker.slot, None)
+
+    def _abort_roll(self, runtime: AgentRuntime, old: list[Worker], fresh: list[Worker]) -> None:
+        """Drop the replacements, keep (or bring back) the old workers, report; raises."""
+        for worker in fresh:
+            worker.retired = True
+            self._stop_worker(worker, CAUSE_STOP)
+        now = self._now()
+        for worker in old:
+            worker.retired = False
+            if not worker.lifecycle.running:
+                worker.lifecycle.request_start(now)
+        runtime.last_roll_error = (
+            f"rolling restart of {runtime.name} stopped: a replacement did not become "
+            f"ready within {runtime.config.start_timeout:g}s"
+        )
+        log.error("rolling restart failed", agent=runtime.name, error=runtime.last_roll_error)
+        raise ControlError(runtime.last_roll_error)
 
     async def _wait_ready(self, workers: list[Worker], deadline: float) -> bool:
         """True once every worker is READY; False on a failed start or after ``deadline`` s."""

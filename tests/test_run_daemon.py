@@ -576,3 +576,42 @@ async def test_shutdown_leaves_no_task_process_or_socket(tmp_path: Path, python_
     assert not [c for c in me.children(recursive=True) if c.pid in pids]
     for pid in pids:
         assert pid is not None and not psutil.pid_exists(pid)
+
+
+async def test_failed_roll_without_surge_brings_old_workers_back(
+    tmp_path: Path, python_exe: str
+) -> None:
+    """max_surge = 0: old workers go first; if the replacement fails they are started again."""
+    flag = tmp_path / "broken"
+    code = (
+        "import os, sys, time; from supervisor.sdnotify import sd_notify; "
+        f"sys.exit(1) if os.path.exists('{flag}') else None; "
+        "sd_notify('READY=1'); time.sleep(600)"
+    )
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "nosurge"
+    command = {cmd(python_exe, code)}
+    start_seconds = "30s"
+    start_timeout = "5s"
+    max_surge = 0
+    max_unavailable = 1
+    replicas = 2
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "nosurge").ready_replicas == 2)
+        flag.write_text("x")
+        with pytest.raises(ControlError):
+            await daemon.restart_agent("nosurge", rolling=True)
+        flag.unlink()
+        await eventually(
+            lambda: (
+                agent(daemon, "nosurge").ready_replicas == 2
+                and len(agent(daemon, "nosurge").workers) == 2
+            ),
+            timeout=20,
+            message="old workers back",
+        )
