@@ -18,14 +18,11 @@ binding a non-loopback address without one is refused.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import anyio
@@ -34,6 +31,20 @@ from aiohttp import web
 
 from core_bus.log import get_logger
 from core_bus.settings import redact_url
+from supervisor.http_control import (
+    BadRequest,
+    Operation,
+    Operations,
+    no_extra,
+    read_json_object,
+)
+from supervisor.http_security import (
+    SECRET_KEYS,
+    bearer_authorized,
+    check_bind_allowed,
+    is_loopback,
+    scrub,
+)
 from supervisor.metrics import build_registry, render
 from supervisor.snapshot import (
     ControlError,
@@ -44,14 +55,6 @@ from supervisor.snapshot import (
 )
 
 log = get_logger("supervisor.http")
-
-#: Keys never shown by ``/status`` even if a future snapshot grows them.
-SECRET_KEYS = frozenset({"env", "environment", "password", "token", "secret", "secrets"})
-
-#: ``scheme://user:PASSWORD@`` anywhere in a string (worker status lines, errors).
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+(@)")
-
-Operation = Callable[[], Awaitable[Any]]
 
 
 class HttpSettings(Protocol):
@@ -69,66 +72,7 @@ class HttpSettings(Protocol):
     def max_body(self) -> int: ...
 
 
-class BadRequest(ValueError):
-    """The request body is not what the endpoint accepts (400)."""
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def is_loopback(host: str) -> bool:
-    """True only for addresses that cannot be reached from another machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname or "" (all interfaces): assume reachable
-
-
-def check_bind_allowed(host: str, token: str | None) -> None:
-    """Refuse an open control API on a reachable address."""
-    if not token and not is_loopback(host):
-        raise ControlError(
-            f"refusing to serve the control API on non-loopback address {host!r} without a "
-            "token: set AG1_CONTROL_TOKEN or listen on 127.0.0.1"
-        )
-
-
-def scrub(value: Any) -> Any:
-    """Plain JSON data from dataclasses, dicts and lists, in one pass.
-
-    Secret-looking keys are dropped and URL passwords redacted on the way.
-    This replaces ``dataclasses.asdict`` (which deep-copies every leaf and
-    costs ~6x more): ``/status`` must stay cheap at hundreds of requests/s.
-    """
-    if isinstance(value, str):
-        if "://" in value and "@" in value:
-            return _URL_PASSWORD.sub(r"\1***\2", value)
-        return value
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, dict):
-        return {str(k): scrub(v) for k, v in value.items() if str(k).lower() not in SECRET_KEYS}
-    if isinstance(value, list | tuple):
-        return [scrub(v) for v in value]
-    names = _field_names(type(value))
-    if names is not None:
-        return {name: scrub(getattr(value, name)) for name in names if name not in SECRET_KEYS}
-    return str(value)
-
-
-_FIELDS: dict[type, tuple[str, ...] | None] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...] | None:
-    """Dataclass field names of ``cls`` (None if not a dataclass), cached per type."""
-    try:
-        return _FIELDS[cls]
-    except KeyError:
-        names = tuple(f.name for f in fields(cls)) if is_dataclass(cls) else None
-        _FIELDS[cls] = names
-        return names
 
 
 def readiness(snap: FleetSnapshot) -> list[str]:
@@ -160,57 +104,6 @@ def _dumps(data: Any) -> str:
 
 def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status=status)
-
-
-# --------------------------------------------------------------------------- operations
-
-
-class Operations:
-    """Runs control calls; ones outlasting ``timeout`` continue in a task group.
-
-    Without a task group (``build_app`` used alone) a call is simply awaited
-    to the end, so a long call holds the request open.
-    """
-
-    def __init__(self, task_group: anyio.abc.TaskGroup | None = None) -> None:
-        self.task_group = task_group
-
-    async def run(self, name: str, op: Operation, wait_seconds: float) -> tuple[bool, Any]:
-        """``(True, result)`` if done within ``wait_seconds``, else ``(False, None)``.
-
-        Exceptions of a call that finished in time are re-raised here.
-        """
-        if self.task_group is None:
-            return True, await op()
-        done = anyio.Event()
-        outcome: dict[str, Any] = {}
-
-        async def runner() -> None:
-            try:
-                outcome["result"] = await op()
-            except anyio.get_cancelled_exc_class():
-                outcome["error"] = ControlError(f"{name}: cancelled, the supervisor is stopping")
-                raise
-            except Exception as exc:  # reported to the waiter, or logged below
-                outcome["error"] = exc
-            finally:
-                done.set()
-            if outcome.get("abandoned"):  # the client already got 202: log the end
-                if "error" in outcome:
-                    log.error("control_failed", operation=name, error=str(outcome["error"]))
-                else:
-                    log.info("control_done", operation=name, late=True)
-
-        self.task_group.start_soon(runner, name=f"control {name}")
-        with anyio.move_on_after(wait_seconds):
-            await done.wait()
-        if not done.is_set():
-            outcome["abandoned"] = True
-            log.info("control_accepted", operation=name, waited=wait_seconds)
-            return False, None
-        if "error" in outcome:
-            raise outcome["error"]
-        return True, outcome.get("result")
 
 
 # --------------------------------------------------------------------------- app
@@ -283,47 +176,18 @@ class _Handlers:
 
     # ----- control
 
-    def _authorized(self, request: web.Request) -> bool:
-        if not self.token:
-            return True
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(given.strip().encode(), self.token.encode())
-
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        """The JSON object body ({} when empty); 408 for a slow sender, 413 when too big."""
-        try:
-            with anyio.fail_after(self.request_timeout):
-                raw = await request.read()
-        except TimeoutError:
-            raise web.HTTPRequestTimeout(
-                text=json.dumps({"error": "request body not received in time"}),
-                content_type="application/json",
-            ) from None
-        if not raw.strip():
-            return {}
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise BadRequest("body must be a JSON object")
-        return data
-
     async def _control(
         self, request: web.Request, action: str, call: Callable[[dict[str, Any]], Operation]
     ) -> web.Response:
         agent = request.match_info.get("name")
-        if not self._authorized(request):
+        if not bearer_authorized(request.headers.get("Authorization", ""), self.token):
             log.warning("control_unauthorized", action=action, agent=agent, peer=request.remote)
             resp = _error(401, "unauthorized: send Authorization: Bearer <AG1_CONTROL_TOKEN>")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="ag1-fleet"'
             return resp
         started = time.monotonic()
         try:
-            op = call(await self._body(request))
+            op = call(await read_json_object(request, self.request_timeout))
             done, result = await self.operations.run(
                 f"{action} {agent or ''}".strip(), op, self.request_timeout
             )
@@ -368,7 +232,7 @@ class _Handlers:
             rolling = body.get("rolling", False)
             if not isinstance(rolling, bool):
                 raise BadRequest('"rolling" must be true or false')
-            _no_extra(body, {"rolling"})
+            no_extra(body, {"rolling"})
             return lambda: self.control.restart_agent(name, rolling=rolling)
 
         return await self._control(request, "restart", call)
@@ -380,41 +244,38 @@ class _Handlers:
             replicas = body.get("replicas")
             if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
                 raise BadRequest('"replicas" must be an integer >= 0')
-            _no_extra(body, {"replicas"})
+            no_extra(body, {"replicas"})
             return lambda: self.control.scale_agent(name, replicas)
 
         return await self._control(request, "scale", call)
 
     async def stop(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-
-        def call(body: dict[str, Any]) -> Operation:
-            _no_extra(body, set())
-            return lambda: self.control.stop_agent(name)
-
-        return await self._control(request, "stop", call)
+        return await self._agent_call(request, "stop", self.control.stop_agent)
 
     async def start(self, request: web.Request) -> web.Response:
+        return await self._agent_call(request, "start", self.control.start_agent)
+
+    async def _agent_call(
+        self,
+        request: web.Request,
+        action: str,
+        method: Callable[[str], Awaitable[Any]],
+    ) -> web.Response:
+        """An agent action that takes no body fields."""
         name = request.match_info["name"]
 
         def call(body: dict[str, Any]) -> Operation:
-            _no_extra(body, set())
-            return lambda: self.control.start_agent(name)
+            no_extra(body, set())
+            return lambda: method(name)
 
-        return await self._control(request, "start", call)
+        return await self._control(request, action, call)
 
     async def reload(self, request: web.Request) -> web.Response:
         def call(body: dict[str, Any]) -> Operation:
-            _no_extra(body, set())
+            no_extra(body, set())
             return self.control.reload
 
         return await self._control(request, "reload", call)
-
-
-def _no_extra(body: dict[str, Any], allowed: set[str]) -> None:
-    extra = sorted(set(body) - allowed)
-    if extra:
-        raise BadRequest(f"unknown field(s): {', '.join(extra)}")
 
 
 def _message(exc: BaseException, default: str) -> str:
@@ -528,3 +389,18 @@ async def run_http_server(
     finally:
         with anyio.CancelScope(shield=True):
             await runner.cleanup()
+
+
+__all__ = [
+    "SECRET_KEYS",
+    "BadRequest",
+    "HttpSettings",
+    "Operation",
+    "Operations",
+    "build_app",
+    "check_bind_allowed",
+    "is_loopback",
+    "readiness",
+    "run_http_server",
+    "scrub",
+]
