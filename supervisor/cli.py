@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -9,7 +10,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ag1-fleet`` console script."""
     from supervisor.commands import main as commands_main
 
-    return commands_main(sys.argv[1:] if argv is None else argv)
+    try:
+        return commands_main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # `ag1-fleet check | head`: the reader left; exit quietly like other Unix tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
