@@ -336,11 +336,20 @@ class Subscription:
             self._dispatch(reply)
 
     def _dispatch(self, reply: Any) -> None:
-        """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each)."""
+        """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each), decoded.
+
+        The batch is validated here, in one tight loop, and every envelope gets
+        the same receive hop (one clock read per batch). Entries that do not
+        validate on this fast path (malformed, deleted, ``envelope`` field, str
+        payloads of a decode_responses client) are queued undecoded: the worker
+        classifies them exactly (see :meth:`_slow_decode`).
+        """
         pairs: Any = reply
         if isinstance(reply, dict):  # RESP3
             pairs = stream_pairs(reply)
         append = self._work.items.append
+        validate, limit = _VALIDATE_JSON, self._limit
+        hop = f"{self.group}:{int(time.time())}"  # what env.add_hop(group) appends
         for raw_stream, entries in pairs:
             stream = self._names.get(raw_stream) or text(raw_stream)
             local = self._local[stream]
@@ -349,7 +358,16 @@ class Subscription:
                 if entry_id in local:
                     continue
                 local.add(entry_id)
-                append((stream, entry_id, fields or None, 1))
+                env: Envelope | None = None
+                raw = fields.get(b"data") if fields else None
+                if type(raw) is bytes and len(raw) <= limit:
+                    try:
+                        env = validate(raw)
+                    except ValidationError:
+                        pass
+                    else:
+                        env.trace.append(hop)
+                append((stream, entry_id, fields or None, 1, env))
         self._work.wake_one()
 
     async def _recover_history(self) -> None:
@@ -382,7 +400,7 @@ class Subscription:
                         item = HeldEntry(stream, entry_id, fields, before + 1)
                         poison.append((item, REASON_POISON, msg))
                     else:
-                        self._work.put((stream, entry_id, fields, before + 1))
+                        self._work.put((stream, entry_id, fields, before + 1, None))
                         recovered += 1
                 if poison:
                     await self._dead_letter_many(poison)
@@ -427,7 +445,7 @@ class Subscription:
                 msg = f"delivered {delivered} times (limit {self._max_deliveries})"
                 poison.append((HeldEntry(stream, entry_id, fields, delivered), REASON_POISON, msg))
             else:
-                self._work.put((stream, entry_id, fields, delivered))
+                self._work.put((stream, entry_id, fields, delivered, None))
         self._log.info("pending_claimed", entries=len(wanted))
         if poison:
             await self._dead_letter_many(poison)
@@ -438,69 +456,66 @@ class Subscription:
 
         A worker that takes an entry while more wait wakes one idle sibling, so
         slow handlers spread over ``concurrency`` workers while a fast handler
-        drains a whole batch without task switches.
+        drains a whole batch without task switches. Handler durations chain one
+        clock read per entry: an entry's time runs from the end of the previous
+        one (only queue bookkeeping lies in between: decoding happened in the reader).
         """
         work_queue, stats, acks = self._work, self.stats, self._acks
         queue = work_queue.items
         handler = self._call_handler()
-        buckets, limit, group = stats.handler_buckets, self._limit, self.group
-        perf, clock, bisect_left = time.perf_counter, time.time, bisect.bisect_left
-        validate, space, low_water = _VALIDATE_JSON, work_queue.space, self._count
-        hop_second, hop = 0, ""
+        buckets, first_bound = stats.handler_buckets, HANDLER_BUCKETS[0]
+        perf, bisect_left = time.perf_counter, bisect.bisect_left
+        space, low_water = work_queue.space, self._count
         while True:
             if not queue:
                 await work_queue.wait_for_work()
                 continue
-            work = queue.popleft()
-            # inlined WorkQueue.took_one (hot path)
-            if queue and work_queue.waiters and not work_queue.woken:
-                work_queue.wake_one()  # one at a time: it runs only once we yield
-            if work_queue.reader_waiting and len(queue) <= low_water:
-                space.set()
-            stream, entry_id, fields, _deliveries = work
-            if self._stopping:
-                self._local[stream].discard(entry_id)
-                continue
-            raw = fields.get(b"data") if fields is not None else None
-            env: Any = None
-            if type(raw) is bytes and len(raw) <= limit:
-                try:
-                    env = validate(raw)
-                except ValidationError:
-                    env = None
-            if env is None:
-                env = await self._slow_decode(work)
-                if env is None:
-                    continue
-            now = int(clock())
-            if now != hop_second:
-                hop_second, hop = now, f"{group}:{now}"
-            env.trace.append(hop)
-            stats.in_flight += 1
-            failure: Exception | None = None
-            started = perf()
-            try:
-                await handler(env)
-            except Exception as exc:
-                failure = exc
-            finally:
-                elapsed = perf() - started
-                stats.in_flight -= 1
-                buckets[bisect_left(HANDLER_BUCKETS, elapsed)] += 1
-                stats.handler_seconds_sum += elapsed
+            mark = perf()
+            while queue:
+                work = queue.popleft()
+                # inlined WorkQueue.took_one (hot path)
+                if queue and work_queue.waiters and not work_queue.woken:
+                    work_queue.wake_one()  # one at a time: it runs only once we yield
+                if work_queue.reader_waiting and len(queue) <= low_water:
+                    space.set()
+                stream, entry_id, _fields, _deliveries, env = work
                 if self._stopping:
-                    self._idle.set()
-            if failure is not None:
-                stats.failed += 1
-                await self._busy_with(self._handler_failed(HeldEntry(*work), failure))
-                continue
-            ids = acks.pending.get(stream)  # inlined AckBatcher.add (hot path)
-            if ids is None:
-                acks.pending[stream] = [entry_id]
-                acks.event.set()
-            else:
-                ids.append(entry_id)
-            acks.counted += 1
+                    self._local[stream].discard(entry_id)
+                    continue
+                if env is None:
+                    env = await self._slow_decode(work)
+                    mark = perf()
+                    if env is None:
+                        continue
+                stats.in_flight += 1
+                failure: Exception | None = None
+                try:
+                    await handler(env)
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    now = perf()
+                    elapsed, mark = now - mark, now
+                    stats.in_flight -= 1
+                    if elapsed <= first_bound:
+                        buckets[0] += 1
+                    else:
+                        buckets[bisect_left(HANDLER_BUCKETS, elapsed)] += 1
+                    stats.handler_seconds_sum += elapsed
+                    if self._stopping:
+                        self._idle.set()
+                if failure is not None:
+                    stats.failed += 1
+                    await self._busy_with(self._handler_failed(HeldEntry(*work[:4]), failure))
+                    mark = perf()
+                    continue
+                ids = acks.pending.get(stream)  # inlined AckBatcher.add (hot path)
+                if ids is None:
+                    acks.pending[stream] = [entry_id]
+                    acks.event.set()
+                else:
+                    ids.append(entry_id)
+                acks.counted += 1
 
     def _call_handler(self) -> Callable[[Envelope], Awaitable[Any]]:
         """The handler as a one-argument callable (``h(env)`` or ``h(env, redis)``)."""
@@ -510,16 +525,18 @@ class Subscription:
         return lambda env: handler(env, redis)
 
     async def _slow_decode(self, work: Work) -> Envelope | None:
-        """Deleted entries are acked, malformed ones dead-lettered; None means done with it."""
-        stream, entry_id, fields, _deliveries = work
+        """Entries the reader did not decode: deleted ones are acked, malformed ones
+        dead-lettered (None: done with it); otherwise the Envelope with its receive hop."""
+        stream, entry_id, fields, deliveries, _env = work
         if fields is None:  # deleted / trimmed while pending: nothing to process
             self._acks.add(stream, entry_id, False)
             return None
         env = decode_payload(payload_of(fields), self._limit)
         if isinstance(env, Envelope):
-            return env
+            return env.add_hop(self.group)
         self.stats.malformed += 1
-        await self._busy_with(self._dead_letter_many([(HeldEntry(*work), env.reason, env.error)]))
+        item = HeldEntry(stream, entry_id, fields, deliveries)
+        await self._busy_with(self._dead_letter_many([(item, env.reason, env.error)]))
         return None
 
     async def _busy_with(self, step: Awaitable[None]) -> None:
@@ -556,7 +573,7 @@ class Subscription:
                 self._local[item.stream].discard(item.entry_id)
                 continue
             deliveries = claimed.deliveries or item.deliveries + 1
-            self._work.put((item.stream, item.entry_id, claimed.fields, deliveries))
+            self._work.put((item.stream, item.entry_id, claimed.fields, deliveries, None))
 
     # -- dead letters ----------------------------------------------------------------
     async def _dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:
@@ -567,7 +584,7 @@ class Subscription:
     # -- shutdown -------------------------------------------------------------------
     async def _drain(self) -> None:
         """Drop queued entries (they stay pending); wait for running ones up to the timeout."""
-        for stream, entry_id, _fields, _deliveries in self._work.clear():
+        for stream, entry_id, *_rest in self._work.clear():
             self._local[stream].discard(entry_id)
         with anyio.move_on_after(self._drain_timeout):
             while self._busy or self.stats.in_flight:
