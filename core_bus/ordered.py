@@ -6,7 +6,9 @@ shard stream. Here each shard is handled by exactly one consumer at a time and
 one entry at a time, which keeps per-key order; different shards run
 concurrently.
 
-Coordination lives in Redis, so it holds across hosts and supervisors:
+Coordination lives in Redis, so it holds across hosts and supervisors (the
+scripts are in :mod:`core_bus.shard_leases`, the claim steps in
+:mod:`core_bus.shard_claims`; this module is the consume loop):
 
 * **Membership**: a sorted set of consumer names scored by expiry (Redis TIME),
   refreshed every tick; a member that stops heartbeating drops out after
@@ -48,117 +50,40 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core_bus.backoff import Backoff
-from core_bus.deadletter import DLQ_MAXLEN, REASON_POISON, dead_letter_fields
+from core_bus.deadletter import REASON_POISON, dead_letter_fields
 from core_bus.decode import Malformed, decode_payload, payload_of
 from core_bus.handlers import Handler, handler_arity
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
-from core_bus.pending import entry_fields, fetch_entries, pending_counts
+from core_bus.pending import entry_fields
 from core_bus.replies import streams_of, text
 from core_bus.settings import get_settings
+from core_bus.shard_claims import (
+    BACKLOG_PAGE,
+    READ_COUNT,
+    ShardEntry,
+    claim_backlog,
+    own_pending,
+    redeliver,
+)
+from core_bus.shard_leases import (
+    ShardUnit,
+    assigned,
+    evict_consumer,
+    fenced_ack,
+    fenced_dead_letter,
+    heartbeat,
+    members_key,
+    set_leases,
+    shard_units,
+)
 from core_bus.stats import SubscriptionStats
 
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
-READ_COUNT = 10
-BACKLOG_PAGE = 200
 
 # Running subscriptions, strongly referenced: asyncio keeps tasks only weakly and
 # a caller may drop the handle.
 _LIVE: set[OrderedSubscription] = set()
-
-_HEARTBEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-if ARGV[1] ~= '' then redis.call('ZADD', KEYS[1], now + ttl, ARGV[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIRE', KEYS[1], ttl * 3)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
-"""
-# KEYS: leases; ARGV: me, ttl_ms, mode ('acquire' | 'renew' | 'release'); one 0/1 per key
-_LEASES = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local ok = 0
-  if ARGV[3] == 'acquire' then
-    if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then ok = 1
-    elseif redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]); ok = 1 end
-  elseif redis.call('GET', key) == ARGV[1] then
-    if ARGV[3] == 'renew' then redis.call('PEXPIRE', key, ARGV[2]) else redis.call('DEL', key) end
-    ok = 1
-  end
-  out[i] = ok
-end
-return out
-"""
-# KEYS: lease, stream; ARGV: me, group, id -> XACK result, or -1 when the lease is not ours
-_FENCED_ACK = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
-"""
-# KEYS: lease, stream, dlq; ARGV: me, group, id, maxlen, field, value, ...
-_FENCED_DEAD_LETTER = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
-return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
-"""
-
-
-def members_key(keys: StreamKeyBuilder, group: str) -> str:
-    """Key of the ordered-consumer membership set of ``group`` (a TTL'd bookkeeping key)."""
-    return keys.ordered_members(group)
-
-
-@dataclass(frozen=True, slots=True)
-class ShardUnit:
-    """One shard stream and its lease key."""
-
-    base: str
-    index: int
-    stream: str
-    lease: str
-
-
-def shard_units(
-    keys: StreamKeyBuilder, group: str, base_streams: Sequence[str], shards: int
-) -> list[ShardUnit]:
-    """Every shard of every base stream, in the fixed order assignment deals them."""
-    return [
-        ShardUnit(base, i, keys.shard_stream(base, i), keys.shard_lease(group, base, i))
-        for base in base_streams
-        for i in range(shards)
-    ]
-
-
-def assigned(units: Sequence[ShardUnit], members: Sequence[str], me: str) -> set[ShardUnit]:
-    """The shards ``me`` should own among ``members`` (deal ``k % len(members)``)."""
-    ordered = sorted(set(members) | {me})
-    mine = ordered.index(me)
-    return {u for k, u in enumerate(units) if k % len(ordered) == mine}
-
-
-async def evict_consumer(
-    redis: Any,
-    keys: StreamKeyBuilder,
-    group: str,
-    base_streams: Sequence[str],
-    shards: int,
-    consumer: str,
-) -> int:
-    """Drop a dead consumer from membership and release the leases it holds.
-
-    For the supervisor, right after the worker died: the shards move at the
-    next tick of the survivors instead of after ``lease_ttl``. Returns how many
-    leases were released (only those still naming ``consumer``).
-    """
-    units = shard_units(keys, group, base_streams, shards)
-    await redis.zrem(members_key(keys, group), consumer)
-    result = await redis.eval(
-        _LEASES, len(units), *[u.lease for u in units], consumer, 1, "release"
-    )
-    return sum(int(x) for x in result)
 
 
 @dataclass(eq=False)
@@ -305,7 +230,7 @@ class OrderedSubscription:
         await self._shutdown()
 
     async def _round(self, tg: anyio.abc.TaskGroup) -> None:
-        raw = await self.redis.eval(_HEARTBEAT, 1, self._members_key, self.consumer, self._ttl_ms)
+        raw = await heartbeat(self.redis, self._members_key, self.consumer, self._ttl_ms)
         members = [text(m) for m in raw]
         want = assigned(self.units, members, self.consumer)
         for unit, runner in list(self._runners.items()):
@@ -337,9 +262,7 @@ class OrderedSubscription:
             runner.scope.cancel()
 
     async def _leases(self, units: Sequence[ShardUnit], mode: str) -> list[bool]:
-        keys = [u.lease for u in units]
-        result = await self.redis.eval(_LEASES, len(keys), *keys, self.consumer, self._ttl_ms, mode)
-        return [bool(int(x)) for x in result]
+        return await set_leases(self.redis, units, self.consumer, self._ttl_ms, mode)
 
     async def _shutdown(self) -> None:
         """Leave, let runners finish their in-flight entry (renewing leases meanwhile), release."""
@@ -376,7 +299,7 @@ class OrderedSubscription:
                 log.info("shard_acquired")
                 while True:
                     try:
-                        await self._claim_backlog(unit)
+                        await claim_backlog(self.redis, unit.stream, self.group, self.consumer)
                         break
                     except TRANSIENT:
                         failures += 1
@@ -404,9 +327,9 @@ class OrderedSubscription:
             self._wake.set()
 
     async def _shard_step(self, runner: _Runner) -> None:
-        batch: list[tuple[str, Any, int]] = []
+        batch: list[ShardEntry] = []
         if runner.check_own:
-            batch = await self._own_pending(runner.unit)
+            batch = await own_pending(self.redis, runner.unit.stream, self.group, self.consumer)
             runner.check_own = bool(batch)
         if not batch:
             batch = await self._read_new(runner)
@@ -418,35 +341,7 @@ class OrderedSubscription:
                 self._lose(runner)
                 return
 
-    async def _claim_backlog(self, unit: ShardUnit) -> None:
-        """XCLAIM every pending entry of the shard held by someone else (a claim = a delivery)."""
-        start = "-"
-        while True:
-            rows = await self.redis.xpending_range(
-                unit.stream, self.group, start, "+", BACKLOG_PAGE
-            )
-            if not rows:
-                return
-            ids = [text(r["message_id"]) for r in rows if text(r["consumer"]) != self.consumer]
-            if ids:
-                await self.redis.xclaim(unit.stream, self.group, self.consumer, 0, ids)
-            if len(rows) < BACKLOG_PAGE:
-                return
-            start = f"({text(rows[-1]['message_id'])}"
-
-    async def _own_pending(self, unit: ShardUnit) -> list[tuple[str, Any, int]]:
-        """Our pending entries of the shard in id order, without bumping their counters."""
-        reply = await self.redis.xpending_range(
-            unit.stream, self.group, "-", "+", READ_COUNT, self.consumer
-        )
-        rows = pending_counts(reply)
-        fetched = await fetch_entries(self.redis, [(unit.stream, i) for i, _ in rows])
-        return [
-            (entry_id, fields, deliveries)
-            for (entry_id, deliveries), (_s, _i, fields) in zip(rows, fetched, strict=True)
-        ]
-
-    async def _read_new(self, runner: _Runner) -> list[tuple[str, Any, int]]:
+    async def _read_new(self, runner: _Runner) -> list[ShardEntry]:
         with anyio.CancelScope() as scope:
             runner.read_scope = scope
             if runner.release or self._stopping:
@@ -494,7 +389,9 @@ class OrderedSubscription:
             await anyio.sleep(self._retry.delay(deliveries))
             if runner.release or runner.lost or self._stopping:
                 return True  # stays pending; the next owner (or we, later) retries it
-            deliveries = await self._redeliver(unit, entry_id)
+            deliveries = await redeliver(
+                self.redis, unit.stream, self.group, self.consumer, entry_id
+            )
             if deliveries == 0:
                 return True  # no longer ours (acked or claimed elsewhere)
 
@@ -516,21 +413,10 @@ class OrderedSubscription:
             stats.observe_handler(time.perf_counter() - started)
         return None
 
-    async def _redeliver(self, unit: ShardUnit, entry_id: str) -> int:
-        """XCLAIM the entry to ourselves again (bumps the counter); 0 when it is gone."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xclaim(unit.stream, self.group, self.consumer, 0, [entry_id])
-            pipe.xpending_range(unit.stream, self.group, entry_id, entry_id, 1)
-            _claimed, pending = await pipe.execute()
-        rows = pending_counts(pending)
-        return rows[0][1] if rows else 0
-
     async def _ack(self, unit: ShardUnit, entry_id: str, *, counted: bool) -> bool:
         with anyio.CancelScope(shield=True):
-            result = await self.redis.eval(
-                _FENCED_ACK, 2, unit.lease, unit.stream, self.consumer, self.group, entry_id
-            )
-        if int(result) < 0:
+            ours = await fenced_ack(self.redis, unit, self.consumer, self.group, entry_id)
+        if not ours:
             return False
         if counted:
             self.stats.processed += 1
@@ -549,23 +435,11 @@ class OrderedSubscription:
             group=self.group,
             consumer=self.consumer,
         )
-        flat: list[Any] = []
-        for name, value in record.items():
-            flat.extend((name, value))
         with anyio.CancelScope(shield=True):
-            result = await self.redis.eval(
-                _FENCED_DEAD_LETTER,
-                3,
-                unit.lease,
-                unit.stream,
-                self.dlq_stream,
-                self.consumer,
-                self.group,
-                entry_id,
-                DLQ_MAXLEN,
-                *flat,
+            ours = await fenced_dead_letter(
+                self.redis, unit, self.dlq_stream, self.consumer, self.group, entry_id, record
             )
-        if int(result) < 0:
+        if not ours:
             return False
         self.stats.dead_lettered += 1
         self._log.warning(
@@ -615,3 +489,17 @@ async def subscribe_ordered(
     )
     sub._start()
     return sub
+
+
+__all__ = [
+    "BACKLOG_PAGE",
+    "READ_COUNT",
+    "TRANSIENT",
+    "OrderedSubscription",
+    "ShardUnit",
+    "assigned",
+    "evict_consumer",
+    "members_key",
+    "shard_units",
+    "subscribe_ordered",
+]
