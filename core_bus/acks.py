@@ -80,10 +80,7 @@ class AckBatcher:
         try:
             # Shielded: a started flush completes even when the subscription stops.
             with anyio.CancelScope(shield=True), anyio.fail_after(FLUSH_TIMEOUT):
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for stream, ids in batch.items():
-                        pipe.xack(stream, self._group, *ids)
-                    await pipe.execute()
+                await self._send(batch)
         except BaseException as exc:
             for stream, ids in batch.items():
                 self.pending.setdefault(stream, []).extend(ids)
@@ -97,6 +94,18 @@ class AckBatcher:
             self._local[stream].difference_update(ids)
         self._stats.processed += counted
         return True
+
+    async def _send(self, batch: dict[str, list[str]]) -> None:
+        """One XACK per stream: a plain command for one stream (the common case,
+        cheaper than a pipeline object), pipelined for several."""
+        if len(batch) == 1:
+            for stream, ids in batch.items():
+                await self._r.xack(stream, self._group, *ids)
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for stream, ids in batch.items():
+                pipe.xack(stream, self._group, *ids)
+            await pipe.execute()
 
     async def final_flush(self, log: Any) -> None:
         """Last flush on stop, shielded from cancellation and bounded in time."""

@@ -1,9 +1,10 @@
 """Consuming streams with a consumer group: at-least-once, batched, bounded, restartable.
 
 One :class:`Subscription` owns one asyncio task that runs an anyio task group:
-the reader (history first, then ``>`` in batches, plus own-pending checks),
-``concurrency`` workers running the handler, a batched ack flusher and a retry
-scheduler. The Redis pending list is the source of truth: whatever this process
+the reader, here (history first, then ``>`` in batches, decoded batch by batch,
+plus own-pending checks), and the handler side in :mod:`core_bus.runner`
+(``concurrency`` workers, retries, dead letters) with the batched ack flusher of
+:mod:`core_bus.acks`. The Redis pending list is the source of truth: whatever this process
 does not finish stays pending and is found again (after a restart, a reconnect,
 or by a sibling through the supervisor's reclaim).
 """
@@ -11,12 +12,11 @@ or by a sibling through the supervisor's reclaim).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -29,11 +29,10 @@ from core_bus.acks import AckBatcher
 from core_bus.backoff import Backoff
 from core_bus.connwatch import ConnectionWatch
 from core_bus.deadletter import REASON_POISON
-from core_bus.decode import decode_payload, payload_of
-from core_bus.dlq_writer import DeadLetterJob, DeadLetterWriter
+from core_bus.dlq_writer import DeadLetterWriter
 from core_bus.envelope import Envelope
 from core_bus.errors import BusError
-from core_bus.handlers import Handler, handler_arity
+from core_bus.handlers import Handler
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.pending import (
@@ -41,13 +40,12 @@ from core_bus.pending import (
     fetch_entries,
     history_page,
     own_pending,
-    reclaim_for_retry,
 )
 from core_bus.replies import stream_pairs, text
-from core_bus.retries import RetryScheduler
+from core_bus.runner import HandlerRunner
 from core_bus.settings import get_settings
-from core_bus.stats import HANDLER_BUCKETS, SubscriptionStats
-from core_bus.workqueue import Work, WorkQueue
+from core_bus.stats import SubscriptionStats
+from core_bus.workqueue import WorkQueue
 
 #: Errors meaning "Redis is unreachable right now": back off and retry, never fail.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -115,15 +113,11 @@ class Subscription:
         self.streams = streams
         self.stats = SubscriptionStats()
         self.dlq_stream = dlq_stream
-        self._user_redis = redis
         self._r = redis
-        self._handler = handler
-        self._pass_redis = handler_arity(handler) == 2
         self._concurrency = concurrency
         self._count = count
         self._block_ms = _fit_block(redis, block_ms)
         self._max_deliveries = max_deliveries
-        self._retry = Backoff(retry_backoff, retry_backoff_max)
         self._group_start_id = group_start_id
         self._check_interval = pending_check_interval
         self._limit = max_envelope_bytes
@@ -140,8 +134,6 @@ class Subscription:
         # Entries we hold (queued, running, awaiting retry, ack or dead-letter).
         self._local: dict[str, set[str]] = {name: set() for name in streams}
         self._work = WorkQueue(low_water=count)
-        self._busy = 0
-        self._idle = asyncio.Event()
         # Held while our pending list is compared with ``_local`` and while acks or
         # dead letters remove entries from both, so a check never sees an entry
         # that is acked in Redis but still pending in its XPENDING reply.
@@ -156,14 +148,7 @@ class Subscription:
             TRANSIENT_ERRORS,
             RECONNECT_BACKOFF,
         )
-        self._retries = RetryScheduler(
-            self._reclaim,
-            batch=count,
-            watch=self._watch,
-            backoff=RECONNECT_BACKOFF,
-            transient=TRANSIENT_ERRORS,
-        )
-        self._dead_letters = DeadLetterWriter(
+        dead_letters = DeadLetterWriter(
             self._r,
             self._pel_lock,
             self._local,
@@ -175,6 +160,28 @@ class Subscription:
             log=self._log,
             transient=TRANSIENT_ERRORS,
         )
+        self._runner = HandlerRunner(
+            self._r,
+            handler,
+            user_redis=redis,
+            group=group,
+            consumer=consumer,
+            work=self._work,
+            local=self._local,
+            stats=self.stats,
+            acks=self._acks,
+            dead_letters=dead_letters,
+            watch=self._watch,
+            max_deliveries=max_deliveries,
+            retry=Backoff(retry_backoff, retry_backoff_max),
+            reconnect=RECONNECT_BACKOFF,
+            transient=TRANSIENT_ERRORS,
+            max_envelope_bytes=max_envelope_bytes,
+            low_water=count,
+            log=self._log,
+            request_check=self._request_check,
+        )
+        self._dead_letter_many = self._runner.dead_letter_many
         self._check_requested = False
         self._wait_scope: anyio.CancelScope | None = None
         self._stop_scope: anyio.CancelScope | None = None
@@ -216,10 +223,10 @@ class Subscription:
         if not self._stopping:
             self._drain_timeout = drain_timeout
             self._stopping = True
+            self._runner.stop()
             if self._stop_scope is not None:
                 self._stop_scope.cancel()
             self._work.space.set()
-            self._idle.set()
         await self.wait()
 
     def check_pending(self) -> None:
@@ -244,10 +251,10 @@ class Subscription:
             try:
                 async with anyio.create_task_group() as services:
                     services.start_soon(self._acks.run)
-                    services.start_soon(self._retries.run)
+                    services.start_soon(self._runner.retries.run)
                     async with anyio.create_task_group() as workers:
                         for _ in range(self._concurrency):
-                            workers.start_soon(self._worker)
+                            workers.start_soon(self._runner.worker)
                         await self._read_loop()
                         await self._drain()
                         workers.cancel_scope.cancel()
@@ -450,148 +457,16 @@ class Subscription:
         if poison:
             await self._dead_letter_many(poison)
 
-    # -- handling -----------------------------------------------------------------
-    async def _worker(self) -> None:
-        """Run handlers for queued entries. The hot path: kept flat on purpose.
-
-        A worker that takes an entry while more wait wakes one idle sibling, so
-        slow handlers spread over ``concurrency`` workers while a fast handler
-        drains a whole batch without task switches. Handler durations chain one
-        clock read per entry: an entry's time runs from the end of the previous
-        one (only queue bookkeeping lies in between: decoding happened in the reader).
-        """
-        work_queue, stats, acks = self._work, self.stats, self._acks
-        queue = work_queue.items
-        handler = self._call_handler()
-        buckets, first_bound = stats.handler_buckets, HANDLER_BUCKETS[0]
-        perf, bisect_left = time.perf_counter, bisect.bisect_left
-        space, low_water = work_queue.space, self._count
-        while True:
-            if not queue:
-                await work_queue.wait_for_work()
-                continue
-            mark = perf()
-            while queue:
-                work = queue.popleft()
-                # inlined WorkQueue.took_one (hot path)
-                if queue and work_queue.waiters and not work_queue.woken:
-                    work_queue.wake_one()  # one at a time: it runs only once we yield
-                if work_queue.reader_waiting and len(queue) <= low_water:
-                    space.set()
-                stream, entry_id, _fields, _deliveries, env = work
-                if self._stopping:
-                    self._local[stream].discard(entry_id)
-                    continue
-                if env is None:
-                    env = await self._slow_decode(work)
-                    mark = perf()
-                    if env is None:
-                        continue
-                stats.in_flight += 1
-                failure: Exception | None = None
-                try:
-                    await handler(env)
-                except Exception as exc:
-                    failure = exc
-                finally:
-                    now = perf()
-                    elapsed, mark = now - mark, now
-                    stats.in_flight -= 1
-                    if elapsed <= first_bound:
-                        buckets[0] += 1
-                    else:
-                        buckets[bisect_left(HANDLER_BUCKETS, elapsed)] += 1
-                    stats.handler_seconds_sum += elapsed
-                    if self._stopping:
-                        self._idle.set()
-                if failure is not None:
-                    stats.failed += 1
-                    await self._busy_with(self._handler_failed(HeldEntry(*work[:4]), failure))
-                    mark = perf()
-                    continue
-                ids = acks.pending.get(stream)  # inlined AckBatcher.add (hot path)
-                if ids is None:
-                    acks.pending[stream] = [entry_id]
-                    acks.event.set()
-                else:
-                    ids.append(entry_id)
-                acks.counted += 1
-
-    def _call_handler(self) -> Callable[[Envelope], Awaitable[Any]]:
-        """The handler as a one-argument callable (``h(env)`` or ``h(env, redis)``)."""
-        if not self._pass_redis:
-            return self._handler
-        handler, redis = self._handler, self._user_redis
-        return lambda env: handler(env, redis)
-
-    async def _slow_decode(self, work: Work) -> Envelope | None:
-        """Entries the reader did not decode: deleted ones are acked, malformed ones
-        dead-lettered (None: done with it); otherwise the Envelope with its receive hop."""
-        stream, entry_id, fields, deliveries, _env = work
-        if fields is None:  # deleted / trimmed while pending: nothing to process
-            self._acks.add(stream, entry_id, False)
-            return None
-        env = decode_payload(payload_of(fields), self._limit)
-        if isinstance(env, Envelope):
-            return env.add_hop(self.group)
-        self.stats.malformed += 1
-        item = HeldEntry(stream, entry_id, fields, deliveries)
-        await self._busy_with(self._dead_letter_many([(item, env.reason, env.error)]))
-        return None
-
-    async def _busy_with(self, step: Awaitable[None]) -> None:
-        """Await bookkeeping for an entry; drain waits for it like for a handler."""
-        self._busy += 1
-        try:
-            await step
-        finally:
-            self._busy -= 1
-            if self._stopping:
-                self._idle.set()
-
-    async def _handler_failed(self, item: HeldEntry, exc: Exception) -> None:
-        error = f"{type(exc).__name__}: {exc}"
-        if item.deliveries >= self._max_deliveries:
-            await self._dead_letter_many([(item, REASON_POISON, error)])
-            return
-        item.retry_delay = self._retry.delay(item.deliveries)
-        self._log.warning(
-            "handler_failed",
-            source_stream=item.stream,
-            entry_id=item.entry_id,
-            deliveries=item.deliveries,
-            retry_in=round(item.retry_delay, 3),
-            error=error,
-        )
-        self._retries.schedule(item, item.retry_delay)
-
-    async def _reclaim(self, due: list[HeldEntry]) -> None:
-        spec = [(i.stream, i.entry_id, max(0, int(i.retry_delay * 1000) - 5)) for i in due]
-        results = await reclaim_for_retry(self._r, self.group, self.consumer, spec)
-        for item, claimed in zip(due, results, strict=True):
-            if not claimed.owned or self._stopping:
-                self._local[item.stream].discard(item.entry_id)
-                continue
-            deliveries = claimed.deliveries or item.deliveries + 1
-            self._work.put((item.stream, item.entry_id, claimed.fields, deliveries, None))
-
-    # -- dead letters ----------------------------------------------------------------
-    async def _dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:
-        """Dead-letter and ack atomically; if Redis is away, look again after reconnecting."""
-        if not await self._dead_letters.write(jobs):
-            self._check_requested = True
+    def _request_check(self) -> None:
+        """Look at our own pending list before the next read (after a failed dead letter)."""
+        self._check_requested = True
 
     # -- shutdown -------------------------------------------------------------------
     async def _drain(self) -> None:
         """Drop queued entries (they stay pending); wait for running ones up to the timeout."""
         for stream, entry_id, *_rest in self._work.clear():
             self._local[stream].discard(entry_id)
-        with anyio.move_on_after(self._drain_timeout):
-            while self._busy or self.stats.in_flight:
-                self._idle.clear()
-                await self._idle.wait()
-        if self._busy or self.stats.in_flight:
-            self._log.warning("drain_timeout", unfinished=self._busy + self.stats.in_flight)
+        await self._runner.drain(self._drain_timeout)
 
 
 def _fit_block(redis: Any, block_ms: int) -> int:
