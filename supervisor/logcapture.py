@@ -19,6 +19,7 @@ import anyio
 from core_bus.log import get_logger
 
 READ_SIZE = 64 * 1024
+READS_PER_WAKE = 8
 _LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
 
 
@@ -78,7 +79,9 @@ class LineCapture:
         try:
             while True:
                 await anyio.wait_readable(self.fd)
-                while True:
+                # At most READS_PER_WAKE reads, then back to the loop: a child that keeps
+                # the pipe full must not starve the supervisor's other tasks.
+                for _ in range(READS_PER_WAKE):
                     try:
                         chunk = os.read(self.fd, READ_SIZE)
                     except BlockingIOError:

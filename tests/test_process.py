@@ -248,3 +248,39 @@ async def test_exec_mode_keeps_the_program_pid(python_exe: str) -> None:
         pid, ppid = (int(x) for x in os.read(child.stdout_fd, 100).split())
     assert status.code == 0
     assert pid == child.pid and ppid == os.getpid()
+
+
+@pytest.mark.timeout(60)
+async def test_flooding_child_does_not_starve_the_event_loop(python_exe: str) -> None:
+    """While a child keeps its pipe full, other tasks of the loop still run promptly."""
+    code = (
+        "import sys, time\n"
+        "line = 'x' * 200 + '\\n'\n"
+        "end = time.monotonic() + 1.5\n"
+        "while time.monotonic() < end: sys.stdout.write(line * 500)\n"
+    )
+    gaps: list[float] = []
+    done = False
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not done:
+            await anyio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    stats = CaptureStats()
+    bucket = TokenBucket(rate=100.0, burst=100.0)
+    with structlog.testing.capture_logs():
+        async with ChildProcess.spawn([python_exe, "-c", code], env=ENV) as child:
+            assert child.stdout_fd is not None
+            capture = LineCapture(child.stdout_fd, "stdout", bucket, stats)
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ticker)
+                    tg.start_soon(capture.run)
+                    await child.wait()
+                    done = True
+    assert stats.dropped > 10_000
+    assert max(gaps) < 0.5, f"loop stalled for {max(gaps):.3f}s"
