@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 from pydantic import ValidationError
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -37,6 +38,7 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.pending import (
     HeldEntry,
+    entry_fields,
     fetch_entries,
     history_page,
     own_pending,
@@ -125,6 +127,7 @@ class Subscription:
             "core_bus.subscription", stream=",".join(streams), group=group, consumer=consumer
         )
         self._watch = ConnectionWatch(self._log, self.stats)
+        self._reader = raw_reader(redis)
         # stream name as redis-py returns it (bytes or str) -> our str
         self._names: dict[Any, str] = {}
         for name in streams:
@@ -335,7 +338,7 @@ class Subscription:
             self._wait_scope = scope
             if self._check_requested:
                 scope.cancel()
-            reply = await self._r.xreadgroup(
+            reply = await self._reader.xreadgroup(
                 self.group, self.consumer, self._read_spec, count=self._count, block=block_ms
             )
         self._wait_scope = None
@@ -366,7 +369,15 @@ class Subscription:
                     continue
                 local.add(entry_id)
                 env: Envelope | None = None
-                raw = fields.get(b"data") if fields else None
+                if type(fields) is list:  # raw reply of our reader client: [name, value, ...]
+                    if len(fields) == 2 and fields[0] == b"data":
+                        raw = fields[1]
+                        fields = {b"data": raw}
+                    else:
+                        fields = entry_fields(fields)
+                        raw = fields.get(b"data") if fields else None
+                else:
+                    raw = fields.get(b"data") if fields else None
                 if type(raw) is bytes and len(raw) <= limit:
                     try:
                         env = validate(raw)
@@ -467,6 +478,26 @@ class Subscription:
         for stream, entry_id, *_rest in self._work.clear():
             self._local[stream].discard(entry_id)
         await self._runner.drain(self._drain_timeout)
+
+
+def raw_reader(redis: Any) -> Any:
+    """A client for the hot XREADGROUP ``>`` whose reply skips redis-py's parsing.
+
+    redis-py turns every entry's field list into a dict (and wraps RESP3 replies);
+    :meth:`Subscription._dispatch` reads the server's reply as is instead. The
+    client shares ``redis``'s connection pool (same server, credentials, protocol
+    and decoding; closing ``redis`` closes it) and overrides one response callback
+    on its own, never on the caller's client. Other client types are used as given.
+    """
+    if type(redis) is not AsyncRedis or redis.single_connection_client:
+        return redis
+    reader = AsyncRedis(connection_pool=redis.connection_pool)
+    reader.set_response_callback("XREADGROUP", _as_is)
+    return reader
+
+
+def _as_is(response: Any, **_options: Any) -> Any:
+    return response
 
 
 def _fit_block(redis: Any, block_ms: int) -> int:
