@@ -23,13 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from redis.exceptions import ResponseError
 
-from core_bus.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
+from core_bus.deadletter import REASON_POISON
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.ordered import assigned, evict_consumer, shard_units
-from core_bus.replies import Entry, entries_of, fields_of, text
+from core_bus.replies import Entry
+from supervisor.claims import (
+    autoclaim,
+    claim_to,
+    claimed_entries,
+    dead_letter_poison,
+    fetch_or_ack,
+)
 from supervisor.consumers import (
     DELETE_DONE,
     DELETE_HAS_PENDING,
@@ -38,7 +44,6 @@ from supervisor.consumers import (
     PendingEntry,
     consumers_of,
     group_stats,
-    is_missing,
     pending_entries,
     pending_of_ids,
     pending_summary,
@@ -92,28 +97,6 @@ class RebalanceCounters:
             deleted_consumers=self.deleted_consumers,
             deleted_entries=self.deleted_entries,
         )
-
-
-def claimed_entries(raw: Any) -> tuple[list[Entry], int]:
-    """XCLAIM/XAUTOCLAIM entry list as ``(entries with payload, number of nil entries)``.
-
-    Redis 6.2 answers a claimed-but-deleted entry with a bare nil (redis-py:
-    ``(None, None)``), without its id; Redis 7 leaves such entries out.
-    """
-    entries: list[Entry] = []
-    nils = 0
-    for item in raw or ():
-        if item is None or item[0] is None or len(item) < 2 or item[1] is None:
-            nils += 1
-            continue
-        entries.append((text(item[0]), fields_of(item[1])))
-    return entries, nils
-
-
-def _payload(fields: dict[str, Any] | None) -> Any:
-    if not fields:
-        return None
-    return fields.get("data", fields.get("envelope"))
 
 
 class Rebalancer:
@@ -269,14 +252,9 @@ class Rebalancer:
         plan: dict[str, list[str]] = {}
         for i, row in enumerate(movable):
             plan.setdefault(live[(offset + i) % len(live)], []).append(row.id)
-        pipe = self.redis.pipeline(transaction=False)
-        receivers = list(plan)
-        for receiver in receivers:
-            pipe.xclaim(stream, target.group, receiver, min_idle, plan[receiver])
-        replies = await pipe.execute()
+        claimed = await claim_to(self.redis, stream, target.group, plan, min_idle)
         missing: list[str] = []
-        for receiver, reply in zip(receivers, replies, strict=True):
-            got = {entry_id for entry_id, _ in claimed_entries(reply)[0]}
+        for receiver, got in claimed.items():
             if got:
                 moved[receiver] = moved.get(receiver, 0) + len(got)
             missing.extend(i for i in plan[receiver] if i not in got)
@@ -293,15 +271,9 @@ class Rebalancer:
         it to the receiver as a nil entry). Returns how many ids left the dead
         consumer's list (the caller stops when a batch makes no progress).
         """
-        pipe = self.redis.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.xrange(stream, entry_id, entry_id, count=1)
-        exists = await pipe.execute()
-        vanished = [i for i, found in zip(ids, exists, strict=True) if not found]
-        alive = [i for i, found in zip(ids, exists, strict=True) if found]
-        if vanished:
-            await self.redis.xack(stream, target.group, *vanished)
-            self._c(target.agent).deleted_entries += len(vanished)
+        found, vanished = await fetch_or_ack(self.redis, stream, target.group, ids)
+        self._c(target.agent).deleted_entries += len(vanished)
+        alive = [i for i in ids if i in found]
         still = await pending_of_ids(self.redis, stream, target.group, alive)
         stuck = sum(1 for row in still.values() if row.consumer == dead)
         return len(ids) - stuck
@@ -309,21 +281,10 @@ class Rebalancer:
     async def _dead_letter_rows(
         self, target: GroupTarget, stream: str, rows: list[PendingEntry], *, consumer: str
     ) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for row in rows:
-            pipe.xrange(stream, row.id, row.id, count=1)
-        found = await pipe.execute()
-        entries: list[tuple[Entry, int]] = []
-        vanished: list[str] = []
-        for row, raw in zip(rows, found, strict=True):
-            got = entries_of(raw)
-            if got:
-                entries.append((got[0], row.deliveries))
-            else:
-                vanished.append(row.id)
-        if vanished:
-            await self.redis.xack(stream, target.group, *vanished)
-            self._c(target.agent).deleted_entries += len(vanished)
+        ids = [row.id for row in rows]
+        found, vanished = await fetch_or_ack(self.redis, stream, target.group, ids)
+        self._c(target.agent).deleted_entries += len(vanished)
+        entries = [(found[row.id], row.deliveries) for row in rows if row.id in found]
         await self._dead_letter(target, stream, entries, consumer=consumer)
 
     async def _dead_letter(
@@ -337,30 +298,15 @@ class Rebalancer:
         """XADD each to the dead-letter stream and XACK it, all in one MULTI/EXEC."""
         if not entries:
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for (entry_id, fields), deliveries in entries:
-                record = dead_letter_fields(
-                    data=_payload(fields),
-                    reason=REASON_POISON,
-                    error=(
-                        f"delivered {deliveries} times "
-                        f"(max_deliveries={target.max_deliveries}); last consumer {consumer}"
-                    ),
-                    deliveries=deliveries,
-                    source_stream=stream,
-                    source_id=entry_id,
-                    group=target.group,
-                    consumer=consumer,
-                )
-                queue_dead_letter(
-                    pipe,
-                    target.dlq_stream,
-                    stream=stream,
-                    group=target.group,
-                    entry_id=entry_id,
-                    fields=record,
-                )
-            await pipe.execute()
+        await dead_letter_poison(
+            self.redis,
+            target.dlq_stream,
+            stream,
+            target.group,
+            entries,
+            max_deliveries=target.max_deliveries,
+            consumer=consumer,
+        )
         self._c(target.agent).dead_lettered += len(entries)
         log.warning(
             "entries_dead_lettered",
@@ -424,29 +370,16 @@ class Rebalancer:
         for _ in range(MAX_BATCHES):
             receiver = live[self._next_offset(target, 1) % len(live)]
             with anyio.CancelScope(shield=True):
-                try:
-                    reply = await self.redis.execute_command(
-                        "XAUTOCLAIM",
-                        stream,
-                        target.group,
-                        receiver,
-                        min_idle_ms,
-                        cursor,
-                        "COUNT",
-                        BATCH,
-                    )
-                except ResponseError as exc:
-                    if is_missing(exc):
-                        return
-                    raise
-                next_cursor = text(reply[0])
-                claimed, nils = claimed_entries(reply[1])
-                deleted = len(reply[2]) if len(reply) > 2 and reply[2] else 0
-                if nils:
-                    await self._ack_vanished_of(target, stream, receiver, cursor, next_cursor)
-                await self._after_autoclaim(target, stream, receiver, claimed, moved)
-                self._c(target.agent).deleted_entries += deleted + nils
-                cursor = next_cursor
+                page = await autoclaim(
+                    self.redis, stream, target.group, receiver, min_idle_ms, cursor, BATCH
+                )
+                if page is None:
+                    return
+                if page.nils:
+                    await self._ack_vanished_of(target, stream, receiver, cursor, page.next_cursor)
+                await self._after_autoclaim(target, stream, receiver, page.claimed, moved)
+                self._c(target.agent).deleted_entries += page.deleted + page.nils
+                cursor = page.next_cursor
             if cursor == "0-0":
                 return
         self._cursors[cursor_key] = cursor
@@ -471,15 +404,8 @@ class Rebalancer:
             count=BATCH * 10,
         )
         ids = [row.id for row in rows]
-        if not ids:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.xrange(stream, entry_id, entry_id, count=1)
-        found = await pipe.execute()
-        vanished = [i for i, hit in zip(ids, found, strict=True) if not hit]
-        if vanished:
-            await self.redis.xack(stream, target.group, *vanished)
+        if ids:
+            await fetch_or_ack(self.redis, stream, target.group, ids)
 
     async def _after_autoclaim(
         self,
@@ -544,6 +470,8 @@ class Rebalancer:
 
 
 __all__ = [
+    "BATCH",
+    "MAX_BATCHES",
     "REASON_CRASH",
     "REASON_IDLE",
     "REASON_STARTUP",
@@ -551,4 +479,5 @@ __all__ = [
     "GroupTarget",
     "RebalanceCounters",
     "Rebalancer",
+    "claimed_entries",
 ]
