@@ -247,7 +247,7 @@ class FleetDaemon:
 
     async def _stop_all(self) -> None:
         """Stop layers in reverse start order; each layer's workers in parallel."""
-        for layer in reversed(self.layers):
+        for layer in self.plan.stop_order():
             async with anyio.create_task_group() as tg:
                 for name in layer:
                     runtime = self.agents.get(name)

@@ -615,3 +615,33 @@ async def test_failed_roll_without_surge_brings_old_workers_back(
             timeout=20,
             message="old workers back",
         )
+
+
+async def test_stop_runs_in_reverse_start_order(tmp_path: Path, python_exe: str) -> None:
+    """Shutdown stops dependents first: `top` (after = ["base"]) is gone before `base`
+    gets its SIGTERM."""
+    record = tmp_path / "stops.txt"
+    code = (
+        "import os, signal, sys, time; "
+        "h = lambda *a: (open(sys.argv[1], 'a').write(os.environ['AG1_AGENT'] + chr(10)), "
+        "sys.exit(0)); signal.signal(signal.SIGTERM, h); time.sleep(600)"
+    )
+    command = f'["{python_exe}", "-c", "{code}", "{record}"]'
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "base"
+    command = {command}
+    start_seconds = "200ms"
+    replicas = 2
+    [[agents]]
+    name = "top"
+    after = ["base"]
+    command = {command}
+    start_seconds = "200ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: daemon.ready, message="ready")
+    assert record.read_text().split() == ["top", "base", "base"]
