@@ -8,7 +8,7 @@ by ``prometheus_client`` (never by hand), so ``promtool check metrics`` holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -117,31 +117,21 @@ def _supervisor_families(snap: FleetSnapshot) -> Iterator[Metric]:
 
 
 def _agent_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
-    desired = GaugeMetricFamily(
-        "ag1_agent_desired_replicas", "Workers the plan asks for.", labels=["agent"]
+    desired = _gauge("ag1_agent_desired_replicas", "Workers the plan asks for.")
+    ready = _gauge("ag1_agent_ready_replicas", "Workers ready now.")
+    state = _gauge(
+        "ag1_agent_state", "1 for the agent's current state, 0 otherwise.", ["agent", "state"]
     )
-    ready = GaugeMetricFamily("ag1_agent_ready_replicas", "Workers ready now.", labels=["agent"])
-    state = GaugeMetricFamily(
-        "ag1_agent_state",
-        "1 for the agent's current state, 0 otherwise.",
-        labels=["agent", "state"],
-    )
-    restarts = CounterMetricFamily(
-        "ag1_agent_restarts", "Worker restarts of the agent.", labels=["agent"]
-    )
-    exits = CounterMetricFamily(
-        "ag1_worker_exits", "Worker exits by reason.", labels=["agent", "reason"]
-    )
-    deleted = CounterMetricFamily(
+    restarts = _counter("ag1_agent_restarts", "Worker restarts of the agent.")
+    exits = _counter("ag1_worker_exits", "Worker exits by reason.", ["agent", "reason"])
+    deleted = _counter(
         "ag1_deleted_consumers",
         "Dead consumers deleted from the group after their entries were reclaimed.",
-        labels=["agent"],
     )
     for agent in agents:
         desired.add_metric([agent.name], agent.desired_replicas)
         ready.add_metric([agent.name], agent.ready_replicas)
-        for name in _states(AGENT_STATES, agent.state):
-            state.add_metric([agent.name, name], 1.0 if name == agent.state else 0.0)
+        _add_state(state, [agent.name], AGENT_STATES, agent.state)
         restarts.add_metric([agent.name], agent.restarts_total)
         for reason, count in sorted(agent.exits_by_reason.items()):
             exits.add_metric([agent.name, reason], count)
@@ -151,32 +141,21 @@ def _agent_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
 
 def _worker_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
     labels = ["agent", "worker"]
-    state = GaugeMetricFamily(
-        "ag1_worker_state",
-        "1 for the worker's current state, 0 otherwise.",
-        labels=[*labels, "state"],
+    state = _gauge(
+        "ag1_worker_state", "1 for the worker's current state, 0 otherwise.", [*labels, "state"]
     )
-    restarts = CounterMetricFamily(
-        "ag1_worker_restarts", "Restarts of this worker slot.", labels=labels
+    restarts = _counter("ag1_worker_restarts", "Restarts of this worker slot.", labels)
+    rss = _gauge("ag1_worker_rss_bytes", "Resident memory of the worker.", labels)
+    cpu = _gauge("ag1_worker_cpu_percent", "CPU use of the worker (100 = one core).", labels)
+    uptime = _gauge("ag1_worker_uptime_seconds", "Seconds since the worker started.", labels)
+    heartbeat = _gauge(
+        "ag1_worker_heartbeat_age_seconds", "Seconds since the last WATCHDOG=1.", labels
     )
-    rss = GaugeMetricFamily("ag1_worker_rss_bytes", "Resident memory of the worker.", labels=labels)
-    cpu = GaugeMetricFamily(
-        "ag1_worker_cpu_percent", "CPU use of the worker (100 = one core).", labels=labels
-    )
-    uptime = GaugeMetricFamily(
-        "ag1_worker_uptime_seconds", "Seconds since the worker started.", labels=labels
-    )
-    heartbeat = GaugeMetricFamily(
-        "ag1_worker_heartbeat_age_seconds", "Seconds since the last WATCHDOG=1.", labels=labels
-    )
-    in_flight = GaugeMetricFamily(
-        "ag1_worker_in_flight", "Handlers running now in the worker.", labels=labels
-    )
+    in_flight = _gauge("ag1_worker_in_flight", "Handlers running now in the worker.", labels)
     for agent in agents:
         for worker in agent.workers:
             key = [agent.name, worker.worker_id]
-            for name in _states(WORKER_STATES, worker.state):
-                state.add_metric([*key, name], 1.0 if name == worker.state else 0.0)
+            _add_state(state, key, WORKER_STATES, worker.state)
             restarts.add_metric(key, worker.restarts)
             in_flight.add_metric(key, worker.in_flight)
             # Unknown values are omitted, never reported as 0.
@@ -192,21 +171,18 @@ def _worker_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
 
 
 def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
-    def counter(name: str, doc: str) -> CounterMetricFamily:
-        return CounterMetricFamily(name, doc, labels=["agent"])
-
-    processed = counter("ag1_messages_processed", "Entries handled and acked.")
-    failed = counter("ag1_messages_failed", "Handler attempts that raised.")
-    dead = counter("ag1_messages_dead_lettered", "Entries moved to the dead-letter stream.")
-    malformed = counter("ag1_messages_malformed", "Dead-lettered entries that could not be parsed.")
-    reconnects = counter("ag1_bus_reconnects", "Worker reconnects to Redis.")
-    in_flight = GaugeMetricFamily(
-        "ag1_messages_in_flight", "Handlers running now across the agent.", labels=["agent"]
+    processed = _counter("ag1_messages_processed", "Entries handled and acked.")
+    failed = _counter("ag1_messages_failed", "Handler attempts that raised.")
+    dead = _counter("ag1_messages_dead_lettered", "Entries moved to the dead-letter stream.")
+    malformed = _counter(
+        "ag1_messages_malformed", "Dead-lettered entries that could not be parsed."
     )
-    reclaimed = CounterMetricFamily(
+    reconnects = _counter("ag1_bus_reconnects", "Worker reconnects to Redis.")
+    in_flight = _gauge("ag1_messages_in_flight", "Handlers running now across the agent.")
+    reclaimed = _counter(
         "ag1_messages_reclaimed",
         "Pending entries handed to live consumers (crash, idle, startup).",
-        labels=["agent", "reason"],
+        ["agent", "reason"],
     )
     duration = HistogramMetricFamily(
         "ag1_handler_duration_seconds", "Handler run time.", labels=["agent"]
@@ -228,15 +204,11 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
 
 def _group_families(snap: FleetSnapshot) -> Iterator[Metric]:
     labels = ["stream", "group"]
-    pending = GaugeMetricFamily(
-        "ag1_group_pending", "Entries delivered but not yet acked.", labels=labels
+    pending = _gauge("ag1_group_pending", "Entries delivered but not yet acked.", labels)
+    lag = _gauge(
+        "ag1_group_lag", "Entries not yet delivered to the group (omitted when unknown).", labels
     )
-    lag = GaugeMetricFamily(
-        "ag1_group_lag",
-        "Entries not yet delivered to the group (omitted when unknown).",
-        labels=labels,
-    )
-    consumers = GaugeMetricFamily("ag1_group_consumers", "Consumers in the group.", labels=labels)
+    consumers = _gauge("ag1_group_consumers", "Consumers in the group.", labels)
     for group in snap.groups:
         key = [group.stream, group.group]
         if group.pending is not None:
@@ -248,9 +220,25 @@ def _group_families(snap: FleetSnapshot) -> Iterator[Metric]:
     yield from (pending, lag, consumers)
 
 
+def _gauge(name: str, doc: str, labels: Sequence[str] = ("agent",)) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _counter(name: str, doc: str, labels: Sequence[str] = ("agent",)) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
 def _states(known: tuple[str, ...], current: str) -> tuple[str, ...]:
     """Known states plus ``current`` if the daemon reports one we do not know."""
     return known if current in known else (*known, current)
+
+
+def _add_state(
+    family: GaugeMetricFamily, key: list[str], known: tuple[str, ...], current: str
+) -> None:
+    """One 0/1 sample per state (1 for ``current``), labelled ``[*key, state]``."""
+    for name in _states(known, current):
+        family.add_metric([*key, name], 1.0 if name == current else 0.0)
 
 
 def build_registry(source: SnapshotSource, *, process_metrics: bool = True) -> CollectorRegistry:
