@@ -37,6 +37,17 @@ DURATION_HINT = "expected a number with a unit ms, s, m or h, e.g. '500ms', '30s
 SIZE_HINT = "expected a number with a unit B, kB, MB, GB, KiB, MiB, GiB, e.g. '512MiB'"
 
 
+def _unit_text(value: object, kind: str, hint: str) -> str:
+    """``value`` as a non-empty, non-negative string, else the ``ValueError`` both parsers raise."""
+    if not isinstance(value, str):
+        raise ValueError(f"invalid {kind} {value!r}: {hint}")
+    if value == "":
+        raise ValueError(f"empty {kind}: {hint}")
+    if value.startswith("-"):
+        raise ValueError(f"invalid {kind} {value!r}: must not be negative")
+    return value
+
+
 def parse_duration(value: object) -> float:
     """Seconds as a float from ``"250ms"``, ``"1.5s"``, ``"5m"``, ``"1h30m"`` or a number.
 
@@ -51,12 +62,7 @@ def parse_duration(value: object) -> float:
         if seconds < 0:
             raise ValueError(f"invalid duration {value!r}: must not be negative")
         return seconds
-    if not isinstance(value, str):
-        raise ValueError(f"invalid duration {value!r}: {DURATION_HINT}")
-    if value == "":
-        raise ValueError(f"empty duration: {DURATION_HINT}")
-    if value.startswith("-"):
-        raise ValueError(f"invalid duration {value!r}: must not be negative")
+    value = _unit_text(value, "duration", DURATION_HINT)
     if not _DURATION_FULL.fullmatch(value):
         if re.fullmatch(r"\d+(?:\.\d+)?", value):
             raise ValueError(f"invalid duration {value!r}: missing unit, e.g. '{value}s'")
@@ -79,12 +85,7 @@ def parse_size(value: object) -> int:
         if value < 0:
             raise ValueError(f"invalid size {value!r}: must not be negative")
         return value
-    if not isinstance(value, str):
-        raise ValueError(f"invalid size {value!r}: {SIZE_HINT}")
-    if value == "":
-        raise ValueError(f"empty size: {SIZE_HINT}")
-    if value.startswith("-"):
-        raise ValueError(f"invalid size {value!r}: must not be negative")
+    value = _unit_text(value, "size", SIZE_HINT)
     match = _SIZE.fullmatch(value)
     if match is None:
         if re.fullmatch(r"\d+", value):
