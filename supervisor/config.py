@@ -53,6 +53,13 @@ SUPERVISOR_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
+def _no_spaces(value: str) -> str:
+    """A non-empty name without white space (namespace, consumer group)."""
+    if not value or re.search(r"\s", value):
+        raise ValueError("must be a non-empty string without spaces")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
@@ -132,9 +139,7 @@ class RedisConfig(_Model):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if not value or re.search(r"\s", value):
-            raise ValueError("must be a non-empty string without spaces")
-        return value
+        return _no_spaces(value)
 
     @property
     def embedded(self) -> bool:
@@ -377,9 +382,7 @@ class AgentConfig(AgentSettings):
     @field_validator("group")
     @classmethod
     def _group(cls, value: str) -> str:
-        if not value or re.search(r"\s", value):
-            raise ValueError("must be a non-empty string without spaces")
-        return value
+        return _no_spaces(value)
 
     @field_validator("streams")
     @classmethod
