@@ -49,6 +49,11 @@ class DeliveryHooks:
             max_deliveries=agent.max_deliveries,
             claim_idle=agent.claim_idle,
             dlq_stream=agent.dlq_stream,
+            # Ordered agents: reclaim evicts the dead worker's shard leases at
+            # once (not after the lease TTL) and the sweep leaves them alone.
+            ordered=bool(agent.ordered),
+            base_streams=tuple(agent.streams),
+            shards=int(agent.shards),
         )
 
     def counters_for(self, agent: str) -> Any:

@@ -216,3 +216,40 @@ async def test_supervisor_speaks_sd_notify(tmp_path: Path, python_exe: str) -> N
 
 def _index_of(messages: list[NotifyMessage], key: str) -> int:
     return next(i for i, m in enumerate(messages) if key in m.fields)
+
+
+def test_group_target_carries_ordered_shards(tmp_path: Path) -> None:
+    """An ordered agent's GroupTarget says ordered, its unsharded streams and shard count,
+    so the rebalancer evicts a dead owner's shard leases at once and the sweep skips it;
+    a plain agent stays unordered."""
+    from supervisor.delivery_hooks import DeliveryHooks
+    from supervisor.fleet_state import AgentRuntime
+
+    (tmp_path / "ord_agent.py").write_text("async def handle(env, redis):\n    pass\n")
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        textwrap.dedent(
+            header()
+            + """
+    [[agents]]
+    name = "ledger"
+    handler = "ord_agent:handle"
+    streams = ["ledger:in"]
+    shards = 4
+    ordered = true
+
+    [[agents]]
+    name = "plain"
+    handler = "ord_agent:handle"
+    """
+        )
+    )
+    config = load_config(path)
+    by_name = {a.name: a for a in config.agents}
+    ordered = DeliveryHooks.target(AgentRuntime(by_name["ledger"], desired=1))
+    assert ordered.ordered is True
+    assert ordered.shards == 4
+    assert ordered.base_streams == ("ledger:in",)
+    assert len(ordered.streams) == 4
+    plain = DeliveryHooks.target(AgentRuntime(by_name["plain"], desired=1))
+    assert plain.ordered is False
