@@ -158,15 +158,10 @@ def _worker_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
             _add_state(state, key, WORKER_STATES, worker.state)
             restarts.add_metric(key, worker.restarts)
             in_flight.add_metric(key, worker.in_flight)
-            # Unknown values are omitted, never reported as 0.
-            if worker.rss_bytes is not None:
-                rss.add_metric(key, worker.rss_bytes)
-            if worker.cpu_percent is not None:
-                cpu.add_metric(key, worker.cpu_percent)
-            if worker.uptime_seconds is not None:
-                uptime.add_metric(key, worker.uptime_seconds)
-            if worker.last_heartbeat_age_seconds is not None:
-                heartbeat.add_metric(key, worker.last_heartbeat_age_seconds)
+            _add_known(rss, key, worker.rss_bytes)
+            _add_known(cpu, key, worker.cpu_percent)
+            _add_known(uptime, key, worker.uptime_seconds)
+            _add_known(heartbeat, key, worker.last_heartbeat_age_seconds)
     yield from (state, restarts, rss, cpu, uptime, heartbeat, in_flight)
 
 
@@ -211,12 +206,9 @@ def _group_families(snap: FleetSnapshot) -> Iterator[Metric]:
     consumers = _gauge("ag1_group_consumers", "Consumers in the group.", labels)
     for group in snap.groups:
         key = [group.stream, group.group]
-        if group.pending is not None:
-            pending.add_metric(key, group.pending)
-        if group.lag is not None:
-            lag.add_metric(key, group.lag)
-        if group.consumers is not None:
-            consumers.add_metric(key, group.consumers)
+        _add_known(pending, key, group.pending)
+        _add_known(lag, key, group.lag)
+        _add_known(consumers, key, group.consumers)
     yield from (pending, lag, consumers)
 
 
@@ -231,6 +223,12 @@ def _counter(name: str, doc: str, labels: Sequence[str] = ("agent",)) -> Counter
 def _states(known: tuple[str, ...], current: str) -> tuple[str, ...]:
     """Known states plus ``current`` if the daemon reports one we do not know."""
     return known if current in known else (*known, current)
+
+
+def _add_known(family: GaugeMetricFamily, key: list[str], value: float | None) -> None:
+    """Add a sample only when the value is known: unknown is omitted, never reported as 0."""
+    if value is not None:
+        family.add_metric(key, value)
 
 
 def _add_state(
