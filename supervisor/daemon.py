@@ -584,7 +584,7 @@ class FleetDaemon:
 
     # -- notify ------------------------------------------------------------------------------
     def _on_notify(self, message: NotifyMessage) -> None:
-        key = self._senders.resolve(message.pid)
+        key = self._senders.resolve_message(message)
         if key is None:
             log.debug("notify from unknown sender", pid=message.pid)
             return

@@ -6,6 +6,12 @@ when the sender pid is a worker pid, or when the sender's process group id is
 one (so ``systemd-notify --ready`` run from a worker's shell counts). File
 descriptors passed along (``BARRIER=1`` from ``systemd-notify``) are closed at
 once, which is exactly what the barrier protocol asks of us.
+
+The sender's process group is looked up *before* those fds are closed: the
+barrier keeps a short-lived sender (``systemd-notify`` run by a shell agent
+when we are not root reports its own pid) alive until then, and once released
+it may exit before the daemon attributes the datagram, after which its pgid
+can no longer be found.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class NotifyMessage:
 
     pid: int | None
     fields: dict[str, str] = field(default_factory=dict)
+    #: The sender's process group, resolved while it was still alive (None: unknown).
+    pgid: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -139,11 +147,13 @@ class NotifyServer:
                 log.warning("notify receive failed", error=str(exc))
                 return messages
             pid, fds = _creds_and_fds(ancdata)
+            # Before releasing the barrier: the sender may exit right after.
+            pgid = process_group_of(pid) if pid else None
             for fd in fds:  # BARRIER=1: closing the fd releases the sender
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self.received += 1
-            messages.append(NotifyMessage(pid, parse_datagram(data)))
+            messages.append(NotifyMessage(pid, parse_datagram(data), pgid))
 
     async def serve(
         self,
@@ -204,13 +214,23 @@ class SenderIndex:
     def remove(self, pid: int) -> None:
         self._by_pid.pop(pid, None)
 
-    def resolve(self, pid: int | None) -> str | None:
+    def resolve(self, pid: int | None, pgid: int | None = None) -> str | None:
+        """The worker key for a sender pid, or for its process group.
+
+        ``pgid`` is the group recorded when the datagram arrived
+        (:attr:`NotifyMessage.pgid`); without it the group is looked up now,
+        which fails once the sender has exited.
+        """
         if pid is None:
             return None
         key = self._by_pid.get(pid)
         if key is not None:
             return key
-        pgid = process_group_of(pid)
+        if pgid is None:
+            pgid = process_group_of(pid)
         if pgid is not None:
             return self._by_pid.get(pgid)
         return None
+
+    def resolve_message(self, message: NotifyMessage) -> str | None:
+        return self.resolve(message.pid, message.pgid)

@@ -114,3 +114,41 @@ def test_systemd_notify_tool_is_available() -> None:
     """The shell-agent test above relies on systemd-notify being installed."""
     result = subprocess.run(["systemd-notify", "--version"], capture_output=True, check=False)
     assert result.returncode == 0
+
+
+BARRIER_SENDER = """
+import array, os, socket, subprocess, sys
+
+if sys.argv[1:] == ["child"]:
+    # Like systemd-notify: send with a BARRIER fd, exit as soon as it is released.
+    r, w = os.pipe()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))]
+    s.sendmsg([b"READY=1\\nBARRIER=1"], fds, 0, os.environ["NOTIFY_SOCKET"])
+    os.close(w)
+    os.read(r, 1)  # EOF once the server closed its copy
+else:
+    subprocess.run([sys.executable, __file__, "child"], check=True)
+"""
+
+
+async def test_short_lived_sender_resolves_by_the_pgid_recorded_on_receipt(
+    tmp_path: Path, python_exe: str
+) -> None:
+    """A sender in a worker's process group that exits the moment its BARRIER fd is
+    closed still resolves to the worker: its pgid is taken before the fd is released."""
+    script = tmp_path / "sender.py"
+    script.write_text(BARRIER_SENDER)
+    with NotifyServer() as server:
+        index = SenderIndex()
+        env = dict(os.environ, NOTIFY_SOCKET=server.address)
+        async with ChildProcess.spawn([python_exe, str(script)], env=env) as child:
+            index.add(child.pid, "shell/0")
+            (message,) = await _collect(server, 1)
+            with anyio.fail_after(10):
+                status = await child.wait()  # the sender (its child) is gone too
+        assert status.code == 0
+    assert message.ready and message.pid != child.pid
+    assert message.pgid == child.pid
+    assert index.resolve_message(message) == "shell/0"
+    assert index.resolve(message.pid) is None  # a lookup now, after exit, finds nothing
