@@ -8,7 +8,8 @@ concurrently.
 
 Coordination lives in Redis, so it holds across hosts and supervisors (the
 scripts are in :mod:`core_bus.shard_leases`, the claim steps in
-:mod:`core_bus.shard_claims`; this module is the consume loop):
+:mod:`core_bus.shard_claims`, one entry's handling in :mod:`core_bus.shard_entries`;
+this module is the ownership round and the per-shard read loop):
 
 * **Membership**: a sorted set of consumer names scored by expiry (Redis TIME),
   refreshed every tick; a member that stops heartbeating drops out after
@@ -50,9 +51,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core_bus.backoff import Backoff
-from core_bus.deadletter import REASON_POISON, dead_letter_fields
-from core_bus.decode import Malformed, decode_payload, payload_of
-from core_bus.handlers import Handler, handler_arity
+from core_bus.handlers import Handler
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.pending import entry_fields
@@ -64,14 +63,12 @@ from core_bus.shard_claims import (
     ShardEntry,
     claim_backlog,
     own_pending,
-    redeliver,
 )
+from core_bus.shard_entries import ShardEntryHandler
 from core_bus.shard_leases import (
     ShardUnit,
     assigned,
     evict_consumer,
-    fenced_ack,
-    fenced_dead_letter,
     heartbeat,
     members_key,
     set_leases,
@@ -133,16 +130,24 @@ class OrderedSubscription:
         self.units = shard_units(keys, group, base_streams, shards)
         self.streams = [u.stream for u in self.units]
         self._members_key = members_key(keys, group)
-        self._handler = handler
-        self._pass_redis = handler_arity(handler) == 2
         self._ttl_ms = max(1, int(lease_ttl * 1000))
         self._tick = tick if tick is not None else min(1.0, lease_ttl / 4)
         self._block_ms = max(1, int(self._tick * 1000))
-        self._max_deliveries = max_deliveries
         self._retry = Backoff(retry_backoff, retry_backoff_max)
-        self._limit = get_settings().bus_max_envelope_bytes
         self._runners: dict[ShardUnit, _Runner] = {}
         self._log = get_logger("core_bus.ordered", group=group, consumer=consumer)
+        self._entries = ShardEntryHandler(
+            redis,
+            handler,
+            group=group,
+            consumer=consumer,
+            dlq_stream=dlq_stream,
+            max_deliveries=max_deliveries,
+            retry=self._retry,
+            limit=get_settings().bus_max_envelope_bytes,
+            stats=self.stats,
+            log=self._log,
+        )
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
         self._done = asyncio.Event()
@@ -334,12 +339,18 @@ class OrderedSubscription:
         if not batch:
             batch = await self._read_new(runner)
         for entry_id, fields, deliveries in batch:
-            if runner.release or runner.lost or self._stopping:
+            if self._giving_up(runner):
                 runner.check_own = True
                 return
-            if not await self._handle(runner, entry_id, fields, deliveries):
+            if not await self._entries.handle(
+                runner.unit, entry_id, fields, deliveries, lambda: self._giving_up(runner)
+            ):
                 self._lose(runner)
                 return
+
+    def _giving_up(self, runner: _Runner) -> bool:
+        """True once the shard is being handed over, was lost, or we are stopping."""
+        return runner.release or runner.lost or self._stopping
 
     async def _read_new(self, runner: _Runner) -> list[ShardEntry]:
         with anyio.CancelScope() as scope:
@@ -362,90 +373,6 @@ class OrderedSubscription:
         runner.read_scope = None
         runner.check_own = True
         return []
-
-    async def _handle(self, runner: _Runner, entry_id: str, fields: Any, deliveries: int) -> bool:
-        """Handle one entry to its end; False when the shard's lease turned out lost."""
-        unit = runner.unit
-        if fields is None:  # deleted or trimmed while pending
-            return await self._ack(unit, entry_id, counted=False)
-        if deliveries > self._max_deliveries:
-            msg = f"delivered {deliveries} times (limit {self._max_deliveries})"
-            return await self._dead_letter(unit, entry_id, fields, REASON_POISON, msg, deliveries)
-        env = decode_payload(payload_of(fields), self._limit)
-        if isinstance(env, Malformed):
-            self.stats.malformed += 1
-            return await self._dead_letter(
-                unit, entry_id, fields, env.reason, env.error, deliveries
-            )
-        env.add_hop(self.group)
-        while True:
-            error = await self._call(env)
-            if error is None:
-                return await self._ack(unit, entry_id, counted=True)
-            if deliveries >= self._max_deliveries:
-                return await self._dead_letter(
-                    unit, entry_id, fields, REASON_POISON, error, deliveries
-                )
-            await anyio.sleep(self._retry.delay(deliveries))
-            if runner.release or runner.lost or self._stopping:
-                return True  # stays pending; the next owner (or we, later) retries it
-            deliveries = await redeliver(
-                self.redis, unit.stream, self.group, self.consumer, entry_id
-            )
-            if deliveries == 0:
-                return True  # no longer ours (acked or claimed elsewhere)
-
-    async def _call(self, env: Any) -> str | None:
-        stats = self.stats
-        stats.in_flight += 1
-        started = time.perf_counter()
-        try:
-            if self._pass_redis:
-                await self._handler(env, self.redis)
-            else:
-                await self._handler(env)
-        except Exception as exc:
-            stats.failed += 1
-            self._log.warning("handler_failed", error=f"{type(exc).__name__}: {exc}")
-            return f"{type(exc).__name__}: {exc}"
-        finally:
-            stats.in_flight -= 1
-            stats.observe_handler(time.perf_counter() - started)
-        return None
-
-    async def _ack(self, unit: ShardUnit, entry_id: str, *, counted: bool) -> bool:
-        with anyio.CancelScope(shield=True):
-            ours = await fenced_ack(self.redis, unit, self.consumer, self.group, entry_id)
-        if not ours:
-            return False
-        if counted:
-            self.stats.processed += 1
-        return True
-
-    async def _dead_letter(
-        self, unit: ShardUnit, entry_id: str, fields: Any, reason: str, error: str, deliveries: int
-    ) -> bool:
-        record = dead_letter_fields(
-            data=payload_of(fields),
-            reason=reason,
-            error=error,
-            deliveries=deliveries,
-            source_stream=unit.stream,
-            source_id=entry_id,
-            group=self.group,
-            consumer=self.consumer,
-        )
-        with anyio.CancelScope(shield=True):
-            ours = await fenced_dead_letter(
-                self.redis, unit, self.dlq_stream, self.consumer, self.group, entry_id, record
-            )
-        if not ours:
-            return False
-        self.stats.dead_lettered += 1
-        self._log.warning(
-            "entry_dead_lettered", stream=unit.stream, entry_id=entry_id, reason=reason
-        )
-        return True
 
 
 async def subscribe_ordered(
