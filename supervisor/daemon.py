@@ -463,6 +463,7 @@ class FleetDaemon:
             log.error("worker spawn failed", agent=agent.name, worker=worker.key, error=reason)
             state = worker.lifecycle.on_exit(now, ExitInfo(code=127, reason=reason))
             runtime.exits_by_reason[reason] += 1
+            runtime.last_start_error = f"{worker.key}: {reason}"
             worker.consumer = None
             self._after_exit_state(runtime, worker, state)
             return
@@ -526,6 +527,7 @@ class FleetDaemon:
             status.code == 0 and worker.kill_cause is None
         )
         if not was_ready and not expected:
+            runtime.last_start_error = f"{worker.key} failed to start: {reason}"
             log.warning("worker failed to start", **fields)
         elif expected:
             log.info("worker exited", **fields)
@@ -571,6 +573,7 @@ class FleetDaemon:
         if not worker.lifecycle.on_ready(now):
             return
         log.info("worker ready", agent=runtime.name, worker=worker.key, pid=worker.pid)
+        runtime.last_start_error = None
         self._worker_changed(worker)
         if self._tg is not None and worker.consumer is not None:
             if runtime.orphans:
@@ -885,9 +888,11 @@ class FleetDaemon:
             worker.retired = False
             if not worker.lifecycle.running:
                 worker.lifecycle.request_start(now)
+        exits = [f"{w.key}: {w.lifecycle.last_exit.reason}" for w in fresh if w.lifecycle.last_exit]
         runtime.last_roll_error = (
             f"rolling restart of {runtime.name} stopped: a replacement did not become "
             f"ready within {runtime.config.start_timeout:g}s"
+            + (f" ({'; '.join(exits)})" if exits else "")
         )
         log.error("rolling restart failed", agent=runtime.name, error=runtime.last_roll_error)
         raise ControlError(runtime.last_roll_error)

@@ -95,6 +95,8 @@ class AgentRuntime:
     stale_cleaned: bool = False
     last_sweep: float = 0.0
     last_roll_error: str | None = None
+    #: The last spawn failure or exit before READY; cleared when a worker gets ready.
+    last_start_error: str | None = None
 
     @property
     def name(self) -> str:
@@ -195,7 +197,17 @@ def agent_snapshot(runtime: AgentRuntime, now: float, counters: Any = None) -> A
         messages=messages,
         reclaimed_by_reason=dict(getattr(counters, "reclaimed_by_reason", {}) or {}),
         deleted_consumers_total=int(getattr(counters, "deleted_consumers", 0)),
+        rolling=runtime.rolling,
+        last_error=agent_error(runtime),
     )
+
+
+def agent_error(runtime: AgentRuntime) -> str | None:
+    """The most pressing reason the agent is not as asked: fatal, failed roll, failed start."""
+    for worker in sorted(runtime.workers.values(), key=lambda w: w.slot):
+        if worker.lifecycle.state == WorkerState.FATAL:
+            return f"{worker.key} fatal: {worker.lifecycle.fatal_reason}"
+    return runtime.last_roll_error or runtime.last_start_error
 
 
 def group_snapshot(stat: Any, group: str) -> GroupSnapshot:

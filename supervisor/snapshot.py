@@ -56,6 +56,10 @@ class AgentSnapshot:
     messages: SubscriptionStats = field(default_factory=SubscriptionStats)
     reclaimed_by_reason: dict[str, int] = field(default_factory=dict)  # crash|idle|startup
     deleted_consumers_total: int = 0
+    rolling: bool = False  # a rolling restart is in progress
+    # Why the agent is not as asked: a fatal worker's reason, a failed rolling
+    # restart (the API answered 202 before it ran), or the last failed start.
+    last_error: str | None = None
 
 
 @dataclass

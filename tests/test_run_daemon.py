@@ -645,3 +645,61 @@ async def test_stop_runs_in_reverse_start_order(tmp_path: Path, python_exe: str)
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: daemon.ready, message="ready")
     assert record.read_text().split() == ["top", "base", "base"]
+
+
+@pytest.mark.timeout(60)
+async def test_snapshot_shows_rolling_and_why_a_roll_or_start_failed(
+    tmp_path: Path, python_exe: str
+) -> None:
+    """/status data: ``rolling`` is true while a roll runs; a failed roll leaves its
+    reason (with the replacement's exit) in ``last_error``; a fatal agent shows its
+    fatal reason there."""
+    flag = tmp_path / "broken"
+    code = (
+        "import os, sys, time; from supervisor.sdnotify import sd_notify; "
+        f"time.sleep(0.3) if os.path.exists('{flag}') else None; "
+        f"sys.exit(4) if os.path.exists('{flag}') else None; "
+        "sd_notify('READY=1'); time.sleep(600)"
+    )
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "fragile"
+    command = {cmd(python_exe, code)}
+    start_seconds = "30s"
+    start_timeout = "10s"
+    replicas = 1
+
+    [[agents]]
+    name = "broken"
+    command = {cmd(python_exe, "import sys; sys.exit(3)")}
+    start_seconds = "5s"
+    start_limit = 1
+    backoff_initial = "50ms"
+    backoff_max = "50ms"
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "fragile").ready_replicas == 1)
+        snap = agent(daemon, "fragile")
+        assert snap.rolling is False and snap.last_error is None
+        flag.write_text("x")
+        failures: list[str] = []
+
+        async def roll() -> None:
+            try:
+                await daemon.restart_agent("fragile", rolling=True)
+            except ControlError as exc:
+                failures.append(str(exc))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(roll)
+            await eventually(lambda: agent(daemon, "fragile").rolling, message="rolling")
+        snap = agent(daemon, "fragile")
+        assert failures and snap.rolling is False
+        assert snap.last_error == failures[0]
+        assert "did not become ready" in snap.last_error and "exit 4" in snap.last_error
+        await eventually(lambda: agent(daemon, "broken").state == "fatal", timeout=15)
+        error = agent(daemon, "broken").last_error
+        assert error is not None and error.startswith("broken/0 fatal:")
