@@ -309,7 +309,7 @@ class OrderedSubscription:
                     except TRANSIENT:
                         failures += 1
                         await anyio.sleep(self._retry.delay(failures))
-                while not (runner.release or runner.lost or self._stopping):
+                while not self._giving_up(runner):
                     try:
                         await self._shard_step(runner)
                         failures = 0

@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 from core_bus.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
 from core_bus.decode import payload_of
 from core_bus.replies import Entry, entries_of, fields_of, text
-from supervisor.consumers import is_missing
+from supervisor.consumers import is_missing, pending_entries
 
 
 def claimed_entries(raw: Any) -> tuple[list[Entry], int]:
@@ -63,6 +63,23 @@ async def fetch_or_ack(
     if vanished:
         await redis.xack(stream, group, *vanished)
     return found, vanished
+
+
+async def ack_vanished_between(
+    redis: Any, stream: str, group: str, consumer: str, start: str, end: str, *, count: int
+) -> None:
+    """Ack ``consumer``'s pending ids in ``[start, end)`` whose entry is gone ("0-0": no end).
+
+    For Redis 6.2, where XAUTOCLAIM moves deleted entries to the receiver as
+    id-less nils somewhere in the range it scanned.
+    """
+    last = "+" if end == "0-0" else f"({end}"
+    rows = await pending_entries(
+        redis, stream, group, consumer=consumer, start=start, end=last, count=count
+    )
+    ids = [row.id for row in rows]
+    if ids:
+        await fetch_or_ack(redis, stream, group, ids)
 
 
 async def claim_to(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -30,6 +29,7 @@ from core_bus.log import get_logger
 from core_bus.ordered import assigned, evict_consumer, shard_units
 from core_bus.replies import Entry
 from supervisor.claims import (
+    ack_vanished_between,
     autoclaim,
     claim_to,
     claimed_entries,
@@ -48,55 +48,20 @@ from supervisor.consumers import (
     pending_of_ids,
     pending_summary,
 )
+from supervisor.group_target import (
+    REASON_CRASH,
+    REASON_IDLE,
+    REASON_STARTUP,
+    GroupTarget,
+    RebalanceCounters,
+)
 
 log = get_logger("supervisor.rebalance")
-
-REASON_CRASH = "crash"
-REASON_IDLE = "idle"
-REASON_STARTUP = "startup"
 
 #: Entries per XPENDING/XCLAIM/XAUTOCLAIM batch.
 BATCH = 200
 #: Upper bound of batches per stream per call: a call never loops forever.
 MAX_BATCHES = 1000
-
-
-@dataclass(frozen=True)
-class GroupTarget:
-    """One agent's consumer group and the streams it reads."""
-
-    agent: str
-    group: str
-    streams: tuple[str, ...]
-    max_deliveries: int
-    claim_idle: float  # seconds
-    dlq_stream: str
-    # Ordered shards (core_bus.ordered): entries must stay with the shard's lease
-    # owner, so reclaim evicts the dead consumer's leases instead of claiming and
-    # the sweep does not XAUTOCLAIM. ``base_streams`` are the unsharded names.
-    ordered: bool = False
-    base_streams: tuple[str, ...] = ()
-    shards: int = 0
-
-
-@dataclass
-class RebalanceCounters:
-    """Cumulative counts for one agent (metrics hooks)."""
-
-    reclaimed_by_reason: dict[str, int] = field(
-        default_factory=lambda: {REASON_CRASH: 0, REASON_IDLE: 0, REASON_STARTUP: 0}
-    )
-    dead_lettered: int = 0
-    deleted_consumers: int = 0
-    deleted_entries: int = 0  # pending ids whose entry was trimmed/XDELed, now off the PEL
-
-    def copy(self) -> RebalanceCounters:
-        return RebalanceCounters(
-            reclaimed_by_reason=dict(self.reclaimed_by_reason),
-            dead_lettered=self.dead_lettered,
-            deleted_consumers=self.deleted_consumers,
-            deleted_entries=self.deleted_entries,
-        )
 
 
 class Rebalancer:
@@ -376,7 +341,16 @@ class Rebalancer:
                 if page is None:
                     return
                 if page.nils:
-                    await self._ack_vanished_of(target, stream, receiver, cursor, page.next_cursor)
+                    # Redis 6.2 moved deleted entries to the receiver as id-less nils
+                    await ack_vanished_between(
+                        self.redis,
+                        stream,
+                        target.group,
+                        receiver,
+                        cursor,
+                        page.next_cursor,
+                        count=BATCH * 10,
+                    )
                 await self._after_autoclaim(target, stream, receiver, page.claimed, moved)
                 self._c(target.agent).deleted_entries += page.deleted + page.nils
                 cursor = page.next_cursor
@@ -384,28 +358,6 @@ class Rebalancer:
                 return
         self._cursors[cursor_key] = cursor
         log.warning("sweep_batches_exhausted", agent=target.agent, stream=stream, cursor=cursor)
-
-    async def _ack_vanished_of(
-        self, target: GroupTarget, stream: str, receiver: str, start: str, end: str
-    ) -> None:
-        """Redis 6.2: XAUTOCLAIM moved deleted entries to ``receiver`` as id-less nils.
-
-        They lie in the scanned range ``[start, end)`` of the receiver's pending
-        list; ack those whose entry no longer exists.
-        """
-        last = "+" if end == "0-0" else f"({end}"
-        rows = await pending_entries(
-            self.redis,
-            stream,
-            target.group,
-            consumer=receiver,
-            start=start,
-            end=last,
-            count=BATCH * 10,
-        )
-        ids = [row.id for row in rows]
-        if ids:
-            await fetch_or_ack(self.redis, stream, target.group, ids)
 
     async def _after_autoclaim(
         self,
