@@ -15,6 +15,7 @@ becomes ready when none is alive).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from pydantic import SecretStr
 
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
@@ -74,6 +76,8 @@ SAMPLE_INTERVAL = 5.0
 OUTPUT_GRACE = 1.0
 #: Redis calls made by the daemon never block the loop longer than this.
 REDIS_TIMEOUT = 5.0
+#: Config sections the running supervisor keeps until it is restarted.
+RESTART_SECTIONS = ("supervisor", "redis", "http")
 
 
 class FleetDaemon:
@@ -184,7 +188,9 @@ class FleetDaemon:
                     if self.config.http.enabled:
                         from supervisor.http_server import run_http_server
 
-                        token = os.environ.get("AG1_CONTROL_TOKEN") or _secret(self.config.http)
+                        # config.http.token already comes from AG1_CONTROL_TOKEN /
+                        # AG1_HTTP__TOKEN (the config loader reads secrets from the env).
+                        token = _secret(self.config.http)
                         self.http_address = await tg.start(
                             partial(run_http_server, token=token), self, self.config.http
                         )
@@ -326,9 +332,14 @@ class FleetDaemon:
         self._update_ready()
 
     def _dependencies_ready(self, runtime: AgentRuntime) -> bool:
+        """Every agent named in ``after`` has its desired ready workers.
+
+        An agent scaled to 0 replicas (or removed) is satisfied: nothing of it
+        will ever become ready, and waiting for it would block dependents forever.
+        """
         for dep in runtime.config.after:
             other = self.agents.get(dep)
-            if other is None:
+            if other is None or other.desired == 0:
                 continue
             if len(other.ready_workers()) < other.desired:
                 return False
@@ -938,8 +949,12 @@ class FleetDaemon:
         # [redis] url (which needs a restart) does not mark every agent changed.
         merged = _keep_supervisor_sections(self.config, new_config)
         diff = self.plan.diff(build_plan(merged))
-        if _supervisor_sections(self.config) != _supervisor_sections(new_config):
-            log.warning("reload: [supervisor], [redis] and [http] changes need a restart")
+        restart_required = restart_sections_changed(self.config, new_config)
+        if restart_required:
+            log.warning(
+                "reload: these sections changed and need a supervisor restart",
+                sections=restart_required,
+            )
         log.info(
             "reloading",
             added=diff.added,
@@ -981,6 +996,7 @@ class FleetDaemon:
         return ReloadResult(
             ok=not errors,
             errors=errors,
+            restart_required=restart_required,
             added=diff.added,
             removed=diff.removed,
             changed=diff.changed,
@@ -997,16 +1013,29 @@ class FleetDaemon:
         log.info("agent removed", agent=name)
 
 
-def _supervisor_sections(config: Any) -> str:
-    return json.dumps(
-        {
-            "supervisor": config.supervisor.model_dump(mode="json"),
-            "redis": config.redis.model_dump(mode="json"),
-            "http": config.http.model_dump(mode="json"),
-        },
-        sort_keys=True,
-        default=str,
-    )
+def _section_digest(config: Any, section: str) -> str:
+    """SHA-256 of one section *with* its secrets.
+
+    ``model_dump(mode="json")`` masks SecretStr values, so a changed Redis
+    password or control token would compare equal; the digest folds the
+    secret values in (and is never logged).
+    """
+    model = getattr(config, section)
+    payload: dict[str, Any] = {"dump": model.model_dump(mode="json")}
+    for name, value in model:
+        if isinstance(value, SecretStr):
+            payload[name] = value.get_secret_value()
+    blob = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def restart_sections_changed(old: Any, new: Any) -> list[str]:
+    """Sections a reload cannot apply (they need a supervisor restart), when they changed."""
+    return [
+        section
+        for section in RESTART_SECTIONS
+        if _section_digest(old, section) != _section_digest(new, section)
+    ]
 
 
 def _keep_supervisor_sections(old: Any, new: Any) -> Any:

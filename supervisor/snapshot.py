@@ -100,6 +100,8 @@ class ReloadResult:
     changed: list[str] = field(default_factory=list)
     scaled: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    # [supervisor]/[redis]/[http] changed: kept as they were until a restart.
+    restart_required: list[str] = field(default_factory=list)
 
 
 class FleetControl(Protocol):

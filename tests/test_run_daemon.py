@@ -703,3 +703,84 @@ async def test_snapshot_shows_rolling_and_why_a_roll_or_start_failed(
         await eventually(lambda: agent(daemon, "broken").state == "fatal", timeout=15)
         error = agent(daemon, "broken").last_error
         assert error is not None and error.startswith("broken/0 fatal:")
+
+
+def test_restart_sections_see_secret_changes(tmp_path: Path) -> None:
+    """A changed Redis password or control token counts as a change of [redis]/[http]
+    (model_dump masks secrets, so a plain dump comparison would miss it)."""
+    from supervisor.daemon import restart_sections_changed
+
+    path = tmp_path / "fleet.toml"
+    path.write_text(textwrap.dedent(header()))
+    base = {"PATH": os.environ.get("PATH", "")}
+    one = load_config(path, environ={**base, "AG1_REDIS__PASSWORD": "one"})
+    assert (
+        restart_sections_changed(
+            one, load_config(path, environ=dict(base, AG1_REDIS__PASSWORD="one"))
+        )
+        == []
+    )
+    two = load_config(path, environ={**base, "AG1_REDIS__PASSWORD": "two"})
+    assert restart_sections_changed(one, two) == ["redis"]
+    tok = load_config(
+        path, environ={**base, "AG1_REDIS__PASSWORD": "one", "AG1_CONTROL_TOKEN": "t"}
+    )
+    assert restart_sections_changed(one, tok) == ["http"]
+
+
+@pytest.mark.timeout(60)
+async def test_reload_with_a_new_redis_password_keeps_workers_and_says_restart(
+    tmp_path: Path, python_exe: str
+) -> None:
+    """Reload after only the Redis password changed: workers keep their pids (the running
+    supervisor keeps its connection) and the result names [redis] as needing a restart."""
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        textwrap.dedent(
+            header()
+            + f"""
+    [[agents]]
+    name = "steady"
+    command = {cmd(python_exe, READY_THEN_SLEEP)}
+    """
+        )
+    )
+    env = dict(os.environ, AG1_REDIS__PASSWORD="old")
+    config = load_config(path, environ=env)
+    env["AG1_REDIS__PASSWORD"] = "new"
+    daemon = FleetDaemon(config, config_loader=lambda p: load_config(p, environ=env))
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            try:
+                await eventually(lambda: agent(daemon, "steady").ready_replicas == 1)
+                pid = worker(daemon, "steady").pid
+                result = await daemon.reload()
+                assert result.ok and result.restart_required == ["redis"]
+                assert result.unchanged == ["steady"] and not result.changed
+                assert worker(daemon, "steady").pid == pid
+            finally:
+                daemon.request_stop()
+
+
+async def test_after_a_zero_replica_agent_does_not_block(tmp_path: Path, python_exe: str) -> None:
+    """`after = ["x"]` where x has replicas = 0: x counts as satisfied, the dependent
+    starts and the fleet reports ready (it must not wait forever)."""
+    toml = (
+        header()
+        + f"""
+    [[agents]]
+    name = "x"
+    command = {cmd(python_exe, READY_THEN_SLEEP)}
+    replicas = 0
+
+    [[agents]]
+    name = "dependent"
+    command = {cmd(python_exe, READY_THEN_SLEEP)}
+    after = ["x"]
+    """
+    )
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "dependent").ready_replicas == 1, timeout=20)
+        await eventually(lambda: daemon.snapshot().ready, message="fleet ready")
+        assert agent(daemon, "x").workers == []
