@@ -329,35 +329,114 @@ class Rebalancer:
     async def _sweep_stream(
         self, target: GroupTarget, stream: str, live: list[str], moved: dict[str, int]
     ) -> None:
+        """One stream's sweep: a cursor loop that never hands an entry back to its holder.
+
+        XAUTOCLAIM cannot exclude the consumer that holds an entry, and a hung
+        handler's consumer is alive: claiming to it would only bump the delivery
+        counter until healthy entries are dead-lettered. So each batch is peeked
+        first (XPENDING IDLE from the cursor: the same entries XAUTOCLAIM would
+        take, with their holders) and XAUTOCLAIMed to a live consumer holding
+        none of them; when every live consumer holds some, the batch is moved
+        entry by entry to another consumer (XCLAIM), and an entry whose holder
+        is the only live consumer stays where it is.
+        """
         min_idle_ms = max(0, int(target.claim_idle * 1000))
         cursor_key = (stream, target.group)
         cursor = self._cursors.pop(cursor_key, "0-0")
         for _ in range(MAX_BATCHES):
-            receiver = live[self._next_offset(target, 1) % len(live)]
+            idle = await pending_entries(
+                self.redis,
+                stream,
+                target.group,
+                start=cursor,
+                count=BATCH,
+                min_idle_ms=min_idle_ms,
+            )
+            if not idle:
+                return
+            holders = {row.consumer for row in idle}
+            others = [c for c in live if c not in holders]
             with anyio.CancelScope(shield=True):
-                page = await autoclaim(
-                    self.redis, stream, target.group, receiver, min_idle_ms, cursor, BATCH
-                )
-                if page is None:
-                    return
-                if page.nils:
-                    # Redis 6.2 moved deleted entries to the receiver as id-less nils
-                    await ack_vanished_between(
-                        self.redis,
-                        stream,
-                        target.group,
-                        receiver,
-                        cursor,
-                        page.next_cursor,
-                        count=BATCH * 10,
+                if others:
+                    receiver = others[self._next_offset(target, 1) % len(others)]
+                    cursor = await self._autoclaim_batch(
+                        target, stream, receiver, min_idle_ms, cursor, moved
                     )
-                await self._after_autoclaim(target, stream, receiver, page.claimed, moved)
-                self._c(target.agent).deleted_entries += page.deleted + page.nils
-                cursor = page.next_cursor
+                else:
+                    await self._hand_over(target, stream, idle, live, min_idle_ms, moved)
+                    cursor = "0-0" if len(idle) < BATCH else _after(idle[-1].id)
             if cursor == "0-0":
                 return
         self._cursors[cursor_key] = cursor
         log.warning("sweep_batches_exhausted", agent=target.agent, stream=stream, cursor=cursor)
+
+    async def _autoclaim_batch(
+        self,
+        target: GroupTarget,
+        stream: str,
+        receiver: str,
+        min_idle_ms: int,
+        cursor: str,
+        moved: dict[str, int],
+    ) -> str:
+        """XAUTOCLAIM one batch to ``receiver``; returns the next cursor."""
+        page = await autoclaim(
+            self.redis, stream, target.group, receiver, min_idle_ms, cursor, BATCH
+        )
+        if page is None:
+            return "0-0"
+        if page.nils:
+            # Redis 6.2 moved deleted entries to the receiver as id-less nils
+            await ack_vanished_between(
+                self.redis,
+                stream,
+                target.group,
+                receiver,
+                cursor,
+                page.next_cursor,
+                count=BATCH * 10,
+            )
+        await self._after_autoclaim(target, stream, receiver, page.claimed, moved)
+        self._c(target.agent).deleted_entries += page.deleted + page.nils
+        return page.next_cursor
+
+    async def _hand_over(
+        self,
+        target: GroupTarget,
+        stream: str,
+        rows: list[PendingEntry],
+        live: list[str],
+        min_idle_ms: int,
+        moved: dict[str, int],
+    ) -> None:
+        """XCLAIM each idle entry to a live consumer other than its holder.
+
+        Entries whose next delivery would pass ``max_deliveries`` are
+        dead-lettered instead; deleted entries are acked.
+        """
+        plan: dict[str, list[str]] = {}
+        poison: dict[str, list[PendingEntry]] = {}
+        offset = self._next_offset(target, len(rows))
+        for i, row in enumerate(rows):
+            if row.deliveries >= target.max_deliveries:
+                poison.setdefault(row.consumer, []).append(row)
+                continue
+            choices = [c for c in live if c != row.consumer]
+            if choices:
+                plan.setdefault(choices[(offset + i) % len(choices)], []).append(row.id)
+        for holder, dead_rows in poison.items():
+            await self._dead_letter_rows(target, stream, dead_rows, consumer=holder)
+        if not plan:
+            return
+        claimed = await claim_to(self.redis, stream, target.group, plan, min_idle_ms)
+        missing: list[str] = []
+        for receiver, got in claimed.items():
+            if got:
+                moved[receiver] = moved.get(receiver, 0) + len(got)
+            missing.extend(i for i in plan[receiver] if i not in got)
+        if missing:
+            _found, vanished = await fetch_or_ack(self.redis, stream, target.group, missing)
+            self._c(target.agent).deleted_entries += len(vanished)
 
     async def _after_autoclaim(
         self,
@@ -433,3 +512,9 @@ __all__ = [
     "Rebalancer",
     "claimed_entries",
 ]
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream id after ``entry_id`` (XAUTOCLAIM/XPENDING starts are inclusive)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"

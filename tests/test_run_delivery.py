@@ -93,13 +93,11 @@ async def test_sweep_runs_at_the_agents_interval(
     tmp_path: Path, redis: Any, redis_url: str
 ) -> None:
     """A live but hung worker: the daemon's sweep loop runs at the agent's own
-    sweep_interval and claims its entries once idle past claim_idle.
-
-    Which live consumer receives them is the rebalancer's choice; XAUTOCLAIM cannot
-    exclude the current owner, so this pins the daemon's wiring, not the receiver.
-    """
+    sweep_interval and hands its entries, once idle past claim_idle, to the healthy
+    sibling (never back to the hung holder), which processes them; nobody is killed."""
     (tmp_path / "hold_agent.py").write_text(HANGING_HANDLER)
     (tmp_path / "hang-hold-0").write_text("")
+    (tmp_path / "hang-hold-1").write_text("")
     toml = (
         header(url=redis_url)
         + """
@@ -107,24 +105,26 @@ async def test_sweep_runs_at_the_agents_interval(
     name = "hold"
     handler = "hold_agent:handle"
     stop_timeout = "1s"
-    replicas = 1
+    replicas = 2
     claim_idle = "500ms"
     sweep_interval = "200ms"
     max_deliveries = 100
     """
     )
     async with running(tmp_path, toml) as daemon:
-        await eventually(lambda: agent(daemon, "hold").ready_replicas == 1, timeout=30)
-        holder = worker(daemon, "hold")
-        await publish_many(redis, INBOX, [Envelope(role="user", content=i) for i in range(5)])
-        await eventually(lambda: _count_pending(redis, holder.consumer or "", 5), timeout=15)
-        with anyio.fail_after(20):
-            await eventually(
-                lambda: agent(daemon, "hold").reclaimed_by_reason.get("idle", 0) >= 10,
-                timeout=20,
-                message="two sweeps claimed the idle entries",
-            )
-        assert worker(daemon, "hold").pid == holder.pid  # nobody was killed
+        await eventually(lambda: agent(daemon, "hold").ready_replicas == 2, timeout=30)
+        pids = sorted(w.pid or 0 for w in agent(daemon, "hold").workers)
+        await publish_many(redis, INBOX, [Envelope(role="user", content=i) for i in range(10)])
+        await eventually(lambda: _group_pending_is(redis, 10), timeout=15)
+        (tmp_path / "hang-hold-1").unlink()  # worker 1 recovers; worker 0 stays hung
+        await eventually(
+            lambda: _scard_is(redis, "reclaim:seen", 10),
+            timeout=30,
+            message="the hung worker's entries processed by its sibling",
+        )
+        await eventually(lambda: _group_pending_is(redis, 0), timeout=15)
+        assert agent(daemon, "hold").reclaimed_by_reason.get("idle", 0) >= 1
+        assert sorted(w.pid or 0 for w in agent(daemon, "hold").workers) == pids
 
 
 async def _count_pending(redis: Any, consumer: str, n: int) -> bool:
