@@ -14,14 +14,14 @@ DEFAULT_CONFIG = "fleet.toml"
 
 # command name -> module implementing it
 COMMANDS: dict[str, str] = {
-    "run": "supervisor.cmd_run",
-    "check": "supervisor.cmd_check",
-    "status": "supervisor.cmd_control",
-    "restart": "supervisor.cmd_control",
-    "scale": "supervisor.cmd_control",
-    "stop": "supervisor.cmd_control",
-    "start": "supervisor.cmd_control",
-    "reload": "supervisor.cmd_control",
+    "run": "supervisor.cli_run",
+    "check": "supervisor.cli_check",
+    "status": "supervisor.cli_control",
+    "restart": "supervisor.cli_control",
+    "scale": "supervisor.cli_control",
+    "stop": "supervisor.cli_control",
+    "start": "supervisor.cli_control",
+    "reload": "supervisor.cli_control",
 }
 
 

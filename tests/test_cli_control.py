@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cmd_control import format_status
+from supervisor.cli_control import format_status
 from supervisor.control_client import (
     ControlClientError,
     resolve_base_url,

@@ -103,8 +103,8 @@ def test_readiness_unknown_redis_error_text() -> None:
 async def test_status_is_snapshot_json_without_secrets() -> None:
     """/status is the snapshot as JSON; URL passwords are redacted, env-like keys dropped."""
     snap = snapshot()
-    snap.redis_url = "redis://user:hunter2@10.0.0.5:6379/0"  # a daemon bug must not leak it
-    snap.agents[0].workers[0].status_text = "connected to redis://u:s3cret@db:6379"
+    snap.redis_url = "redis://user:hunter2@10.0.0.5:6390/0"  # a daemon bug must not leak it
+    snap.agents[0].workers[0].status_text = "connected to redis://u:s3cret@db:6390"
     snap.agents[0].env = {"OPENAI_API_KEY": "sk-leak"}  # type: ignore[attr-defined]
     async with serve(FakeControl(snap=snap)) as url:
         status, body = await fetch("GET", url + "/status")
@@ -116,7 +116,7 @@ async def test_status_is_snapshot_json_without_secrets() -> None:
     assert body["agents"][0]["workers"][0]["worker_id"] == "echo/0"
     assert body["agents"][0]["messages"]["processed"] == 120
     assert body["groups"][0]["lag"] is None
-    assert body["redis_url"] == "redis://user:***@10.0.0.5:6379/0"
+    assert body["redis_url"] == "redis://user:***@10.0.0.5:6390/0"
     for secret in ("hunter2", "s3cret"):
         assert secret not in raw
     # to_dict() uses dataclass fields only, so the stray attribute never appears either.

@@ -90,7 +90,7 @@ def test_fingerprint_ignores_replicas_but_sees_fleet_settings(tmp_path: Path) ->
     assert build_plan(load(tmp_path, agent("a", "replicas = 7"))).agents["a"].fingerprint == fp
     assert build_plan(load(tmp_path, agent("a"))).agents["a"].fingerprint == fp  # stable
     variants = [
-        ({"AG1_REDIS__URL": "redis://other:6379/0"}, ""),
+        ({"AG1_REDIS__URL": "redis://other:6380/0"}, ""),
         ({"AG1_REDIS__PASSWORD": "x"}, ""),
         ({"AG1_REDIS__NAMESPACE": "Q"}, ""),
         ({"AG1_SUPERVISOR__NAME": "elsewhere"}, ""),
