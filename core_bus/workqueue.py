@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from core_bus.envelope import Envelope
 from core_bus.pending import RawFields
 
 #: Queued work: (stream, entry id, raw fields or None if deleted, delivery number,
-#: the Envelope already decoded by the reader with its trace hop added, or None
-#: when the worker still has to decode it: malformed, deleted or not a fresh read)
-Work = tuple[str, str, RawFields, int, Envelope | None]
+#: receive hop for the trace: ``"group:<epoch>"`` as ``env.add_hop(group)`` makes
+#: it, taken when the entry was read, one string shared by a whole read batch)
+Work = tuple[str, str, RawFields, int, str]
 
 
 class WorkQueue:
