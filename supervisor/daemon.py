@@ -1,10 +1,13 @@
 """The fleet daemon: one reconcile loop driving desired vs observed workers.
 
 Wiring only: the lifecycle policy is :mod:`supervisor.lifecycle` (pure),
-processes are :mod:`supervisor.process`, readiness and heartbeats arrive on
+processes are :mod:`supervisor.process` (argv and environment from
+:mod:`supervisor.worker_env`), readiness and heartbeats arrive on
 :mod:`supervisor.notify`, pending entries move with
-:mod:`supervisor.rebalance`. Everything runs in one event loop and every task
-belongs to the daemon's task group; signal handlers only queue.
+:mod:`supervisor.delivery_hooks`, rolling restarts are
+:mod:`supervisor.rollout` and live reload :mod:`supervisor.reload`.
+Everything runs in one event loop and every task belongs to the daemon's task
+group; signal handlers only queue.
 
 Exit of a worker is noticed at once (a task awaits each child's pidfd), the
 lifecycle decides restart/backoff/fatal, and its consumer's pending entries
@@ -15,11 +18,9 @@ becomes ready when none is alive).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -28,7 +29,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from pydantic import SecretStr
 
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
@@ -40,8 +40,9 @@ from supervisor.fleet_state import (
     IncarnationIds,
     Worker,
     agent_snapshot,
-    agent_state,
-    child_environment,
+    dependencies_ready,
+    fleet_summary,
+    plan_up,
 )
 from supervisor.lifecycle import (
     CAUSE_MEMORY,
@@ -57,15 +58,24 @@ from supervisor.logcapture import LineCapture, TokenBucket
 from supervisor.notify import NotifyMessage, NotifyServer, SenderIndex
 from supervisor.process import ChildProcess, ExitStatus
 from supervisor.rebalance import Rebalancer
+from supervisor.reload import reload_config
 from supervisor.resources import ResourceSampler
+from supervisor.rollout import roll_agent
+from supervisor.sampling import RedisHealth, sample_workers
 from supervisor.sdnotify import Notifier
 from supervisor.snapshot import (
     AgentSnapshot,
     ControlError,
     FleetSnapshot,
-    GroupSnapshot,
     ReloadResult,
     UnknownAgentError,
+)
+from supervisor.worker_env import (
+    FleetContext,
+    child_environment,
+    worker_argv,
+    worker_environment,
+    working_dir,
 )
 
 log = get_logger("supervisor.daemon")
@@ -76,8 +86,6 @@ SAMPLE_INTERVAL = 5.0
 OUTPUT_GRACE = 1.0
 #: Redis calls made by the daemon never block the loop longer than this.
 REDIS_TIMEOUT = 5.0
-#: Config sections the running supervisor keeps until it is restarted.
-RESTART_SECTIONS = ("supervisor", "redis", "http")
 
 
 class FleetDaemon:
@@ -115,19 +123,17 @@ class FleetDaemon:
         self._redis: Any = None
         self._delivery: DeliveryHooks | None = None
         self.redis_url: str | None = None
-        self.redis_up = False
-        self.redis_error: str | None = None
-        self._groups: list[GroupSnapshot] = []
+        self._health = RedisHealth()
         self.started_at = time.time()
         self.ready = False
         self.last_reload_error: str | None = None
         self.last_reload_at: float | None = None
         self._status_line = ""
         self.http_address: tuple[str, int] | None = None
-        self._apply_config(config, initial=True)
+        self.apply_config(config, initial=True)
 
     # -- setup -------------------------------------------------------------------------
-    def _apply_config(self, config: Any, initial: bool = False) -> None:
+    def apply_config(self, config: Any, initial: bool = False) -> None:
         from supervisor.plan import build_plan
 
         self.config = config
@@ -141,7 +147,7 @@ class FleetDaemon:
     def supervisor_name(self) -> str:
         return str(self.config.supervisor.name)
 
-    def _now(self) -> float:
+    def now(self) -> float:
         return anyio.current_time()
 
     # -- main ----------------------------------------------------------------------------
@@ -261,14 +267,14 @@ class FleetDaemon:
                         continue
                     runtime.enabled = False
                     for worker in list(runtime.workers.values()):
-                        tg.start_soon(self._stop_and_wait, worker, CAUSE_STOP)
+                        tg.start_soon(self.stop_and_wait, worker, CAUSE_STOP)
         # Agents added by a reload but not in a layer yet, and any stragglers.
         async with anyio.create_task_group() as tg:
             for worker in self._all_workers():
-                tg.start_soon(self._stop_and_wait, worker, CAUSE_STOP)
+                tg.start_soon(self.stop_and_wait, worker, CAUSE_STOP)
 
-    async def _stop_and_wait(self, worker: Worker, cause: str) -> None:
-        self._stop_worker(worker, cause)
+    async def stop_and_wait(self, worker: Worker, cause: str) -> None:
+        self.stop_worker(worker, cause)
         while worker.lifecycle.running:
             await worker.changed.wait()
 
@@ -277,15 +283,15 @@ class FleetDaemon:
         while True:
             # A fresh event before acting: a poke during _reconcile is never lost.
             self._wake = anyio.Event()
-            self._reconcile(self._now())
+            self._reconcile(self.now())
             deadline = self._next_deadline()
             if deadline is None:
                 await self._wake.wait()
             else:
-                with anyio.move_on_after(max(0.0, deadline - self._now())):
+                with anyio.move_on_after(max(0.0, deadline - self.now())):
                     await self._wake.wait()
 
-    def _poke(self) -> None:
+    def poke(self) -> None:
         self._wake.set()
 
     def _worker_changed(self, worker: Worker) -> None:
@@ -321,7 +327,7 @@ class FleetDaemon:
                 runtime = self.agents.get(name)
                 if runtime is None:
                     continue
-                if not runtime.gate_open and self._dependencies_ready(runtime):
+                if not runtime.gate_open and dependencies_ready(self.agents, runtime):
                     runtime.gate_open = True
                     if layer_index:
                         log.info("agent dependencies ready", agent=name)
@@ -330,20 +336,6 @@ class FleetDaemon:
                 for worker in list(runtime.workers.values()):
                     self._tick_worker(runtime, worker, now)
         self._update_ready()
-
-    def _dependencies_ready(self, runtime: AgentRuntime) -> bool:
-        """Every agent named in ``after`` has its desired ready workers.
-
-        An agent scaled to 0 replicas (or removed) is satisfied: nothing of it
-        will ever become ready, and waiting for it would block dependents forever.
-        """
-        for dep in runtime.config.after:
-            other = self.agents.get(dep)
-            if other is None or other.desired == 0:
-                continue
-            if len(other.ready_workers()) < other.desired:
-                return False
-        return True
 
     def _scale(self, runtime: AgentRuntime, now: float) -> None:
         if runtime.rolling:
@@ -356,17 +348,17 @@ class FleetDaemon:
                 while slot in used:
                     slot += 1
                 used.add(slot)
-                self._add_worker(runtime, slot, now)
+                self.add_worker(runtime, slot, now)
         elif len(active) > runtime.desired:
             for worker in sorted(active, key=lambda w: w.slot)[runtime.desired :]:
                 worker.retired = True
-                self._stop_worker(worker, CAUSE_STOP)
+                self.stop_worker(worker, CAUSE_STOP)
         # Workers retired and stopped leave the table.
         for slot, worker in list(runtime.workers.items()):
             if worker.retired and not worker.lifecycle.running:
                 del runtime.workers[slot]
 
-    def _add_worker(self, runtime: AgentRuntime, slot: int, now: float) -> Worker:
+    def add_worker(self, runtime: AgentRuntime, slot: int, now: float) -> Worker:
         lifecycle = WorkerLifecycle(runtime.policy)
         lifecycle.request_start(now)
         worker = Worker(runtime.name, slot, lifecycle)
@@ -379,7 +371,7 @@ class FleetDaemon:
             return
         if action.kind == "spawn":
             if runtime.enabled and not worker.retired:
-                self._spawn(runtime, worker, now)
+                self.spawn_worker(runtime, worker, now)
             else:  # not wanted any more: leave backoff for stopped (no busy timer)
                 worker.lifecycle.on_stop_requested(CAUSE_STOP)
                 self._worker_changed(worker)
@@ -393,67 +385,27 @@ class FleetDaemon:
                 pid=worker.pid,
                 cause=action.cause,
             )
-            self._stop_worker(worker, action.cause or CAUSE_WATCHDOG, kill=True)
+            self.stop_worker(worker, action.cause or CAUSE_WATCHDOG, kill=True)
 
     # -- workers ----------------------------------------------------------------------------
-    def _worker_env(self, runtime: AgentRuntime, worker: Worker, consumer: str) -> dict[str, str]:
-        agent = runtime.config
+    def _fleet_context(self) -> FleetContext:
         assert self._notify is not None and self.redis_url is not None
-        env = dict(self._base_env)
-        env.update(
-            {
-                "AG1_AGENT": agent.name,
-                "AG1_WORKER": worker.key,
-                "AG1_GROUP": agent.group,
-                "AG1_CONSUMER": consumer,
-                "AG1_STREAMS": ",".join(agent.read_streams),
-                "REDIS_URL": self.redis_url,
-                "BUS_NAMESPACE": self.config.redis.namespace,
-                "NOTIFY_SOCKET": self._notify.address,
-                "PYTHONUNBUFFERED": "1",
-                "AG1_SUPERVISOR_PID": str(os.getpid()),
-            }
+        return FleetContext(
+            base_env=self._base_env,
+            redis_url=self.redis_url,
+            namespace=self.config.redis.namespace,
+            notify_socket=self._notify.address,
+            config_dir=self.config.config_dir,
         )
-        working_dir = agent.working_dir or self.config.config_dir
-        env["AG1_WORKING_DIR"] = str(working_dir)
-        if agent.watchdog:
-            env["AG1_WATCHDOG_USEC"] = str(int(agent.watchdog * 1e6))
-        if agent.kind == "handler":
-            env.update(
-                {
-                    "AG1_HANDLER": agent.handler,
-                    "AG1_CONCURRENCY": str(agent.concurrency),
-                    "AG1_COUNT": str(agent.count),
-                    "AG1_MAX_DELIVERIES": str(agent.max_deliveries),
-                    "AG1_DLQ": agent.dlq_stream,
-                    # Leave a margin under stop_timeout so acks land before SIGKILL.
-                    "AG1_DRAIN_TIMEOUT": f"{max(agent.stop_timeout * 0.8, 0.1):g}",
-                }
-            )
-            if agent.ordered:
-                env.update(
-                    {
-                        "AG1_ORDERED": "1",
-                        "AG1_SHARDS": str(agent.shards),
-                        "AG1_BASE_STREAMS": ",".join(agent.streams),
-                    }
-                )
-        env.update(agent.env)
-        return env
 
-    def _argv(self, runtime: AgentRuntime) -> list[str]:
-        agent = runtime.config
-        if agent.kind == "handler":
-            return [sys.executable, "-m", "supervisor.worker"]
-        return list(agent.command)
-
-    def _spawn(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
+    def spawn_worker(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
         if self._stopping or self._tg is None:
             return
         agent = runtime.config
         consumer = f"{self.supervisor_name}:{agent.name}:{worker.slot}:{self._ids.next()}"
-        env = self._worker_env(runtime, worker, consumer)
-        cwd = agent.working_dir or self.config.config_dir
+        fleet = self._fleet_context()
+        env = worker_environment(agent, fleet, worker.key, consumer)
+        cwd = working_dir(agent, fleet)
         worker.kill_cause = None
         worker.consumer = consumer
         worker.stats = None
@@ -463,7 +415,7 @@ class FleetDaemon:
         worker.lifecycle.on_spawned(now)
         try:
             process = ChildProcess.spawn(
-                self._argv(runtime),
+                worker_argv(agent),
                 env=env,
                 cwd=cwd,
                 # Our worker arms its parent-death signal itself (the spawn can vfork).
@@ -514,7 +466,7 @@ class FleetDaemon:
     def _on_exit(
         self, runtime: AgentRuntime, worker: Worker, process: ChildProcess, status: ExitStatus
     ) -> None:
-        now = self._now()
+        now = self.now()
         self._senders.remove(process.pid)
         reason = self._exit_reason(worker, process, status)
         was_ready = worker.lifecycle.ready_at is not None
@@ -560,14 +512,14 @@ class FleetDaemon:
         if state == WorkerState.BACKOFF:
             runtime.restarts_total += 1
         self._worker_changed(worker)
-        self._poke()
+        self.poke()
 
-    def _stop_worker(self, worker: Worker, cause: str, kill: bool = False) -> None:
+    def stop_worker(self, worker: Worker, cause: str, kill: bool = False) -> None:
         """Ask a worker to stop (SIGTERM, SIGKILL after stop_timeout; ``kill``: at once)."""
         process = worker.process
         if not worker.lifecycle.on_stop_requested(cause):
             self._worker_changed(worker)
-            self._poke()
+            self.poke()
             return
         if worker.kill_cause is None or cause in (CAUSE_WATCHDOG, CAUSE_START_TIMEOUT):
             worker.kill_cause = cause
@@ -594,7 +546,7 @@ class FleetDaemon:
             if not runtime.stale_cleaned:
                 runtime.stale_cleaned = True
                 self._tg.start_soon(self._cleanup_stale, runtime)
-        self._poke()
+        self.poke()
 
     # -- notify ------------------------------------------------------------------------------
     def _on_notify(self, message: NotifyMessage) -> None:
@@ -607,7 +559,7 @@ class FleetDaemon:
         worker = runtime.workers.get(int(slot_text)) if runtime is not None else None
         if runtime is None or worker is None:
             return
-        now = self._now()
+        now = self.now()
         if message.status is not None:
             worker.status_text = message.status
         if message.stats is not None:
@@ -642,7 +594,7 @@ class FleetDaemon:
         while True:
             base = float(self.config.supervisor.sweep_interval)
             await anyio.sleep(self._delivery.sweep_period(self.agents.values(), base))
-            await self._delivery.sweep_due(self.agents.values(), self._now(), base)
+            await self._delivery.sweep_due(self.agents.values(), self.now(), base)
 
     # -- sampling ----------------------------------------------------------------------------
     async def _sample_loop(self) -> None:
@@ -651,97 +603,23 @@ class FleetDaemon:
             await anyio.sleep(self.sample_interval)
 
     async def _sample_once(self) -> None:
-        workers = [w for w in self._all_workers() if w.pid is not None]
-        roots = [w.pid for w in workers if w.pid is not None]
-        try:
-            usage = await anyio.to_thread.run_sync(self._sampler.sample, roots)
-        except Exception as exc:  # psutil on a vanished /proc entry etc.
-            log.debug("resource sample failed", error=str(exc))
-            usage = {}
-        for worker in workers:
-            if worker.pid is None:
-                continue
-            worker.usage = usage.get(worker.pid)
-            limit = self.agents[worker.agent].config.memory_limit
-            if (
-                limit
-                and worker.usage is not None
-                and worker.usage.rss_bytes > limit
-                and worker.lifecycle.state == WorkerState.READY
-            ):
-                log.warning(
-                    "worker over memory limit",
-                    agent=worker.agent,
-                    worker=worker.key,
-                    pid=worker.pid,
-                    rss_bytes=worker.usage.rss_bytes,
-                    limit_bytes=limit,
-                )
-                self._stop_worker(worker, CAUSE_MEMORY)
-        await self._sample_redis()
+        for worker in await sample_workers(self._sampler, self._all_workers(), self.agents):
+            self.stop_worker(worker, CAUSE_MEMORY)
+        await self._health.probe(self._redis, self._delivery, self.agents.values(), REDIS_TIMEOUT)
         self._update_status()
-
-    async def _sample_redis(self) -> None:
-        groups: list[GroupSnapshot] = []
-        try:
-            with anyio.fail_after(REDIS_TIMEOUT):
-                await self._redis.ping()
-                if self._delivery is not None:
-                    for runtime in self.agents.values():
-                        groups.extend(await self._delivery.group_stats(runtime))
-            self.redis_up = True
-            self.redis_error = None
-        except Exception as exc:
-            self.redis_up = False
-            self.redis_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return
-        self._groups = groups
 
     # -- systemd ---------------------------------------------------------------------------
     def _update_ready(self) -> None:
-        if not self.ready and self._plan_up():
+        if not self.ready and plan_up(self.agents):
             self.ready = True
             log.info("fleet ready", agents=len(self.agents))
-            self._systemd.send("READY=1", f"STATUS={self._summary()}")
-            self._status_line = self._summary()
+            self._systemd.send("READY=1", f"STATUS={fleet_summary(self.agents)}")
+            self._status_line = fleet_summary(self.agents)
         elif self.ready:
             self._update_status()
 
-    def _plan_up(self) -> bool:
-        for runtime in self.agents.values():
-            if not runtime.enabled:
-                continue
-            if not runtime.gate_open:
-                if self._blocked_by_fatal(runtime, set()):
-                    continue  # waits on a fatal agent: as settled as it gets
-                return False
-            ready = len(runtime.ready_workers())
-            fatal = any(w.lifecycle.state == WorkerState.FATAL for w in runtime.workers.values())
-            if ready < runtime.desired and not fatal:
-                return False
-        return True
-
-    def _blocked_by_fatal(self, runtime: AgentRuntime, seen: set[str]) -> bool:
-        for dep in runtime.config.after:
-            other = self.agents.get(dep)
-            if other is None or dep in seen:
-                continue
-            seen.add(dep)
-            if agent_state(other) == "fatal" or self._blocked_by_fatal(other, seen):
-                return True
-        return False
-
-    def _summary(self) -> str:
-        total = sum(rt.desired for rt in self.agents.values())
-        ready = sum(len(rt.ready_workers()) for rt in self.agents.values())
-        fatal = [rt.name for rt in self.agents.values() if agent_state(rt) == "fatal"]
-        text = f"{ready}/{total} workers ready in {len(self.agents)} agents"
-        if fatal:
-            text += f"; fatal: {', '.join(sorted(fatal))}"
-        return text
-
     def _update_status(self) -> None:
-        summary = self._summary()
+        summary = fleet_summary(self.agents)
         if self.ready and summary != self._status_line:
             self._status_line = summary
             self._systemd.send(f"STATUS={summary}")
@@ -753,7 +631,7 @@ class FleetDaemon:
 
     # -- FleetControl ------------------------------------------------------------------------
     def snapshot(self) -> FleetSnapshot:
-        now = self._now()
+        now = self.now()
         agents: list[AgentSnapshot] = []
         for runtime in self.agents.values():
             counters = None
@@ -770,10 +648,10 @@ class FleetDaemon:
             config_path=str(self.config.path),
             config_hash=str(self.config.hash),
             redis_url=redact_url(self.redis_url or str(self.config.redis.url)),
-            redis_up=self.redis_up,
-            redis_error=self.redis_error,
+            redis_up=self._health.up,
+            redis_error=self._health.error,
             agents=agents,
-            groups=list(self._groups),
+            groups=list(self._health.groups),
             last_reload_error=self.last_reload_error,
             last_reload_at=self.last_reload_at,
             ready=self.ready,
@@ -791,15 +669,15 @@ class FleetDaemon:
         if not runtime.enabled:
             raise ControlError(f"agent {name!r} is stopped: start it instead")
         if rolling:
-            await self._roll(runtime)
+            await self.roll(runtime)
             return
-        now = self._now()
+        now = self.now()
         for worker in list(runtime.workers.values()):
             if worker.lifecycle.running:
-                self._stop_worker(worker, CAUSE_RESTART)
+                self.stop_worker(worker, CAUSE_RESTART)
             else:
                 worker.lifecycle.request_start(now)
-        self._poke()
+        self.poke()
 
     async def scale_agent(self, name: str, replicas: int) -> None:
         if replicas < 0:
@@ -807,7 +685,7 @@ class FleetDaemon:
         runtime = self._runtime(name)
         log.info("scaling agent", agent=name, replicas=replicas, previous=runtime.desired)
         runtime.desired = replicas
-        self._poke()
+        self.poke()
 
     async def stop_agent(self, name: str) -> None:
         """Stop an agent's workers (drain) and keep them stopped until start_agent."""
@@ -815,237 +693,53 @@ class FleetDaemon:
         runtime.enabled = False
         async with anyio.create_task_group() as tg:
             for worker in list(runtime.workers.values()):
-                tg.start_soon(self._stop_and_wait, worker, CAUSE_STOP)
-        self._poke()
+                tg.start_soon(self.stop_and_wait, worker, CAUSE_STOP)
+        self.poke()
 
     async def start_agent(self, name: str) -> None:
         """Start a stopped agent, or clear fatal workers so they are tried again."""
         runtime = self._runtime(name)
         runtime.enabled = True
-        now = self._now()
+        now = self.now()
         for worker in runtime.workers.values():
             if not worker.lifecycle.running:
                 worker.lifecycle.request_start(now)
-        self._poke()
+        self.poke()
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file and apply the difference (see :mod:`supervisor.reload`)."""
-        return await self._reload()
-
-    # -- rolling restart -------------------------------------------------------------------
-    async def _roll(self, runtime: AgentRuntime) -> None:
-        if runtime.rolling:
-            raise ControlError(f"agent {runtime.name!r}: a rolling restart is already running")
-        if self._stopping:
-            raise ControlError("the supervisor is stopping")
-        runtime.rolling = True
-        runtime.last_roll_error = None
-        try:
-            await self._roll_workers(runtime)
-        finally:
-            runtime.rolling = False
-            self._poke()
-
-    async def _roll_workers(self, runtime: AgentRuntime) -> None:
-        agent = runtime.config
-        old = sorted(runtime.active(), key=lambda w: w.slot)
-        surge = max(int(agent.max_surge), 0)
-        batch = surge if surge > 0 else max(int(agent.max_unavailable), 1)
-        log.info("rolling restart", agent=runtime.name, workers=len(old), batch=batch)
-        for i in range(0, len(old), batch):
-            if self._stopping:
-                raise ControlError("rolling restart interrupted: the supervisor is stopping")
-            await self._roll_batch(runtime, old[i : i + batch], surge_first=surge > 0)
-        log.info("rolling restart done", agent=runtime.name)
-
-    async def _retire_all(self, workers: list[Worker]) -> None:
-        async with anyio.create_task_group() as tg:
-            for worker in workers:
-                worker.retired = True
-                tg.start_soon(self._stop_and_wait, worker, CAUSE_STOP)
-
-    async def _roll_batch(
-        self, runtime: AgentRuntime, group: list[Worker], *, surge_first: bool
-    ) -> None:
-        """Replace ``group``: replacements first (surge) or, without surge, old ones first."""
-        if not surge_first:
-            await self._retire_all(group)
-        now = self._now()
-        used = set(runtime.workers)
-        fresh: list[Worker] = []
-        slot = 0
-        for _ in group:
-            while slot in used:
-                slot += 1
-            used.add(slot)
-            worker = self._add_worker(runtime, slot, now)
-            fresh.append(worker)
-            self._spawn(runtime, worker, now)
-        if not await self._wait_ready(fresh, float(runtime.config.start_timeout)):
-            self._abort_roll(runtime, group, fresh)
-        if surge_first:
-            await self._retire_all(group)
-        for worker in group:
-            if not worker.lifecycle.running:
-                runtime.workers.pop(worker.slot, None)
-
-    def _abort_roll(self, runtime: AgentRuntime, old: list[Worker], fresh: list[Worker]) -> None:
-        """Drop the replacements, keep (or bring back) the old workers, report; raises."""
-        for worker in fresh:
-            worker.retired = True
-            self._stop_worker(worker, CAUSE_STOP)
-        now = self._now()
-        for worker in old:
-            worker.retired = False
-            if not worker.lifecycle.running:
-                worker.lifecycle.request_start(now)
-        exits = [f"{w.key}: {w.lifecycle.last_exit.reason}" for w in fresh if w.lifecycle.last_exit]
-        runtime.last_roll_error = (
-            f"rolling restart of {runtime.name} stopped: a replacement did not become "
-            f"ready within {runtime.config.start_timeout:g}s"
-            + (f" ({'; '.join(exits)})" if exits else "")
-        )
-        log.error("rolling restart failed", agent=runtime.name, error=runtime.last_roll_error)
-        raise ControlError(runtime.last_roll_error)
-
-    async def _wait_ready(self, workers: list[Worker], deadline: float) -> bool:
-        """True once every worker is READY; False on a failed start or after ``deadline`` s."""
-        with anyio.move_on_after(deadline):
-            while True:
-                states = [w.lifecycle.state for w in workers]
-                if all(s == WorkerState.READY for s in states):
-                    return True
-                if any(w.lifecycle.last_exit is not None for w in workers):
-                    return False
-                await self._changed.wait()
-        return False
-
-    # -- reload ------------------------------------------------------------------------------
-    async def _reload(self) -> ReloadResult:
-        """Load, validate and diff the config; keep the old plan when it is invalid."""
         if self._config_loader is None:
             raise ControlError("reload is not available: no config loader")
         async with self._reload_lock:  # SIGHUP twice, or SIGHUP and the API: one at a time
             self._systemd.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            self.last_reload_at = time.time()
             try:
-                return await self._reload_inner()
+                result = await reload_config(self, self._config_loader)
+                self.last_reload_error = "; ".join(result.errors) if result.errors else None
+                return result
             finally:
-                self._systemd.send("READY=1", f"STATUS={self._summary()}")
+                self._systemd.send("READY=1", f"STATUS={fleet_summary(self.agents)}")
 
-    async def _reload_inner(self) -> ReloadResult:
-        self.last_reload_at = time.time()
-        loader = self._config_loader
-        assert loader is not None
-        try:
-            new_config = await anyio.to_thread.run_sync(loader, Path(self.config.path))
-        except Exception as exc:
-            problems = [str(p) for p in getattr(exc, "problems", [])] or [str(exc)]
-            self.last_reload_error = "; ".join(problems)
-            log.error("reload rejected", errors=problems, config=str(self.config.path))
-            return ReloadResult(ok=False, errors=problems)
-        from supervisor.plan import build_plan
+    # -- used by supervisor.rollout and supervisor.reload ----------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
-        # Compare with the sections the running supervisor keeps, so a changed
-        # [redis] url (which needs a restart) does not mark every agent changed.
-        merged = _keep_supervisor_sections(self.config, new_config)
-        diff = self.plan.diff(build_plan(merged))
-        restart_required = restart_sections_changed(self.config, new_config)
-        if restart_required:
-            log.warning(
-                "reload: these sections changed and need a supervisor restart",
-                sections=restart_required,
-            )
-        log.info(
-            "reloading",
-            added=diff.added,
-            removed=diff.removed,
-            changed=diff.changed,
-            scaled=diff.scaled,
-            unchanged=len(diff.unchanged),
-        )
-        old_agents = {a.name: a for a in self.config.agents}
-        new_agents = {a.name: a for a in new_config.agents}
-        self._apply_config(merged)
-        errors: list[str] = []
-        async with anyio.create_task_group() as tg:
-            for name in diff.removed:
-                tg.start_soon(self._remove_agent, name)
-        for name in diff.added:
-            self.agents[name] = AgentRuntime(new_agents[name], desired=new_agents[name].replicas)
-        for name in diff.scaled + diff.unchanged:
-            runtime = self.agents[name]
-            runtime.config = new_agents[name]
-            if old_agents[name].replicas != new_agents[name].replicas:
-                runtime.desired = new_agents[name].replicas
-        self._poke()
+    async def roll(self, runtime: AgentRuntime) -> None:
+        """Rolling restart of one agent (:func:`supervisor.rollout.roll_agent`)."""
+        await roll_agent(self, runtime)
 
-        async def roll(name: str) -> None:
-            runtime = self.agents[name]
-            runtime.config = new_agents[name]
-            try:
-                await self._roll(runtime)
-            except ControlError as exc:
-                errors.append(str(exc))
-            runtime.desired = new_agents[name].replicas
-            self._poke()
+    async def wait_changed(self) -> None:
+        """Wait until any worker's state changes."""
+        await self._changed.wait()
 
-        async with anyio.create_task_group() as tg:
-            for name in diff.changed:
-                tg.start_soon(roll, name)
-        self.last_reload_error = "; ".join(errors) if errors else None
-        return ReloadResult(
-            ok=not errors,
-            errors=errors,
-            restart_required=restart_required,
-            added=diff.added,
-            removed=diff.removed,
-            changed=diff.changed,
-            scaled=diff.scaled,
-            unchanged=diff.unchanged,
-        )
-
-    async def _remove_agent(self, name: str) -> None:
-        runtime = self.agents.get(name)
-        if runtime is None:
+    async def remove_agent(self, name: str) -> None:
+        """Drain and stop an agent a reload removed, then forget it."""
+        if name not in self.agents:
             return
         await self.stop_agent(name)
         self.agents.pop(name, None)
         log.info("agent removed", agent=name)
-
-
-def _section_digest(config: Any, section: str) -> str:
-    """SHA-256 of one section *with* its secrets.
-
-    ``model_dump(mode="json")`` masks SecretStr values, so a changed Redis
-    password or control token would compare equal; the digest folds the
-    secret values in (and is never logged).
-    """
-    model = getattr(config, section)
-    payload: dict[str, Any] = {"dump": model.model_dump(mode="json")}
-    for name, value in model:
-        if isinstance(value, SecretStr):
-            payload[name] = value.get_secret_value()
-    blob = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def restart_sections_changed(old: Any, new: Any) -> list[str]:
-    """Sections a reload cannot apply (they need a supervisor restart), when they changed."""
-    return [
-        section
-        for section in RESTART_SECTIONS
-        if _section_digest(old, section) != _section_digest(new, section)
-    ]
-
-
-def _keep_supervisor_sections(old: Any, new: Any) -> Any:
-    """The new agents with the running supervisor/redis/http sections (those need a restart)."""
-    try:
-        return new.model_copy(
-            update={"supervisor": old.supervisor, "redis": old.redis, "http": old.http}
-        )
-    except AttributeError:  # pragma: no cover - non-pydantic test doubles
-        return new
 
 
 def _systemd_watchdog_interval(environ: dict[str, str]) -> float | None:

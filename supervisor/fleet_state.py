@@ -21,9 +21,6 @@ from supervisor.process import ChildProcess
 from supervisor.resources import Usage
 from supervisor.snapshot import AgentSnapshot, GroupSnapshot, WorkerSnapshot
 
-#: Inherited variables that belong to *our* service manager, never to children.
-SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-
 
 def _base36(n: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -120,11 +117,6 @@ class AgentRuntime:
         ]
 
 
-def child_environment(base: dict[str, str]) -> dict[str, str]:
-    """The supervisor's environment without what belongs to its own service manager."""
-    return {k: v for k, v in base.items() if k not in SYSTEMD_ENV}
-
-
 def agent_state(runtime: AgentRuntime) -> str:
     """running | starting | degraded | stopped | fatal, as /status and /readyz show it."""
     if not runtime.enabled:
@@ -139,6 +131,64 @@ def agent_state(runtime: AgentRuntime) -> str:
     if any(w.lifecycle.restarts for w in runtime.workers.values()):
         return "degraded"
     return "starting"
+
+
+def dependencies_ready(agents: dict[str, AgentRuntime], runtime: AgentRuntime) -> bool:
+    """Every agent named in ``after`` has its desired ready workers.
+
+    An agent scaled to 0 replicas (or removed) is satisfied: nothing of it will
+    ever become ready, and waiting for it would block dependents forever.
+    """
+    for dep in runtime.config.after:
+        other = agents.get(dep)
+        if other is None or other.desired == 0:
+            continue
+        if len(other.ready_workers()) < other.desired:
+            return False
+    return True
+
+
+def blocked_by_fatal(
+    agents: dict[str, AgentRuntime], runtime: AgentRuntime, seen: set[str] | None = None
+) -> bool:
+    """True when an agent ``runtime`` waits on (directly or not) is fatal."""
+    seen = set() if seen is None else seen
+    for dep in runtime.config.after:
+        other = agents.get(dep)
+        if other is None or dep in seen:
+            continue
+        seen.add(dep)
+        if agent_state(other) == "fatal" or blocked_by_fatal(agents, other, seen):
+            return True
+    return False
+
+
+def plan_up(agents: dict[str, AgentRuntime]) -> bool:
+    """The plan is up: every enabled agent has its ready workers, or is as settled as
+    it gets (fatal, or waiting on a fatal agent)."""
+    for runtime in agents.values():
+        if not runtime.enabled:
+            continue
+        if not runtime.gate_open:
+            if blocked_by_fatal(agents, runtime):
+                continue
+            return False
+        ready = len(runtime.ready_workers())
+        fatal = any(w.lifecycle.state == WorkerState.FATAL for w in runtime.workers.values())
+        if ready < runtime.desired and not fatal:
+            return False
+    return True
+
+
+def fleet_summary(agents: dict[str, AgentRuntime]) -> str:
+    """One line for systemd's STATUS=: ready/desired workers and fatal agents."""
+    total = sum(rt.desired for rt in agents.values())
+    ready = sum(len(rt.ready_workers()) for rt in agents.values())
+    fatal = [rt.name for rt in agents.values() if agent_state(rt) == "fatal"]
+    text = f"{ready}/{total} workers ready in {len(agents)} agents"
+    if fatal:
+        text += f"; fatal: {', '.join(sorted(fatal))}"
+    return text
 
 
 def worker_snapshot(runtime: AgentRuntime, worker: Worker, now: float) -> WorkerSnapshot:

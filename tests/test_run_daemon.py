@@ -708,7 +708,7 @@ async def test_snapshot_shows_rolling_and_why_a_roll_or_start_failed(
 def test_restart_sections_see_secret_changes(tmp_path: Path) -> None:
     """A changed Redis password or control token counts as a change of [redis]/[http]
     (model_dump masks secrets, so a plain dump comparison would miss it)."""
-    from supervisor.daemon import restart_sections_changed
+    from supervisor.reload import restart_sections_changed
 
     path = tmp_path / "fleet.toml"
     path.write_text(textwrap.dedent(header()))

@@ -1,0 +1,101 @@
+"""What a worker process is started with: its argv and environment.
+
+Every worker gets the supervisor's environment minus what belongs to our own
+service manager (``NOTIFY_SOCKET``, ``WATCHDOG_*``, ``LISTEN_*``), plus:
+
+- identity: ``AG1_AGENT``, ``AG1_WORKER`` (``agent/slot``), ``AG1_GROUP``,
+  ``AG1_CONSUMER`` (unique per incarnation), ``AG1_STREAMS`` (comma-separated,
+  shards expanded), ``AG1_WORKING_DIR``;
+- the bus: ``REDIS_URL`` (with the password: never log it), ``BUS_NAMESPACE``;
+- supervision: ``NOTIFY_SOCKET`` (ours), ``AG1_SUPERVISOR_PID``,
+  ``AG1_WATCHDOG_USEC`` when the agent has a watchdog, ``PYTHONUNBUFFERED=1``;
+- handler agents (run by :mod:`supervisor.worker`): ``AG1_HANDLER``,
+  ``AG1_CONCURRENCY``, ``AG1_COUNT``, ``AG1_MAX_DELIVERIES``, ``AG1_DLQ``,
+  ``AG1_DRAIN_TIMEOUT``, and for ordered agents ``AG1_ORDERED``,
+  ``AG1_SHARDS``, ``AG1_BASE_STREAMS``.
+
+The agent's own ``env`` table is applied last and wins.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+#: Inherited variables that belong to *our* service manager, never to children.
+SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+def child_environment(base: dict[str, str]) -> dict[str, str]:
+    """The supervisor's environment without what belongs to its own service manager."""
+    return {k: v for k, v in base.items() if k not in SYSTEMD_ENV}
+
+
+@dataclass(frozen=True)
+class FleetContext:
+    """The fleet-wide part of every worker's environment."""
+
+    base_env: dict[str, str]  # already passed through child_environment()
+    redis_url: str
+    namespace: str
+    notify_socket: str
+    config_dir: Any  # default working directory: the directory holding fleet.toml
+
+
+def working_dir(agent: Any, fleet: FleetContext) -> Any:
+    return agent.working_dir or fleet.config_dir
+
+
+def worker_environment(
+    agent: Any, fleet: FleetContext, worker_key: str, consumer: str
+) -> dict[str, str]:
+    """The environment of one worker incarnation (see the module docstring)."""
+    env = dict(fleet.base_env)
+    env.update(
+        {
+            "AG1_AGENT": agent.name,
+            "AG1_WORKER": worker_key,
+            "AG1_GROUP": agent.group,
+            "AG1_CONSUMER": consumer,
+            "AG1_STREAMS": ",".join(agent.read_streams),
+            "REDIS_URL": fleet.redis_url,
+            "BUS_NAMESPACE": fleet.namespace,
+            "NOTIFY_SOCKET": fleet.notify_socket,
+            "PYTHONUNBUFFERED": "1",
+            "AG1_SUPERVISOR_PID": str(os.getpid()),
+            "AG1_WORKING_DIR": str(working_dir(agent, fleet)),
+        }
+    )
+    if agent.watchdog:
+        env["AG1_WATCHDOG_USEC"] = str(int(agent.watchdog * 1e6))
+    if agent.kind == "handler":
+        env.update(
+            {
+                "AG1_HANDLER": agent.handler,
+                "AG1_CONCURRENCY": str(agent.concurrency),
+                "AG1_COUNT": str(agent.count),
+                "AG1_MAX_DELIVERIES": str(agent.max_deliveries),
+                "AG1_DLQ": agent.dlq_stream,
+                # Leave a margin under stop_timeout so acks land before SIGKILL.
+                "AG1_DRAIN_TIMEOUT": f"{max(agent.stop_timeout * 0.8, 0.1):g}",
+            }
+        )
+        if agent.ordered:
+            env.update(
+                {
+                    "AG1_ORDERED": "1",
+                    "AG1_SHARDS": str(agent.shards),
+                    "AG1_BASE_STREAMS": ",".join(agent.streams),
+                }
+            )
+    env.update(agent.env)
+    return env
+
+
+def worker_argv(agent: Any) -> list[str]:
+    """Handler agents run the built-in worker; command agents their own program."""
+    if agent.kind == "handler":
+        return [sys.executable, "-m", "supervisor.worker"]
+    return list(agent.command)
