@@ -253,3 +253,53 @@ def test_group_target_carries_ordered_shards(tmp_path: Path) -> None:
     assert len(ordered.streams) == 4
     plain = DeliveryHooks.target(AgentRuntime(by_name["plain"], desired=1))
     assert plain.ordered is False
+
+
+@pytest.mark.timeout(90)
+async def test_sigkilled_ordered_owner_leases_are_evicted_at_once(
+    tmp_path: Path, redis: Any, redis_url: str
+) -> None:
+    """SIGKILL the owner of ordered shards under the daemon: its shard leases are
+    evicted by the crash reclaim and taken over within seconds, far below the 10 s
+    lease TTL they would otherwise wait out."""
+    from core_bus.keys import StreamKeyBuilder
+    from core_bus.replies import text
+
+    (tmp_path / "ord_agent.py").write_text("async def handle(env, redis):\n    pass\n")
+    toml = (
+        header(url=redis_url)
+        + """
+    [[agents]]
+    name = "ledger"
+    handler = "ord_agent:handle"
+    streams = ["ledger:in"]
+    shards = 4
+    ordered = true
+    replicas = 2
+    stop_timeout = "1s"
+    """
+    )
+    keys = StreamKeyBuilder()
+    leases = [keys.shard_lease("ledger", "ledger:in", i) for i in range(4)]
+
+    async def owners() -> set[str]:
+        return {text(v) for v in await redis.mget(leases) if v is not None}
+
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "ledger").ready_replicas == 2, timeout=30)
+
+        async def split() -> bool:
+            return len(await owners()) == 2
+
+        await eventually(split, timeout=30, message="two lease owners")
+        victim = worker(daemon, "ledger", 0)
+        assert victim.pid is not None and victim.consumer in await owners()
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = anyio.current_time()
+
+        async def handed_over() -> bool:
+            current = [text(v) if v is not None else None for v in await redis.mget(leases)]
+            return victim.consumer not in current and None not in current
+
+        await eventually(handed_over, timeout=30, interval=0.05, message="leases handed over")
+        assert anyio.current_time() - killed_at < 6.0
