@@ -35,6 +35,7 @@ from core_bus.log import get_logger
 from core_bus.settings import redact_url
 from core_bus.stats import SubscriptionStats
 from supervisor.delivery_hooks import DeliveryHooks
+from supervisor.exits import exit_reason, record_exit, record_spawn_failure
 from supervisor.fleet_state import (
     AgentRuntime,
     IncarnationIds,
@@ -50,7 +51,6 @@ from supervisor.lifecycle import (
     CAUSE_START_TIMEOUT,
     CAUSE_STOP,
     CAUSE_WATCHDOG,
-    ExitInfo,
     WorkerLifecycle,
     WorkerState,
 )
@@ -422,12 +422,7 @@ class FleetDaemon:
                 pdeathsig="child" if agent.kind == "handler" else True,
             )
         except OSError as exc:
-            reason = f"spawn failed: {exc.strerror or exc}"
-            log.error("worker spawn failed", agent=agent.name, worker=worker.key, error=reason)
-            state = worker.lifecycle.on_exit(now, ExitInfo(code=127, reason=reason))
-            runtime.exits_by_reason[reason] += 1
-            runtime.last_start_error = f"{worker.key}: {reason}"
-            worker.consumer = None
+            state = record_spawn_failure(runtime, worker, now, exc)
             self._after_exit_state(runtime, worker, state)
             return
         worker.process = process
@@ -458,51 +453,12 @@ class FleetDaemon:
             self._on_exit(runtime, worker, process, status)
             tg.cancel_scope.deadline = anyio.current_time() + OUTPUT_GRACE
 
-    def _exit_reason(self, worker: Worker, process: ChildProcess, status: ExitStatus) -> str:
-        if worker.kill_cause in (CAUSE_WATCHDOG, CAUSE_MEMORY, CAUSE_START_TIMEOUT):
-            return worker.kill_cause
-        return status.describe(we_sent_kill=process.sent_kill)
-
     def _on_exit(
         self, runtime: AgentRuntime, worker: Worker, process: ChildProcess, status: ExitStatus
     ) -> None:
-        now = self.now()
         self._senders.remove(process.pid)
-        reason = self._exit_reason(worker, process, status)
-        was_ready = worker.lifecycle.ready_at is not None
-        state = worker.lifecycle.on_exit(
-            now, ExitInfo(status.code, status.signal, worker.kill_cause, reason)
-        )
-        runtime.exits_by_reason[reason] += 1
-        if worker.stats is not None:
-            stats = worker.stats
-            stats.in_flight = 0
-            runtime.totals.merge(stats)
-            worker.stats = None
-        fields = {
-            "agent": runtime.name,
-            "worker": worker.key,
-            "pid": process.pid,
-            "reason": reason,
-            "next": str(state),
-        }
-        expected = worker.lifecycle.stop_cause in (CAUSE_STOP, CAUSE_RESTART) or (
-            status.code == 0 and worker.kill_cause is None
-        )
-        if not was_ready and not expected:
-            runtime.last_start_error = f"{worker.key} failed to start: {reason}"
-            log.warning("worker failed to start", **fields)
-        elif expected:
-            log.info("worker exited", **fields)
-        else:
-            log.warning("worker exited", **fields)
-        if state == WorkerState.FATAL:
-            log.error(
-                "worker fatal",
-                agent=runtime.name,
-                worker=worker.key,
-                why=worker.lifecycle.fatal_reason,
-            )
+        reason = exit_reason(worker, status, we_sent_kill=process.sent_kill)
+        state = record_exit(runtime, worker, self.now(), status, reason, process.pid)
         dead = worker.consumer
         if dead is not None and self._tg is not None:
             self._tg.start_soon(self._reclaim, runtime, dead)

@@ -1,0 +1,55 @@
+"""Exit bookkeeping (supervisor.exits): truthful reasons, failed starts, message totals."""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+from core_bus.stats import SubscriptionStats
+from supervisor.exits import exit_reason, record_exit, record_spawn_failure
+from supervisor.fleet_state import AgentRuntime, Worker
+from supervisor.lifecycle import CAUSE_WATCHDOG, RestartPolicy, WorkerLifecycle, WorkerState
+from supervisor.process import ExitStatus
+
+
+def _worker() -> tuple[AgentRuntime, Worker]:
+    runtime = AgentRuntime(SimpleNamespace(name="a"), desired=1)
+    lifecycle = WorkerLifecycle(RestartPolicy(backoff_initial=0.1))
+    lifecycle.request_start(0.0)
+    lifecycle.on_spawned(0.0)
+    worker = Worker("a", 0, lifecycle)
+    runtime.workers[0] = worker
+    return runtime, worker
+
+
+def test_exit_reason_prefers_our_kill_cause_and_flags_foreign_sigkill() -> None:
+    """Our watchdog kill reads 'watchdog'; a SIGKILL we did not send is a likely OOM kill."""
+    _, worker = _worker()
+    killed = ExitStatus(None, signal.SIGKILL)
+    assert exit_reason(worker, killed, we_sent_kill=False) == "signal SIGKILL (likely OOM kill)"
+    assert exit_reason(worker, killed, we_sent_kill=True) == "signal SIGKILL"
+    worker.kill_cause = CAUSE_WATCHDOG
+    assert exit_reason(worker, killed, we_sent_kill=True) == CAUSE_WATCHDOG
+
+
+def test_exit_before_ready_is_a_failed_start_and_totals_are_kept() -> None:
+    """Dying before READY sets the agent's last_start_error; the incarnation's message
+    counters fold into the agent totals (in-flight zeroed)."""
+    runtime, worker = _worker()
+    worker.stats = SubscriptionStats(processed=7, in_flight=2)
+    state = record_exit(runtime, worker, 1.0, ExitStatus(3, None), "exit 3", 123)
+    assert state == WorkerState.BACKOFF
+    assert runtime.last_start_error == "a/0 failed to start: exit 3"
+    assert runtime.exits_by_reason["exit 3"] == 1
+    assert runtime.totals.processed == 7 and runtime.totals.in_flight == 0
+    assert worker.stats is None
+
+
+def test_spawn_failure_counts_as_exit_127() -> None:
+    """A program that cannot be spawned is a failed start with the OS error as reason."""
+    runtime, worker = _worker()
+    worker.consumer = "c"
+    record_spawn_failure(runtime, worker, 0.5, FileNotFoundError(2, "No such file or directory"))
+    assert runtime.last_start_error == "a/0: spawn failed: No such file or directory"
+    assert worker.lifecycle.last_exit is not None and worker.lifecycle.last_exit.code == 127
+    assert worker.consumer is None
