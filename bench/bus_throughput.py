@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -87,6 +88,7 @@ async def run(messages: int, rounds: int) -> None:
     from core_bus.log import configure_logging
 
     configure_logging(json=False, level="WARNING")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServerProcess(data_dir=Path(tmp), appendonly=False).start()
         try:
@@ -114,7 +116,9 @@ async def run(messages: int, rounds: int) -> None:
             await r.aclose()
         finally:
             server.kill()
+    load_after = os.getloadavg()[0]
     print(f"messages: {messages} x {rounds} rounds, envelope: {size} bytes")
+    print(f"load average (1 min) before/after: {load_before:.2f} / {load_after:.2f}")
     print(f"redis: {'.'.join(map(str, server.version))}")
     for name, value in best.items():
         print(f"{name}: {value:,.0f} msgs/s")
