@@ -42,8 +42,6 @@ from supervisor.fleet_state import (
     Worker,
     agent_snapshot,
     dependencies_ready,
-    fleet_summary,
-    plan_up,
 )
 from supervisor.lifecycle import (
     CAUSE_MEMORY,
@@ -70,6 +68,7 @@ from supervisor.snapshot import (
     ReloadResult,
     UnknownAgentError,
 )
+from supervisor.systemd_status import SystemdStatus, watchdog_interval
 from supervisor.worker_env import (
     FleetContext,
     child_environment,
@@ -104,8 +103,8 @@ class FleetDaemon:
         self._config_loader = config_loader
         environ = dict(os.environ if environ is None else environ)
         self._base_env = child_environment(environ)
-        self._systemd = systemd if systemd is not None else Notifier(None)
-        self._watchdog_interval = _systemd_watchdog_interval(environ)
+        self._systemd = SystemdStatus(systemd if systemd is not None else Notifier(None))
+        self._watchdog_interval = watchdog_interval(environ)
         self.sample_interval = sample_interval
         self.agents: dict[str, AgentRuntime] = {}
         self.layers: list[list[str]] = []
@@ -125,10 +124,8 @@ class FleetDaemon:
         self.redis_url: str | None = None
         self._health = RedisHealth()
         self.started_at = time.time()
-        self.ready = False
         self.last_reload_error: str | None = None
         self.last_reload_at: float | None = None
-        self._status_line = ""
         self.http_address: tuple[str, int] | None = None
         self.apply_config(config, initial=True)
 
@@ -206,7 +203,7 @@ class FleetDaemon:
                     tg.start_soon(self._sample_loop)
                     tg.start_soon(self._sweep_loop)
                     if self._watchdog_interval is not None:
-                        tg.start_soon(self._systemd_watchdog_loop, self._watchdog_interval)
+                        tg.start_soon(self._systemd.watchdog_loop, self._watchdog_interval)
                     log.info(
                         "supervisor started",
                         supervisor=self.supervisor_name,
@@ -217,7 +214,7 @@ class FleetDaemon:
                     )
                     task_status.started()
                     await self._stop_requested.wait()
-                    self._systemd.send("STOPPING=1", "STATUS=stopping workers")
+                    self._systemd.stopping()
                     await self._stop_all()
                     tg.cancel_scope.cancel()
         finally:
@@ -335,7 +332,7 @@ class FleetDaemon:
                     self._scale(runtime, now)
                 for worker in list(runtime.workers.values()):
                     self._tick_worker(runtime, worker, now)
-        self._update_ready()
+        self._systemd.update(self.agents)
 
     def _scale(self, runtime: AgentRuntime, now: float) -> None:
         if runtime.rolling:
@@ -562,28 +559,12 @@ class FleetDaemon:
         for worker in await sample_workers(self._sampler, self._all_workers(), self.agents):
             self.stop_worker(worker, CAUSE_MEMORY)
         await self._health.probe(self._redis, self._delivery, self.agents.values(), REDIS_TIMEOUT)
-        self._update_status()
+        self._systemd.update(self.agents)
 
-    # -- systemd ---------------------------------------------------------------------------
-    def _update_ready(self) -> None:
-        if not self.ready and plan_up(self.agents):
-            self.ready = True
-            log.info("fleet ready", agents=len(self.agents))
-            self._systemd.send("READY=1", f"STATUS={fleet_summary(self.agents)}")
-            self._status_line = fleet_summary(self.agents)
-        elif self.ready:
-            self._update_status()
-
-    def _update_status(self) -> None:
-        summary = fleet_summary(self.agents)
-        if self.ready and summary != self._status_line:
-            self._status_line = summary
-            self._systemd.send(f"STATUS={summary}")
-
-    async def _systemd_watchdog_loop(self, interval: float) -> None:
-        while True:
-            self._systemd.send("WATCHDOG=1")
-            await anyio.sleep(interval)
+    @property
+    def ready(self) -> bool:
+        """The first plan is up (systemd got READY=1)."""
+        return self._systemd.ready
 
     # -- FleetControl ------------------------------------------------------------------------
     def snapshot(self) -> FleetSnapshot:
@@ -667,14 +648,14 @@ class FleetDaemon:
         if self._config_loader is None:
             raise ControlError("reload is not available: no config loader")
         async with self._reload_lock:  # SIGHUP twice, or SIGHUP and the API: one at a time
-            self._systemd.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            self._systemd.reloading()
             self.last_reload_at = time.time()
             try:
                 result = await reload_config(self, self._config_loader)
                 self.last_reload_error = "; ".join(result.errors) if result.errors else None
                 return result
             finally:
-                self._systemd.send("READY=1", f"STATUS={fleet_summary(self.agents)}")
+                self._systemd.reloaded(self.agents)
 
     # -- used by supervisor.rollout and supervisor.reload ----------------------------------
     @property
@@ -696,16 +677,6 @@ class FleetDaemon:
         await self.stop_agent(name)
         self.agents.pop(name, None)
         log.info("agent removed", agent=name)
-
-
-def _systemd_watchdog_interval(environ: dict[str, str]) -> float | None:
-    usec = environ.get("WATCHDOG_USEC")
-    if not usec or not usec.isdigit() or int(usec) <= 0:
-        return None
-    pid = environ.get("WATCHDOG_PID")
-    if pid and pid.isdigit() and int(pid) != os.getpid():
-        return None
-    return int(usec) / 2e6
 
 
 def _address_text(address: tuple[str, int] | None) -> str | None:
