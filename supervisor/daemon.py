@@ -2,12 +2,13 @@
 
 Wiring only: the lifecycle policy is :mod:`supervisor.lifecycle` (pure),
 processes are :mod:`supervisor.process` (argv and environment from
-:mod:`supervisor.worker_env`), readiness and heartbeats arrive on
-:mod:`supervisor.notify`, pending entries move with
-:mod:`supervisor.delivery_hooks`, rolling restarts are
-:mod:`supervisor.rollout` and live reload :mod:`supervisor.reload`.
-Everything runs in one event loop and every task belongs to the daemon's task
-group; signal handlers only queue.
+:mod:`supervisor.worker_env`), exits are read by :mod:`supervisor.exits`,
+readiness and heartbeats arrive on :mod:`supervisor.notify`, pending entries
+move with :mod:`supervisor.delivery_hooks`, rolling restarts are
+:mod:`supervisor.rollout`, live reload :mod:`supervisor.reload`, periodic
+sampling :mod:`supervisor.sampling` and systemd hears from
+:mod:`supervisor.systemd_status`. Everything runs in one event loop and
+every task belongs to the daemon's task group; signal handlers only queue.
 
 Exit of a worker is noticed at once (a task awaits each child's pidfd), the
 lifecycle decides restart/backoff/fatal, and its consumer's pending entries
