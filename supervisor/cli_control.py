@@ -89,10 +89,11 @@ def _success_line(args: argparse.Namespace, reply: Reply) -> str:
         return f"{done} {args.agent}{suffix}"
     if accepted:
         return f"reload accepted{suffix}"
-    return "reloaded: " + _reload_summary(reply.body)
+    return "reloaded: " + reload_summary(reply.body)
 
 
-def _reload_summary(body: dict[str, Any]) -> str:
+def reload_summary(body: dict[str, Any]) -> str:
+    """One line for a ``/v1/reload`` reply body: what changed, and what needs a restart."""
     parts = [
         f"{key} {', '.join(body[key])}"
         for key in ("added", "removed", "changed", "scaled")
@@ -101,7 +102,11 @@ def _reload_summary(body: dict[str, Any]) -> str:
     unchanged = len(body.get("unchanged", []))
     if unchanged:
         parts.append(f"{unchanged} unchanged")
-    return "; ".join(parts) if parts else "no changes"
+    summary = "; ".join(parts) if parts else "no changes"
+    restart = body.get("restart_required") or []
+    if restart:  # [supervisor]/[redis]/[http] edits wait for a restart: say so
+        summary += f"; restart needed for: {', '.join(restart)}"
+    return summary
 
 
 def _failure_text(args: argparse.Namespace, reply: Reply, client: ControlClient) -> str:
@@ -147,7 +152,7 @@ def format_status(status: dict[str, Any]) -> str:
             [
                 [
                     a["name"],
-                    a["state"],
+                    f"{a['state']} (rolling)" if a.get("rolling") else a["state"],
                     f"{a['ready_replicas']}/{a['desired_replicas']}",
                     a.get("restarts_total", 0),
                     a.get("messages", {}).get("processed", 0),
@@ -157,6 +162,7 @@ def format_status(status: dict[str, Any]) -> str:
                 for a in agents
             ],
         ),
+        *[f"{a['name']}: last error: {a['last_error']}" for a in agents if a.get("last_error")],
     ]
     workers = [w for a in agents for w in a.get("workers", [])]
     if workers:
@@ -269,4 +275,4 @@ _duration = _fmt(_render_duration)
 _bytes = _fmt(_render_bytes)
 _percent = _fmt(lambda v: f"{v:.1f}%")
 
-__all__ = ["format_status", "main"]
+__all__ = ["format_status", "main", "reload_summary"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cli_control import format_status
+from supervisor.cli_control import format_status, reload_summary
 from supervisor.control_client import (
     ControlClientError,
     resolve_base_url,
@@ -312,6 +312,38 @@ def test_format_status_marks_unknowns() -> None:
     worker_line = next(line for line in text.splitlines() if line.startswith("echo/1"))
     assert worker_line.split()[1:3] == ["starting", "-"]
     assert "47.7MiB" not in worker_line
+
+
+def test_format_status_shows_rolling_and_last_error() -> None:
+    """A rolling restart marks the agent's state; an agent's last_error gets its own line."""
+    snap = snapshot(agent("echo", desired=2, ready=2), agent("calc", desired=1, ready=0))
+    snap.agents[0].rolling = True
+    snap.agents[1].state = "fatal"
+    snap.agents[1].last_error = "worker calc/0 exited 3 (fatal)"
+    text = format_status(snap.to_dict())
+    lines = text.splitlines()
+    echo_line = next(line for line in lines if line.startswith("echo "))
+    assert echo_line.split()[:4] == ["echo", "running", "(rolling)", "2/2"]
+    calc_line = next(line for line in lines if line.startswith("calc "))
+    assert "(rolling)" not in calc_line
+    assert "calc: last error: worker calc/0 exited 3 (fatal)" in lines
+    assert not any(line.startswith("echo: last error") for line in lines)
+
+    snap.agents[0].rolling = False
+    snap.agents[1].last_error = None
+    quiet = format_status(snap.to_dict())
+    assert "(rolling)" not in quiet and "last error" not in quiet
+
+
+def test_reload_summary_names_sections_needing_a_restart() -> None:
+    """`reload` appends the reply's restart_required sections; nothing when it is empty."""
+    body = {"ok": True, "changed": ["echo"], "unchanged": ["calc"], "restart_required": []}
+    assert reload_summary(body) == "changed echo; 1 unchanged"
+    body["restart_required"] = ["redis", "http"]
+    assert reload_summary(body) == "changed echo; 1 unchanged; restart needed for: redis, http"
+    assert reload_summary({"restart_required": ["redis"]}) == (
+        "no changes; restart needed for: redis"
+    )
 
 
 def test_client_timeout_outlasts_server_request_timeout(
