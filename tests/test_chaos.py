@@ -12,21 +12,18 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anyio
-import psutil
 import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_many
 from supervisor.consumers import consumers_of
+from tests.fleet_harness import FleetProcess
 from tests.waiting import eventually, eventually_sync
 
 pytestmark = pytest.mark.anyio
@@ -77,48 +74,6 @@ stop_timeout = "2s"
 """
 
 
-class FleetProcess:
-    """`ag1-fleet run` in its own session; JSON log lines in a file."""
-
-    def __init__(self, tmp_path: Path, toml: str) -> None:
-        (tmp_path / "fleet.toml").write_text(textwrap.dedent(toml))
-        self.log_path = tmp_path / "run.log"
-        self._log = self.log_path.open("wb")
-        env = dict(os.environ, AG1_LOG_FORMAT="json", AG1_LOG_LEVEL="INFO")
-        env.pop("NOTIFY_SOCKET", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(tmp_path / "fleet.toml")],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(tmp_path),
-            start_new_session=True,
-        )
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == name:
-                out.append(event)
-        return out
-
-    def workers(self) -> list[int]:
-        try:
-            return [c.pid for c in psutil.Process(self.proc.pid).children()]
-        except psutil.NoSuchProcess:
-            return []
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
-
-
 async def status(port: int) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession() as session,
@@ -166,7 +121,7 @@ async def test_chaos_sigkill_every_300ms_loses_nothing(
             rng = random.Random(5)
             while time.monotonic() - started < CHAOS_SECONDS:
                 await anyio.sleep(KILL_EVERY)
-                pids = fleet.workers()
+                pids = sorted(fleet.worker_pids())
                 if pids:
                     victim = rng.choice(pids)
                     try:

@@ -10,15 +10,10 @@ that keeps the old plan.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +24,8 @@ import pytest
 from core_bus.envelope import Envelope
 from core_bus.keys import StreamKeyBuilder
 from core_bus.publish import publish_many
-from tests.waiting import eventually, eventually_sync
+from tests.fleet_harness import FleetProcess, listening_fleet
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -46,75 +42,14 @@ async def handle(env, redis):
 """
 
 
-class RealFleet:
-    """`ag1-fleet run -c fleet.toml` in its own session; its JSON log in a file."""
+class RealFleet(FleetProcess):
+    """`ag1-fleet run -c fleet.toml` in its own session, stopped with SIGTERM on close."""
 
     def __init__(self, tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> None:
-        self.dir = tmp_path
-        self.config = tmp_path / "fleet.toml"
-        self.write(toml)
-        self.log_path = tmp_path / "run.log"
-        self._log = self.log_path.open("wb")
-        environ = dict(os.environ, AG1_LOG_FORMAT="json", AG1_LOG_LEVEL="INFO")
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "AG1_CONTROL_TOKEN"):
-            environ.pop(name, None)
-        environ.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=environ,
-            cwd=str(tmp_path),
-            start_new_session=True,
-        )
-        self.url = ""
-
-    def write(self, toml: str) -> None:
-        self.config.write_text(textwrap.dedent(toml))
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == name:
-                out.append(event)
-        return out
-
-    def wait_listening(self, timeout: float = 30) -> str:
-        def listening() -> list[dict[str, Any]]:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ag1-fleet run exited {self.proc.returncode}: {self.tail()}")
-            return self.events("http_listening")
-
-        event = eventually_sync(listening, timeout, message="http_listening")[-1]
-        self.url = f"http://{event['host']}:{event['port']}"
-        return self.url
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
+        super().__init__(tmp_path, toml, env, graceful=True)
 
 
-@contextmanager
-def real_fleet(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> Iterator[RealFleet]:
-    fleet = RealFleet(tmp_path, toml, env)
-    try:
-        fleet.wait_listening()
-        yield fleet
-    finally:
-        fleet.close()
+real_fleet = listening_fleet
 
 
 def header(redis_url: str, request_timeout: str = "25s") -> str:
@@ -149,20 +84,20 @@ async def get_json(url: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
-async def status(fleet: RealFleet) -> dict[str, Any]:
+async def status(fleet: FleetProcess) -> dict[str, Any]:
     code, body = await get_json(fleet.url + "/status")
     assert code == 200
     return body  # type: ignore[no-any-return]
 
 
-async def pids(fleet: RealFleet) -> dict[str, set[int]]:
+async def pids(fleet: FleetProcess) -> dict[str, set[int]]:
     snap = await status(fleet)
     return {
         a["name"]: {w["pid"] for w in a["workers"] if w["pid"] is not None} for a in snap["agents"]
     }
 
 
-async def ready_counts(fleet: RealFleet) -> dict[str, tuple[int, int]]:
+async def ready_counts(fleet: FleetProcess) -> dict[str, tuple[int, int]]:
     snap = await status(fleet)
     return {a["name"]: (a["ready_replicas"], a["desired_replicas"]) for a in snap["agents"]}
 
@@ -179,7 +114,7 @@ async def cli(*argv: str, token: str | None = None) -> subprocess.CompletedProce
         )
 
 
-async def wait_fleet_ready(fleet: RealFleet, timeout: float = 40) -> None:
+async def wait_fleet_ready(fleet: FleetProcess, timeout: float = 40) -> None:
     async def ready() -> bool:
         code, _ = await get_json(fleet.url + "/readyz")
         return code == 200
@@ -226,7 +161,7 @@ async def test_cli_status_scale_stop_start_against_the_daemon(
         assert result.stderr.decode().strip() == "ag1-fleet restart: unknown agent 'ghost'"
 
 
-async def _counts_are(fleet: RealFleet, **expected: tuple[int, int]) -> bool:
+async def _counts_are(fleet: FleetProcess, **expected: tuple[int, int]) -> bool:
     counts = await ready_counts(fleet)
     return all(counts.get(name) == want for name, want in expected.items())
 

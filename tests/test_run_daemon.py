@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -19,7 +17,8 @@ import pytest
 
 from supervisor.config_load import load_config
 from supervisor.daemon import FleetDaemon
-from supervisor.snapshot import AgentSnapshot, ControlError, WorkerSnapshot
+from supervisor.snapshot import ControlError
+from tests.fleet_harness import agent, cmd, header, running, worker
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -30,55 +29,6 @@ READY_THEN_SLEEP = (
 
 
 SEGV = "import os, time, signal; time.sleep(0.3); os.kill(os.getpid(), signal.SIGSEGV)"
-
-
-def header(name: str = "t", url: str = "redis://127.0.0.1:1/0") -> str:
-    return f"""
-    [supervisor]
-    name = "{name}"
-    stop_timeout = "5s"
-    [redis]
-    url = "{url}"
-    [http]
-    enabled = false
-    """
-
-
-@asynccontextmanager
-async def running(
-    tmp_path: Path, toml: str, sample_interval: float = 5.0
-) -> AsyncIterator[FleetDaemon]:
-    path = tmp_path / "fleet.toml"
-    path.write_text(textwrap.dedent(toml))
-    config = load_config(path)
-    daemon = FleetDaemon(config, config_loader=load_config, sample_interval=sample_interval)
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            await tg.start(daemon.run)
-            try:
-                yield daemon
-            finally:
-                daemon.request_stop()
-
-
-def agent(daemon: FleetDaemon, name: str) -> AgentSnapshot:
-    for snap in daemon.snapshot().agents:
-        if snap.name == name:
-            return snap
-    raise AssertionError(f"no agent {name}")
-
-
-def worker(daemon: FleetDaemon, name: str, slot: int = 0) -> WorkerSnapshot:
-    """The worker's snapshot; state "absent" while the slot does not exist (yet)."""
-    for w in agent(daemon, name).workers:
-        if w.slot == slot:
-            return w
-    return WorkerSnapshot(agent=name, slot=slot, worker_id=f"{name}/{slot}", state="absent")
-
-
-def cmd(python_exe: str, code: str) -> str:
-    """A TOML array running ``code`` with the test interpreter."""
-    return f'["{python_exe}", "-c", "{code}"]'
 
 
 async def test_always_restarts_a_worker_that_exits(tmp_path: Path, python_exe: str) -> None:

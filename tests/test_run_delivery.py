@@ -17,7 +17,7 @@ from supervisor.config_load import load_config
 from supervisor.daemon import FleetDaemon
 from supervisor.notify import NotifyMessage, NotifyServer
 from supervisor.sdnotify import Notifier
-from tests.test_run_daemon import agent, header, running, worker
+from tests.fleet_harness import agent, header, running, worker
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_envelope
+from tests.fleet_harness import FleetProcess, gone
 from tests.waiting import eventually, eventually_sync
 
 pytestmark = pytest.mark.anyio
@@ -30,79 +28,18 @@ async def handle(env: Any, redis: Any) -> None:
 """
 
 
-class Fleet:
-    """An `ag1-fleet run` subprocess in its own session, its JSON log in a file."""
-
-    def __init__(self, tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> None:
-        self.dir = tmp_path
-        self.config = tmp_path / "fleet.toml"
-        self.config.write_text(textwrap.dedent(toml))
-        self.log_path = tmp_path / "run.log"
-        self._log = self.log_path.open("wb")
-        environ = dict(os.environ)
-        environ.update({"AG1_LOG_FORMAT": "json"})
-        environ.pop("NOTIFY_SOCKET", None)
-        environ.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=environ,
-            cwd=str(tmp_path),
-            start_new_session=True,
-        )
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.events()
-            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
-        ]
-
-    def wait_event(self, event: str, timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
-        found = eventually_sync(
-            lambda: self.find(event, **fields), timeout=timeout, message=f"event {event!r}"
-        )
-        return found[-1]  # type: ignore[no-any-return]
-
-    def worker_pids(self) -> set[int]:
-        try:
-            return {c.pid for c in psutil.Process(self.proc.pid).children()}
-        except psutil.NoSuchProcess:
-            return set()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture
 def fleet_factory(tmp_path: Path) -> Iterator[Any]:
-    fleets: list[Fleet] = []
+    fleets: list[FleetProcess] = []
 
-    def start(toml: str, env: dict[str, str] | None = None) -> Fleet:
-        fleet = Fleet(tmp_path, toml, env)
+    def start(toml: str, env: dict[str, str] | None = None) -> FleetProcess:
+        fleet = FleetProcess(tmp_path, toml, env)
         fleets.append(fleet)
         return fleet
 
     yield start
     for fleet in fleets:
         fleet.close()
-
-
-def _gone(pids: set[int]) -> bool:
-    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
 
 
 @pytest.mark.timeout(60)
@@ -139,9 +76,7 @@ async def test_run_processes_messages_end_to_end(
     sock_dir = Path(started["notify_socket"]).parent
     assert sock_dir.exists()
 
-    fleet.proc.send_signal(signal.SIGTERM)
-    assert fleet.proc.wait(20) == 0
-    assert _gone(pids)
+    fleet.stop(20, pids)
     assert not sock_dir.exists(), "notify socket left behind"
     exits = fleet.find("worker exited", agent="echo")
     assert {e["reason"] for e in exits} == {"exit 0"}
@@ -185,7 +120,7 @@ def test_supervisor_sigkill_leaves_no_children(
     assert len(pids) == 5
     fleet.proc.send_signal(signal.SIGKILL)
     fleet.proc.wait(10)
-    eventually_sync(lambda: _gone(pids), timeout=5, message="workers gone after supervisor SIGKILL")
+    eventually_sync(lambda: gone(pids), timeout=5, message="workers gone after supervisor SIGKILL")
 
 
 @pytest.mark.timeout(60)
@@ -214,7 +149,7 @@ def test_second_sigterm_stops_at_once(fleet_factory: Any, python_exe: str) -> No
     assert fleet.proc.poll() is None  # the worker ignores SIGTERM; stop_timeout is 60 s
     fleet.proc.send_signal(signal.SIGTERM)
     assert fleet.proc.wait(10) == 0
-    assert _gone(pids)
+    assert gone(pids)
     (exit_event,) = fleet.find("worker exited", agent="stubborn")
     assert exit_event["reason"] == "signal SIGKILL"
 
@@ -339,9 +274,7 @@ def test_embedded_redis_starts_first_and_stops_last(fleet_factory: Any, tmp_path
     names = {p.name() for p in tree}
     assert any("redis" in n for n in names), names
     pids = {p.pid for p in tree}
-    fleet.proc.send_signal(signal.SIGTERM)
-    assert fleet.proc.wait(30) == 0
-    assert _gone(pids)
+    fleet.stop(30, pids)
     exits = fleet.find("worker exited", agent="echo")
     assert exits and exits[0]["reason"] == "exit 0"
 
