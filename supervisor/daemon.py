@@ -1,7 +1,9 @@
 """The fleet daemon: one reconcile loop driving desired vs observed workers.
 
 Wiring only: the lifecycle policy is :mod:`supervisor.lifecycle` (pure),
-processes are :mod:`supervisor.process` (argv and environment from
+spawning, watching and stopping worker processes and applying their notify
+messages is :mod:`supervisor.worker_runtime` (processes are
+:mod:`supervisor.process`, argv and environment from
 :mod:`supervisor.worker_env`), exits are read by :mod:`supervisor.exits`,
 readiness and heartbeats arrive on :mod:`supervisor.notify`, pending entries
 move with :mod:`supervisor.delivery_hooks`, rolling restarts are
@@ -19,7 +21,6 @@ becomes ready when none is alive).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
@@ -34,12 +35,9 @@ import anyio.abc
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.settings import redact_url
-from core_bus.stats import SubscriptionStats
 from supervisor.delivery_hooks import DeliveryHooks
-from supervisor.exits import exit_reason, record_exit, record_spawn_failure
 from supervisor.fleet_state import (
     AgentRuntime,
-    IncarnationIds,
     Worker,
     agent_snapshot,
     dependencies_ready,
@@ -47,15 +45,11 @@ from supervisor.fleet_state import (
 from supervisor.lifecycle import (
     CAUSE_MEMORY,
     CAUSE_RESTART,
-    CAUSE_START_TIMEOUT,
     CAUSE_STOP,
     CAUSE_WATCHDOG,
     WorkerLifecycle,
-    WorkerState,
 )
-from supervisor.logcapture import LineCapture, TokenBucket
-from supervisor.notify import NotifyMessage, NotifyServer, SenderIndex
-from supervisor.process import ChildProcess, ExitStatus
+from supervisor.notify import NotifyServer
 from supervisor.rebalance import Rebalancer
 from supervisor.reload import reload_config
 from supervisor.resources import ResourceSampler
@@ -70,20 +64,13 @@ from supervisor.snapshot import (
     UnknownAgentError,
 )
 from supervisor.systemd_status import SystemdStatus, watchdog_interval
-from supervisor.worker_env import (
-    FleetContext,
-    child_environment,
-    worker_argv,
-    worker_environment,
-    working_dir,
-)
+from supervisor.worker_env import FleetContext, child_environment
+from supervisor.worker_runtime import WorkerRunner
 
 log = get_logger("supervisor.daemon")
 
 #: How often RSS/CPU, memory limits, group pending/lag and Redis health are sampled.
 SAMPLE_INTERVAL = 5.0
-#: Seconds the log readers of an exited child may still drain its pipes.
-OUTPUT_GRACE = 1.0
 #: Redis calls made by the daemon never block the loop longer than this.
 REDIS_TIMEOUT = 5.0
 
@@ -109,15 +96,10 @@ class FleetDaemon:
         self.sample_interval = sample_interval
         self.agents: dict[str, AgentRuntime] = {}
         self.layers: list[list[str]] = []
-        self._senders = SenderIndex()
-        self._ids = IncarnationIds()
         self._sampler = ResourceSampler()
         self._wake = anyio.Event()
-        self._changed = anyio.Event()
         self._stop_requested = anyio.Event()
         self._reload_lock = anyio.Lock()
-        self._force_stop = False
-        self._stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._notify: NotifyServer | None = None
         self._redis: Any = None
@@ -129,6 +111,7 @@ class FleetDaemon:
         self.last_reload_at: float | None = None
         self.http_address: tuple[str, int] | None = None
         self.apply_config(config, initial=True)
+        self._runner = WorkerRunner(self.agents, poke=self.poke, fleet_context=self._fleet_context)
 
     # -- setup -------------------------------------------------------------------------
     def apply_config(self, config: Any, initial: bool = False) -> None:
@@ -188,6 +171,9 @@ class FleetDaemon:
                 self._notify = notify_server
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    self._runner.bind(
+                        tg, supervisor_name=self.supervisor_name, delivery=self._delivery
+                    )
                     # HTTP first: a refused address must fail before any worker starts.
                     if self.config.http.enabled:
                         from supervisor.http_server import run_http_server
@@ -198,7 +184,7 @@ class FleetDaemon:
                         self.http_address = await tg.start(
                             partial(run_http_server, token=token), self, self.config.http
                         )
-                    tg.start_soon(notify_server.serve, self._on_notify)
+                    tg.start_soon(notify_server.serve, self._runner.on_notify)
                     tg.start_soon(self._signal_loop, signals)
                     tg.start_soon(self._reconcile_loop)
                     tg.start_soon(self._sample_loop)
@@ -221,6 +207,7 @@ class FleetDaemon:
         finally:
             self._notify = None
             self._tg = None
+            self._runner.unbind()
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
                     await self._redis.aclose()
@@ -228,13 +215,7 @@ class FleetDaemon:
 
     def request_stop(self, force: bool = False) -> None:
         """Graceful stop (what SIGTERM does); a second call or ``force`` kills at once."""
-        if self._stop_requested.is_set() or force:
-            self._force_stop = True
-            for worker in self._all_workers():
-                if worker.process is not None and worker.lifecycle.running:
-                    worker.lifecycle.on_stop_requested(CAUSE_STOP)
-                    worker.process.signal_group(signal.SIGKILL)
-        self._stopping = True
+        self._runner.begin_stop(force=self._stop_requested.is_set() or force)
         self._stop_requested.set()
         self._wake.set()
 
@@ -268,13 +249,8 @@ class FleetDaemon:
                         tg.start_soon(self.stop_and_wait, worker, CAUSE_STOP)
         # Agents added by a reload but not in a layer yet, and any stragglers.
         async with anyio.create_task_group() as tg:
-            for worker in self._all_workers():
+            for worker in self._runner.all_workers():
                 tg.start_soon(self.stop_and_wait, worker, CAUSE_STOP)
-
-    async def stop_and_wait(self, worker: Worker, cause: str) -> None:
-        self.stop_worker(worker, cause)
-        while worker.lifecycle.running:
-            await worker.changed.wait()
 
     # -- reconcile ---------------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
@@ -292,15 +268,9 @@ class FleetDaemon:
     def poke(self) -> None:
         self._wake.set()
 
-    def _worker_changed(self, worker: Worker) -> None:
-        """Wake everyone waiting on a worker state change (stop, rolls, tests)."""
-        worker.notify_changed()
-        self._changed.set()
-        self._changed = anyio.Event()
-
     def _next_deadline(self) -> float | None:
         """Earliest timer of the workers :meth:`_reconcile` ticks (None: wait for events)."""
-        if self._stopping:
+        if self._runner.stopping:
             return None
         known: list[float] = []
         for layer in self.layers:
@@ -314,11 +284,8 @@ class FleetDaemon:
                         known.append(deadline)
         return min(known) if known else None
 
-    def _all_workers(self) -> list[Worker]:
-        return [w for rt in self.agents.values() for w in rt.workers.values()]
-
     def _reconcile(self, now: float) -> None:
-        if self._stopping:
+        if self._runner.stopping:
             return
         for layer_index, layer in enumerate(self.layers):
             for name in layer:
@@ -372,9 +339,9 @@ class FleetDaemon:
                 self.spawn_worker(runtime, worker, now)
             else:  # not wanted any more: leave backoff for stopped (no busy timer)
                 worker.lifecycle.on_stop_requested(CAUSE_STOP)
-                self._worker_changed(worker)
+                self._runner.worker_changed(worker)
         elif action.kind == "ready":
-            self._mark_ready(runtime, worker, now)
+            self._runner.mark_ready(runtime, worker, now)
         elif action.kind == "kill":
             log.warning(
                 "worker unresponsive",
@@ -385,7 +352,7 @@ class FleetDaemon:
             )
             self.stop_worker(worker, action.cause or CAUSE_WATCHDOG, kill=True)
 
-    # -- workers ----------------------------------------------------------------------------
+    # -- workers (carried out by supervisor.worker_runtime) -----------------------------
     def _fleet_context(self) -> FleetContext:
         assert self._notify is not None and self.redis_url is not None
         return FleetContext(
@@ -397,151 +364,16 @@ class FleetDaemon:
         )
 
     def spawn_worker(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
-        if self._stopping or self._tg is None:
-            return
-        agent = runtime.config
-        consumer = f"{self.supervisor_name}:{agent.name}:{worker.slot}:{self._ids.next()}"
-        fleet = self._fleet_context()
-        env = worker_environment(agent, fleet, worker.key, consumer)
-        cwd = working_dir(agent, fleet)
-        worker.kill_cause = None
-        worker.consumer = consumer
-        worker.stats = None
-        worker.status_text = None
-        worker.usage = None
-        worker.lifecycle.policy = runtime.policy
-        worker.lifecycle.on_spawned(now)
-        try:
-            process = ChildProcess.spawn(
-                worker_argv(agent),
-                env=env,
-                cwd=cwd,
-                # Our worker arms its parent-death signal itself (the spawn can vfork).
-                pdeathsig="child" if agent.kind == "handler" else True,
-            )
-        except OSError as exc:
-            state = record_spawn_failure(runtime, worker, now, exc)
-            self._after_exit_state(runtime, worker, state)
-            return
-        worker.process = process
-        worker.started_wall = time.time()
-        self._senders.add(process.pid, worker.key)
-        log.info(
-            "worker started",
-            agent=agent.name,
-            worker=worker.key,
-            pid=process.pid,
-            consumer=consumer,
-        )
-        self._worker_changed(worker)
-        assert self._tg is not None
-        self._tg.start_soon(self._watch, runtime, worker, process)
-
-    async def _watch(self, runtime: AgentRuntime, worker: Worker, process: ChildProcess) -> None:
-        """Own one child: capture its output, notice its exit at once, reap it."""
-        fields: dict[str, Any] = {"agent": runtime.name, "worker": worker.key, "pid": process.pid}
-        bucket = TokenBucket(rate=200.0, burst=1000.0)
-        async with process, anyio.create_task_group() as tg:
-            for fd, stream in ((process.stdout_fd, "stdout"), (process.stderr_fd, "stderr")):
-                if fd is not None:
-                    capture = LineCapture(fd, stream, bucket, worker.capture, fields=fields)
-                    tg.start_soon(capture.run)
-            status = await process.wait()
-            process.kill_leftovers()
-            self._on_exit(runtime, worker, process, status)
-            tg.cancel_scope.deadline = anyio.current_time() + OUTPUT_GRACE
-
-    def _on_exit(
-        self, runtime: AgentRuntime, worker: Worker, process: ChildProcess, status: ExitStatus
-    ) -> None:
-        self._senders.remove(process.pid)
-        reason = exit_reason(worker, status, we_sent_kill=process.sent_kill)
-        state = record_exit(runtime, worker, self.now(), status, reason, process.pid)
-        dead = worker.consumer
-        if dead is not None and self._tg is not None:
-            self._tg.start_soon(self._reclaim, runtime, dead)
-        self._after_exit_state(runtime, worker, state)
-
-    def _after_exit_state(self, runtime: AgentRuntime, worker: Worker, state: WorkerState) -> None:
-        if state == WorkerState.BACKOFF:
-            runtime.restarts_total += 1
-        self._worker_changed(worker)
-        self.poke()
+        self._runner.spawn(runtime, worker, now)
 
     def stop_worker(self, worker: Worker, cause: str, kill: bool = False) -> None:
         """Ask a worker to stop (SIGTERM, SIGKILL after stop_timeout; ``kill``: at once)."""
-        process = worker.process
-        if not worker.lifecycle.on_stop_requested(cause):
-            self._worker_changed(worker)
-            self.poke()
-            return
-        if worker.kill_cause is None or cause in (CAUSE_WATCHDOG, CAUSE_START_TIMEOUT):
-            worker.kill_cause = cause
-        self._worker_changed(worker)
-        if process is None or process.exit_status is not None or self._tg is None:
-            return
-        if kill or self._force_stop:
-            process.signal_group(signal.SIGKILL)
-            return
-        timeout = float(self.agents[worker.agent].config.stop_timeout)
-        self._tg.start_soon(process.stop, timeout)
+        self._runner.stop(worker, cause, kill)
 
-    def _mark_ready(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
-        if not worker.lifecycle.on_ready(now):
-            return
-        log.info("worker ready", agent=runtime.name, worker=worker.key, pid=worker.pid)
-        runtime.last_start_error = None
-        self._worker_changed(worker)
-        if self._tg is not None and worker.consumer is not None:
-            if runtime.orphans:
-                orphans, runtime.orphans = runtime.orphans, []
-                for consumer in orphans:
-                    self._tg.start_soon(self._reclaim, runtime, consumer)
-            if not runtime.stale_cleaned:
-                runtime.stale_cleaned = True
-                self._tg.start_soon(self._cleanup_stale, runtime)
-        self.poke()
-
-    # -- notify ------------------------------------------------------------------------------
-    def _on_notify(self, message: NotifyMessage) -> None:
-        key = self._senders.resolve_message(message)
-        if key is None:
-            log.debug("notify from unknown sender", pid=message.pid)
-            return
-        name, _, slot_text = key.rpartition("/")
-        runtime = self.agents.get(name)
-        worker = runtime.workers.get(int(slot_text)) if runtime is not None else None
-        if runtime is None or worker is None:
-            return
-        now = self.now()
-        if message.status is not None:
-            worker.status_text = message.status
-        if message.stats is not None:
-            with contextlib.suppress(ValueError, TypeError):
-                worker.stats = SubscriptionStats.from_dict(json.loads(message.stats))
-        if message.watchdog:
-            worker.lifecycle.on_heartbeat(now)
-        if message.ready:
-            self._mark_ready(runtime, worker, now)
-        if message.stopping:
-            log.info("worker stopping", agent=name, worker=key, pid=worker.pid)
+    async def stop_and_wait(self, worker: Worker, cause: str) -> None:
+        await self._runner.stop_and_wait(worker, cause)
 
     # -- delivery ------------------------------------------------------------------------------
-    async def _reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
-        if self._delivery is not None:
-            await self._delivery.reclaim(runtime, dead_consumer)
-
-    async def _cleanup_stale(self, runtime: AgentRuntime) -> None:
-        if self._delivery is None:
-            return
-        running = {
-            w.consumer
-            for rt in self.agents.values()
-            for w in rt.workers.values()
-            if w.consumer and w.lifecycle.running
-        }
-        await self._delivery.cleanup_stale(runtime, running)
-
     async def _sweep_loop(self) -> None:
         if self._delivery is None:
             return
@@ -557,7 +389,7 @@ class FleetDaemon:
             await anyio.sleep(self.sample_interval)
 
     async def _sample_once(self) -> None:
-        for worker in await sample_workers(self._sampler, self._all_workers(), self.agents):
+        for worker in await sample_workers(self._sampler, self._runner.all_workers(), self.agents):
             self.stop_worker(worker, CAUSE_MEMORY)
         await self._health.probe(self._redis, self._delivery, self.agents.values(), REDIS_TIMEOUT)
         self._systemd.update(self.agents)
@@ -661,7 +493,7 @@ class FleetDaemon:
     # -- used by supervisor.rollout and supervisor.reload ----------------------------------
     @property
     def stopping(self) -> bool:
-        return self._stopping
+        return self._runner.stopping
 
     async def roll(self, runtime: AgentRuntime) -> None:
         """Rolling restart of one agent (:func:`supervisor.rollout.roll_agent`)."""
@@ -669,7 +501,7 @@ class FleetDaemon:
 
     async def wait_changed(self) -> None:
         """Wait until any worker's state changes."""
-        await self._changed.wait()
+        await self._runner.wait_changed()
 
     async def remove_agent(self, name: str) -> None:
         """Drain and stop an agent a reload removed, then forget it."""
