@@ -155,17 +155,49 @@ def gone(pids: set[int]) -> bool:
 # ----------------------------------------------------------------------------- in process
 
 
+def _table(title: str, settings: dict[str, Any], command: str | None = None) -> str:
+    """A TOML table indented like the tests' literals: ``command`` is TOML text as
+    given, ``settings`` are Python str/int/bool/list values written as TOML."""
+    lines = [title]
+    for key, value in settings.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+        if key == "name" and command is not None:
+            lines.append(f"command = {command}")
+    return "\n" + "".join(f"    {line}\n" for line in lines)
+
+
 def header(name: str = "t", url: str = "redis://127.0.0.1:1/0") -> str:
     """[supervisor]/[redis]/[http] for an in-process daemon: no HTTP, 5 s stop timeout."""
-    return f"""
-    [supervisor]
-    name = "{name}"
-    stop_timeout = "5s"
-    [redis]
-    url = "{url}"
-    [http]
-    enabled = false
-    """
+    return (
+        _table("[supervisor]", {"name": name, "stop_timeout": "5s"})
+        + _table("[redis]", {"url": url})
+        + _table("[http]", {"enabled": False})
+    )
+
+
+def agent_toml(name: str, command: str | None = None, **settings: Any) -> str:
+    """One ``[[agents]]`` table: ``command`` is TOML text as given (see :func:`cmd`),
+    every other setting a Python str/int/bool/list written as its TOML value."""
+    return _table("[[agents]]", {"name": name, **settings}, command)
+
+
+def fleet_toml(*agents: str, name: str = "t", url: str = "redis://127.0.0.1:1/0") -> str:
+    """:func:`header` followed by the given :func:`agent_toml` tables."""
+    return header(name, url) + "".join(agents)
+
+
+def run_toml(
+    *agents: str, name: str, url: str, listen: str | None = None, **supervisor: Any
+) -> str:
+    """A fleet.toml for `ag1-fleet run`: the supervisor's own defaults but ``supervisor``
+    settings, [http] off unless ``listen`` is given, then the :func:`agent_toml` tables."""
+    http: dict[str, Any] = {"enabled": False} if listen is None else {"listen": listen}
+    return (
+        _table("[supervisor]", {"name": name, **supervisor})
+        + _table("[redis]", {"url": url})
+        + _table("[http]", http)
+        + "".join(agents)
+    )
 
 
 @asynccontextmanager
@@ -209,10 +241,13 @@ def cmd(python_exe: str, code: str) -> str:
 __all__ = [
     "FleetProcess",
     "agent",
+    "agent_toml",
     "cmd",
+    "fleet_toml",
     "gone",
     "header",
     "listening_fleet",
+    "run_toml",
     "running",
     "worker",
 ]

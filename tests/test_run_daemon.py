@@ -18,7 +18,7 @@ import pytest
 from supervisor.config_load import load_config
 from supervisor.daemon import FleetDaemon
 from supervisor.snapshot import ControlError
-from tests.fleet_harness import agent, cmd, header, running, worker
+from tests.fleet_harness import agent, agent_toml, cmd, fleet_toml, header, running, worker
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -33,14 +33,8 @@ SEGV = "import os, time, signal; time.sleep(0.3); os.kill(os.getpid(), signal.SI
 
 async def test_always_restarts_a_worker_that_exits(tmp_path: Path, python_exe: str) -> None:
     """restart=always: a worker exiting 0 is restarted with a new pid; exit reason recorded."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "blink"
-    command = {cmd(python_exe, "import time; time.sleep(0.3)")}
-    start_seconds = "100ms"
-    """
+    toml = fleet_toml(
+        agent_toml("blink", cmd(python_exe, "import time; time.sleep(0.3)"), start_seconds="100ms"),
     )
     async with running(tmp_path, toml) as daemon:
         first = await eventually(lambda: worker(daemon, "blink").pid, message="first pid")
@@ -55,22 +49,21 @@ async def test_always_restarts_a_worker_that_exits(tmp_path: Path, python_exe: s
 
 async def test_on_failure_respects_success_exit_codes(tmp_path: Path, python_exe: str) -> None:
     """on-failure: exit 7 listed as success stops; exit 1 restarts."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "ok7"
-    command = {cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(7)")}
-    restart = "on-failure"
-    success_exit_codes = [0, 7]
-    start_seconds = "100ms"
-    [[agents]]
-    name = "bad"
-    command = {cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(1)")}
-    restart = "on-failure"
-    start_seconds = "100ms"
-    start_limit = 50
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "ok7",
+            cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(7)"),
+            restart="on-failure",
+            success_exit_codes=[0, 7],
+            start_seconds="100ms",
+        ),
+        agent_toml(
+            "bad",
+            cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(1)"),
+            restart="on-failure",
+            start_seconds="100ms",
+            start_limit=50,
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: worker(daemon, "ok7").state == "stopped", message="ok7 stopped")
@@ -82,15 +75,13 @@ async def test_on_failure_respects_success_exit_codes(tmp_path: Path, python_exe
 
 async def test_never_leaves_the_worker_stopped(tmp_path: Path, python_exe: str) -> None:
     """restart=never: the worker stays stopped after a failure."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "once"
-    command = {cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(1)")}
-    restart = "never"
-    start_seconds = "100ms"
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "once",
+            cmd(python_exe, "import time, sys; time.sleep(0.3); sys.exit(1)"),
+            restart="never",
+            start_seconds="100ms",
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: worker(daemon, "once").state == "stopped", message="stopped")
@@ -100,20 +91,14 @@ async def test_never_leaves_the_worker_stopped(tmp_path: Path, python_exe: str) 
 
 async def test_exit_reasons_say_signal_and_likely_oom(tmp_path: Path, python_exe: str) -> None:
     """A crash by signal is named; a SIGKILL we did not send is flagged as a likely OOM kill."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "segv"
-    command = {cmd(python_exe, SEGV)}
-    restart = "never"
-    start_seconds = "100ms"
-    [[agents]]
-    name = "victim"
-    command = {cmd(python_exe, "import time; time.sleep(600)")}
-    restart = "never"
-    start_seconds = "100ms"
-    """
+    toml = fleet_toml(
+        agent_toml("segv", cmd(python_exe, SEGV), restart="never", start_seconds="100ms"),
+        agent_toml(
+            "victim",
+            cmd(python_exe, "import time; time.sleep(600)"),
+            restart="never",
+            start_seconds="100ms",
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         pid = await eventually(lambda: worker(daemon, "victim").pid, message="victim pid")
@@ -130,17 +115,15 @@ async def test_boot_failures_reach_fatal_and_start_clears_it(
     tmp_path: Path, python_exe: str
 ) -> None:
     """A worker dying before READY every time goes fatal fast; start_agent tries again."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "broken"
-    command = {cmd(python_exe, "import sys; sys.exit(3)")}
-    start_seconds = "5s"
-    start_limit = 2
-    backoff_initial = "50ms"
-    backoff_max = "100ms"
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "broken",
+            cmd(python_exe, "import sys; sys.exit(3)"),
+            start_seconds="5s",
+            start_limit=2,
+            backoff_initial="50ms",
+            backoff_max="100ms",
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         with anyio.fail_after(15):
@@ -157,15 +140,10 @@ async def test_boot_failures_reach_fatal_and_start_clears_it(
 
 async def test_watchdog_kills_a_hung_worker(tmp_path: Path, python_exe: str) -> None:
     """READY but no WATCHDOG=1 within `watchdog`: SIGKILLed, reason 'watchdog', restarted."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "hung"
-    command = {cmd(python_exe, READY_THEN_SLEEP)}
-    start_seconds = "30s"
-    watchdog = "500ms"
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "hung", cmd(python_exe, READY_THEN_SLEEP), start_seconds="30s", watchdog="500ms"
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         first = await eventually(lambda: worker(daemon, "hung").pid, message="pid")
@@ -180,15 +158,8 @@ async def test_heartbeats_keep_the_watchdog_quiet(tmp_path: Path, python_exe: st
         "from supervisor.sdnotify import Notifier; import time; n = Notifier(); "
         "n.send('READY=1'); [(n.send('WATCHDOG=1'), time.sleep(0.1)) for _ in range(6000)]"
     )
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "alive"
-    command = {cmd(python_exe, code)}
-    start_seconds = "30s"
-    watchdog = "500ms"
-    """
+    toml = fleet_toml(
+        agent_toml("alive", cmd(python_exe, code), start_seconds="30s", watchdog="500ms"),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: worker(daemon, "alive").state == "ready", message="ready")
@@ -205,15 +176,8 @@ async def test_memory_limit_restarts_gracefully(tmp_path: Path, python_exe: str)
         "from supervisor.sdnotify import sd_notify; import time; "
         "sd_notify('READY=1'); x = bytearray(120 * 1024 * 1024); time.sleep(600)"
     )
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "hog"
-    command = {cmd(python_exe, code)}
-    start_seconds = "30s"
-    memory_limit = "64MiB"
-    """
+    toml = fleet_toml(
+        agent_toml("hog", cmd(python_exe, code), start_seconds="30s", memory_limit="64MiB"),
     )
     async with running(tmp_path, toml, sample_interval=0.2) as daemon:
         await eventually(lambda: worker(daemon, "hog").last_exit == "memory limit", timeout=20)
@@ -223,14 +187,8 @@ async def test_memory_limit_restarts_gracefully(tmp_path: Path, python_exe: str)
 async def test_systemd_notify_from_a_shell_agent(tmp_path: Path) -> None:
     """`systemd-notify --ready` from a command agent's shell counts (matched by process group)."""
     script = "sleep 0.2; systemd-notify --ready --status=warmed-up; exec sleep 600"
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "shell"
-    command = ["/bin/sh", "-c", "{script}"]
-    start_seconds = "60s"
-    """
+    toml = fleet_toml(
+        agent_toml("shell", f'["/bin/sh", "-c", "{script}"]', start_seconds="60s"),
     )
     async with running(tmp_path, toml) as daemon:
         with anyio.fail_after(10):
@@ -240,20 +198,19 @@ async def test_systemd_notify_from_a_shell_agent(tmp_path: Path) -> None:
 
 async def test_after_waits_for_dependencies_ready(tmp_path: Path, python_exe: str) -> None:
     """An agent with `after` starts only once the named agent's workers are ready."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "base"
-    command = {cmd(python_exe, "import time; time.sleep(600)")}
-    start_seconds = "700ms"
-    replicas = 2
-    [[agents]]
-    name = "top"
-    after = ["base"]
-    command = {cmd(python_exe, "import time; time.sleep(600)")}
-    start_seconds = "100ms"
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "base",
+            cmd(python_exe, "import time; time.sleep(600)"),
+            start_seconds="700ms",
+            replicas=2,
+        ),
+        agent_toml(
+            "top",
+            cmd(python_exe, "import time; time.sleep(600)"),
+            after=["base"],
+            start_seconds="100ms",
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: worker(daemon, "base").pid, message="base spawned")
@@ -267,14 +224,8 @@ async def test_after_waits_for_dependencies_ready(tmp_path: Path, python_exe: st
 
 async def test_scale_stop_and_start(tmp_path: Path, python_exe: str) -> None:
     """scale_agent adds/removes workers without touching others; stop/start toggle the agent."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "pool"
-    command = {cmd(python_exe, "import time; time.sleep(600)")}
-    start_seconds = "100ms"
-    """
+    toml = fleet_toml(
+        agent_toml("pool", cmd(python_exe, "import time; time.sleep(600)"), start_seconds="100ms"),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "pool").ready_replicas == 1)
@@ -296,15 +247,8 @@ async def test_scale_stop_and_start(tmp_path: Path, python_exe: str) -> None:
 
 async def test_restart_agent_replaces_every_worker(tmp_path: Path, python_exe: str) -> None:
     """restart_agent (not rolling) gives every worker a new pid without counting failures."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "r"
-    command = {cmd(python_exe, READY_THEN_SLEEP)}
-    start_seconds = "30s"
-    replicas = 2
-    """
+    toml = fleet_toml(
+        agent_toml("r", cmd(python_exe, READY_THEN_SLEEP), start_seconds="30s", replicas=2),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "r").ready_replicas == 2)
@@ -327,15 +271,8 @@ async def test_rolling_restart_keeps_ready_count(tmp_path: Path, python_exe: str
         "from supervisor.sdnotify import sd_notify; import time; "
         "time.sleep(0.3); sd_notify('READY=1'); time.sleep(600)"
     )
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "roll"
-    command = {cmd(python_exe, code)}
-    start_seconds = "30s"
-    replicas = 3
-    """
+    toml = fleet_toml(
+        agent_toml("roll", cmd(python_exe, code), start_seconds="30s", replicas=3),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "roll").ready_replicas == 3)
@@ -367,16 +304,10 @@ async def test_failed_rolling_restart_keeps_old_workers(tmp_path: Path, python_e
         f"sys.exit(1) if os.path.exists('{flag}') else None; "
         "sd_notify('READY=1'); time.sleep(600)"
     )
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "fragile"
-    command = {cmd(python_exe, code)}
-    start_seconds = "30s"
-    start_timeout = "5s"
-    replicas = 2
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "fragile", cmd(python_exe, code), start_seconds="30s", start_timeout="5s", replicas=2
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "fragile").ready_replicas == 2)
@@ -447,14 +378,8 @@ async def test_sighup_reload_applies_the_diff(tmp_path: Path, python_exe: str) -
 
 async def test_invalid_reload_keeps_the_old_plan(tmp_path: Path, python_exe: str) -> None:
     """An invalid file is rejected with its problems; the running workers are untouched."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "keep"
-    command = {cmd(python_exe, "import time; time.sleep(600)")}
-    start_seconds = "100ms"
-    """
+    toml = fleet_toml(
+        agent_toml("keep", cmd(python_exe, "import time; time.sleep(600)"), start_seconds="100ms"),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: daemon.ready, message="ready")
@@ -473,14 +398,9 @@ async def test_snapshot_fields(tmp_path: Path, python_exe: str, redis_url: str) 
         "from supervisor.sdnotify import Notifier; import time; n = Notifier(); "
         "n.send('READY=1', 'STATUS=serving'); time.sleep(600)"
     )
-    toml = (
-        header(url=redis_url)
-        + f"""
-    [[agents]]
-    name = "snap"
-    command = {cmd(python_exe, code)}
-    start_seconds = "30s"
-    """
+    toml = fleet_toml(
+        agent_toml("snap", cmd(python_exe, code), start_seconds="30s"),
+        url=redis_url,
     )
     async with running(tmp_path, toml, sample_interval=0.2) as daemon:
         await eventually(lambda: worker(daemon, "snap").rss_bytes, message="sampled")
@@ -504,15 +424,8 @@ async def test_shutdown_leaves_no_task_process_or_socket(tmp_path: Path, python_
     import psutil
 
     before = set(asyncio.all_tasks())
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "a"
-    command = {cmd(python_exe, READY_THEN_SLEEP)}
-    start_seconds = "30s"
-    replicas = 3
-    """
+    toml = fleet_toml(
+        agent_toml("a", cmd(python_exe, READY_THEN_SLEEP), start_seconds="30s", replicas=3),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: daemon.ready, message="ready")
@@ -538,18 +451,16 @@ async def test_failed_roll_without_surge_brings_old_workers_back(
         f"sys.exit(1) if os.path.exists('{flag}') else None; "
         "sd_notify('READY=1'); time.sleep(600)"
     )
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "nosurge"
-    command = {cmd(python_exe, code)}
-    start_seconds = "30s"
-    start_timeout = "5s"
-    max_surge = 0
-    max_unavailable = 1
-    replicas = 2
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "nosurge",
+            cmd(python_exe, code),
+            start_seconds="30s",
+            start_timeout="5s",
+            max_surge=0,
+            max_unavailable=1,
+            replicas=2,
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "nosurge").ready_replicas == 2)
@@ -577,20 +488,9 @@ async def test_stop_runs_in_reverse_start_order(tmp_path: Path, python_exe: str)
         "sys.exit(0)); signal.signal(signal.SIGTERM, h); time.sleep(600)"
     )
     command = f'["{python_exe}", "-c", "{code}", "{record}"]'
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "base"
-    command = {command}
-    start_seconds = "200ms"
-    replicas = 2
-    [[agents]]
-    name = "top"
-    after = ["base"]
-    command = {command}
-    start_seconds = "200ms"
-    """
+    toml = fleet_toml(
+        agent_toml("base", command, start_seconds="200ms", replicas=2),
+        agent_toml("top", command, after=["base"], start_seconds="200ms"),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: daemon.ready, message="ready")
@@ -611,24 +511,18 @@ async def test_snapshot_shows_rolling_and_why_a_roll_or_start_failed(
         f"sys.exit(4) if os.path.exists('{flag}') else None; "
         "sd_notify('READY=1'); time.sleep(600)"
     )
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "fragile"
-    command = {cmd(python_exe, code)}
-    start_seconds = "30s"
-    start_timeout = "10s"
-    replicas = 1
-
-    [[agents]]
-    name = "broken"
-    command = {cmd(python_exe, "import sys; sys.exit(3)")}
-    start_seconds = "5s"
-    start_limit = 1
-    backoff_initial = "50ms"
-    backoff_max = "50ms"
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "fragile", cmd(python_exe, code), start_seconds="30s", start_timeout="10s", replicas=1
+        ),
+        agent_toml(
+            "broken",
+            cmd(python_exe, "import sys; sys.exit(3)"),
+            start_seconds="5s",
+            start_limit=1,
+            backoff_initial="50ms",
+            backoff_max="50ms",
+        ),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "fragile").ready_replicas == 1)
@@ -686,14 +580,7 @@ async def test_reload_with_a_new_redis_password_keeps_workers_and_says_restart(
     supervisor keeps its connection) and the result names [redis] as needing a restart."""
     path = tmp_path / "fleet.toml"
     path.write_text(
-        textwrap.dedent(
-            header()
-            + f"""
-    [[agents]]
-    name = "steady"
-    command = {cmd(python_exe, READY_THEN_SLEEP)}
-    """
-        )
+        textwrap.dedent(fleet_toml(agent_toml("steady", cmd(python_exe, READY_THEN_SLEEP))))
     )
     env = dict(os.environ, AG1_REDIS__PASSWORD="old")
     config = load_config(path, environ=env)
@@ -716,19 +603,9 @@ async def test_reload_with_a_new_redis_password_keeps_workers_and_says_restart(
 async def test_after_a_zero_replica_agent_does_not_block(tmp_path: Path, python_exe: str) -> None:
     """`after = ["x"]` where x has replicas = 0: x counts as satisfied, the dependent
     starts and the fleet reports ready (it must not wait forever)."""
-    toml = (
-        header()
-        + f"""
-    [[agents]]
-    name = "x"
-    command = {cmd(python_exe, READY_THEN_SLEEP)}
-    replicas = 0
-
-    [[agents]]
-    name = "dependent"
-    command = {cmd(python_exe, READY_THEN_SLEEP)}
-    after = ["x"]
-    """
+    toml = fleet_toml(
+        agent_toml("x", cmd(python_exe, READY_THEN_SLEEP), replicas=0),
+        agent_toml("dependent", cmd(python_exe, READY_THEN_SLEEP), after=["x"]),
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "dependent").ready_replicas == 1, timeout=20)

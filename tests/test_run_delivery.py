@@ -17,7 +17,7 @@ from supervisor.config_load import load_config
 from supervisor.daemon import FleetDaemon
 from supervisor.notify import NotifyMessage, NotifyServer
 from supervisor.sdnotify import Notifier
-from tests.fleet_harness import agent, header, running, worker
+from tests.fleet_harness import agent, agent_toml, cmd, fleet_toml, running, worker
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -54,16 +54,11 @@ async def test_sigkilled_worker_entries_go_to_a_sibling_at_once(
     (long before claim_idle), nothing stays pending and the dead consumer is deleted."""
     (tmp_path / "hold_agent.py").write_text(HANGING_HANDLER)
     (tmp_path / "hang-hold-0").write_text("")
-    toml = (
-        header(url=redis_url)
-        + """
-    [[agents]]
-    name = "hold"
-    handler = "hold_agent:handle"
-    stop_timeout = "1s"
-    replicas = 1
-    claim_idle = "10m"
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "hold", handler="hold_agent:handle", stop_timeout="1s", replicas=1, claim_idle="10m"
+        ),
+        url=redis_url,
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "hold").ready_replicas == 1, timeout=30)
@@ -98,18 +93,17 @@ async def test_sweep_runs_at_the_agents_interval(
     (tmp_path / "hold_agent.py").write_text(HANGING_HANDLER)
     (tmp_path / "hang-hold-0").write_text("")
     (tmp_path / "hang-hold-1").write_text("")
-    toml = (
-        header(url=redis_url)
-        + """
-    [[agents]]
-    name = "hold"
-    handler = "hold_agent:handle"
-    stop_timeout = "1s"
-    replicas = 2
-    claim_idle = "500ms"
-    sweep_interval = "200ms"
-    max_deliveries = 100
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "hold",
+            handler="hold_agent:handle",
+            stop_timeout="1s",
+            replicas=2,
+            claim_idle="500ms",
+            sweep_interval="200ms",
+            max_deliveries=100,
+        ),
+        url=redis_url,
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "hold").ready_replicas == 2, timeout=30)
@@ -156,15 +150,7 @@ async def test_supervisor_speaks_sd_notify(tmp_path: Path, python_exe: str) -> N
     code = "import os, time; assert 'WATCHDOG_USEC' not in os.environ; time.sleep(600)"
     path = tmp_path / "fleet.toml"
     path.write_text(
-        textwrap.dedent(
-            header()
-            + f"""
-    [[agents]]
-    name = "a"
-    command = ["{python_exe}", "-c", "{code}"]
-    start_seconds = "200ms"
-    """
-        )
+        textwrap.dedent(fleet_toml(agent_toml("a", cmd(python_exe, code), start_seconds="200ms")))
     )
     config = load_config(path)
     messages: list[NotifyMessage] = []
@@ -227,23 +213,11 @@ def test_group_target_carries_ordered_shards(tmp_path: Path) -> None:
 
     (tmp_path / "ord_agent.py").write_text("async def handle(env, redis):\n    pass\n")
     path = tmp_path / "fleet.toml"
-    path.write_text(
-        textwrap.dedent(
-            header()
-            + """
-    [[agents]]
-    name = "ledger"
-    handler = "ord_agent:handle"
-    streams = ["ledger:in"]
-    shards = 4
-    ordered = true
-
-    [[agents]]
-    name = "plain"
-    handler = "ord_agent:handle"
-    """
-        )
+    ledger = agent_toml(
+        "ledger", handler="ord_agent:handle", streams=["ledger:in"], shards=4, ordered=True
     )
+    plain = agent_toml("plain", handler="ord_agent:handle")
+    path.write_text(textwrap.dedent(fleet_toml(ledger, plain)))
     config = load_config(path)
     by_name = {a.name: a for a in config.agents}
     ordered = DeliveryHooks.target(AgentRuntime(by_name["ledger"], desired=1))
@@ -266,18 +240,17 @@ async def test_sigkilled_ordered_owner_leases_are_evicted_at_once(
     from core_bus.replies import text
 
     (tmp_path / "ord_agent.py").write_text("async def handle(env, redis):\n    pass\n")
-    toml = (
-        header(url=redis_url)
-        + """
-    [[agents]]
-    name = "ledger"
-    handler = "ord_agent:handle"
-    streams = ["ledger:in"]
-    shards = 4
-    ordered = true
-    replicas = 2
-    stop_timeout = "1s"
-    """
+    toml = fleet_toml(
+        agent_toml(
+            "ledger",
+            handler="ord_agent:handle",
+            streams=["ledger:in"],
+            shards=4,
+            ordered=True,
+            replicas=2,
+            stop_timeout="1s",
+        ),
+        url=redis_url,
     )
     keys = StreamKeyBuilder()
     leases = [keys.shard_lease("ledger", "ledger:in", i) for i in range(4)]

@@ -15,10 +15,14 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_envelope
-from tests.fleet_harness import FleetProcess, gone
+from tests.fleet_harness import FleetProcess, agent_toml, cmd, gone, run_toml
 from tests.waiting import eventually, eventually_sync
 
 pytestmark = pytest.mark.anyio
+
+ECHO = agent_toml("echo", handler="e2e_agent:handle", replicas=2)
+SLEEP = "import time; time.sleep(600)"
+NO_REDIS = "redis://127.0.0.1:1/0"  # nothing listens there: Redis stays down
 
 HANDLER = """
 from typing import Any
@@ -48,20 +52,7 @@ async def test_run_processes_messages_end_to_end(
 ) -> None:
     """Publish to a handler agent: every envelope handled; SIGTERM exits 0, no leftovers."""
     (tmp_path / "e2e_agent.py").write_text(HANDLER)
-    fleet = fleet_factory(
-        f"""
-        [supervisor]
-        name = "e2e"
-        [redis]
-        url = "{redis_url}"
-        [http]
-        enabled = false
-        [[agents]]
-        name = "echo"
-        handler = "e2e_agent:handle"
-        replicas = 2
-        """
-    )
+    fleet = fleet_factory(run_toml(ECHO, name="e2e", url=redis_url))
     fleet.wait_event("fleet ready", timeout=30)
     pids = fleet.worker_pids()
     assert len(pids) == 2
@@ -97,23 +88,12 @@ def test_supervisor_sigkill_leaves_no_children(
     command agents (armed through setpriv) and built-in workers (armed by themselves)."""
     (tmp_path / "e2e_agent.py").write_text(HANDLER)
     fleet = fleet_factory(
-        f"""
-        [supervisor]
-        name = "orphans"
-        [redis]
-        url = "{redis_url}"
-        [http]
-        enabled = false
-        [[agents]]
-        name = "sleepy"
-        command = ["{python_exe}", "-c", "import time; time.sleep(600)"]
-        replicas = 3
-        start_seconds = "100ms"
-        [[agents]]
-        name = "echo"
-        handler = "e2e_agent:handle"
-        replicas = 2
-        """
+        run_toml(
+            agent_toml("sleepy", cmd(python_exe, SLEEP), replicas=3, start_seconds="100ms"),
+            ECHO,
+            name="orphans",
+            url=redis_url,
+        )
     )
     fleet.wait_event("fleet ready", timeout=30)
     pids = fleet.worker_pids()
@@ -128,19 +108,13 @@ def test_second_sigterm_stops_at_once(fleet_factory: Any, python_exe: str) -> No
     """A worker ignoring SIGTERM with a long stop_timeout: the second SIGTERM kills it now."""
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     fleet = fleet_factory(
-        f"""
-        [supervisor]
-        name = "twice"
-        [redis]
-        url = "redis://127.0.0.1:1/0"
-        [http]
-        enabled = false
-        [[agents]]
-        name = "stubborn"
-        command = ["{python_exe}", "-c", "{code}"]
-        start_seconds = "200ms"
-        stop_timeout = "60s"
-        """
+        run_toml(
+            agent_toml(
+                "stubborn", cmd(python_exe, code), start_seconds="200ms", stop_timeout="60s"
+            ),
+            name="twice",
+            url=NO_REDIS,
+        )
     )
     fleet.wait_event("fleet ready", timeout=30)
     pids = fleet.worker_pids()
@@ -180,20 +154,7 @@ async def test_http_probes_and_rolling_restart_over_the_api(
     import aiohttp
 
     (tmp_path / "e2e_agent.py").write_text(HANDLER)
-    fleet = fleet_factory(
-        f"""
-        [supervisor]
-        name = "http"
-        [redis]
-        url = "{redis_url}"
-        [http]
-        listen = "127.0.0.1:0"
-        [[agents]]
-        name = "echo"
-        handler = "e2e_agent:handle"
-        replicas = 2
-        """
-    )
+    fleet = fleet_factory(run_toml(ECHO, name="http", url=redis_url, listen="127.0.0.1:0"))
     started = fleet.wait_event("supervisor started", timeout=30)
     base = f"http://{started['http']}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
@@ -256,18 +217,12 @@ def test_embedded_redis_starts_first_and_stops_last(fleet_factory: Any, tmp_path
     after them; a handler agent becomes ready against it."""
     (tmp_path / "e2e_agent.py").write_text(HANDLER)
     fleet = fleet_factory(
-        f"""
-        [supervisor]
-        name = "emb"
-        state_dir = "{tmp_path / "state"}"
-        [redis]
-        url = "embedded"
-        [http]
-        enabled = false
-        [[agents]]
-        name = "echo"
-        handler = "e2e_agent:handle"
-        """
+        run_toml(
+            agent_toml("echo", handler="e2e_agent:handle"),
+            name="emb",
+            url="embedded",
+            state_dir=str(tmp_path / "state"),
+        )
     )
     fleet.wait_event("fleet ready", timeout=60)
     tree = psutil.Process(fleet.proc.pid).children()
@@ -284,17 +239,12 @@ def test_refused_http_address_fails_before_any_worker(fleet_factory: Any, python
     """A non-loopback [http] listen without a token: exit 1 with one clear line, and no
     worker was ever started."""
     fleet = fleet_factory(
-        f"""
-        [supervisor]
-        name = "refused"
-        [redis]
-        url = "redis://127.0.0.1:1/0"
-        [http]
-        listen = "0.0.0.0:0"
-        [[agents]]
-        name = "sleepy"
-        command = ["{python_exe}", "-c", "import time; time.sleep(600)"]
-        """,
+        run_toml(
+            agent_toml("sleepy", cmd(python_exe, SLEEP)),
+            name="refused",
+            url=NO_REDIS,
+            listen="0.0.0.0:0",
+        ),
         env={"AG1_CONTROL_TOKEN": "", "AG1_HTTP__TOKEN": ""},
     )
     assert fleet.proc.wait(30) == 1
