@@ -24,7 +24,7 @@ import pytest
 from core_bus.envelope import Envelope
 from core_bus.keys import StreamKeyBuilder
 from core_bus.publish import publish_many
-from tests.fleet_harness import FleetProcess, listening_fleet
+from tests.fleet_harness import FleetProcess, agent_toml, listening_fleet
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -172,15 +172,7 @@ async def test_metrics_and_token_on_a_real_supervisor(
 ) -> None:
     """A real /metrics passes promtool; with AG1_CONTROL_TOKEN set control needs it, GETs not."""
     (tmp_path / "e2e_agent.py").write_text(HANDLER)
-    toml = (
-        header(redis_url)
-        + """
-    [[agents]]
-    name = "echo"
-    handler = "e2e_agent:handle"
-    replicas = 1
-    """
-    )
+    toml = header(redis_url) + agent_toml("echo", handler="e2e_agent:handle", replicas=1)
     with real_fleet(tmp_path, toml, env={"AG1_CONTROL_TOKEN": "e2e-token"}) as fleet:
         await wait_fleet_ready(fleet)
         stream = StreamKeyBuilder().agent_inbox("echo")
@@ -224,20 +216,16 @@ async def test_rolling_restart_under_load_loses_nothing_and_stays_ready(
     """`restart --rolling` while publishing: every worker replaced, every envelope handled,
     nothing pending or dead-lettered, and /readyz answered 200 on every poll."""
     (tmp_path / "e2e_agent.py").write_text(HANDLER)
-    toml = (
-        header(redis_url)
-        + """
-    [[agents]]
-    name = "roll"
-    handler = "e2e_agent:handle"
-    replicas = 3
-    concurrency = 8
-    count = 20
-    max_surge = 1
-    max_unavailable = 0
-    stop_timeout = "5s"
-    claim_idle = "10s"
-    """
+    toml = header(redis_url) + agent_toml(
+        "roll",
+        handler="e2e_agent:handle",
+        replicas=3,
+        concurrency=8,
+        count=20,
+        max_surge=1,
+        max_unavailable=0,
+        stop_timeout="5s",
+        claim_idle="10s",
     )
     keys = StreamKeyBuilder()
     stream = keys.agent_inbox("roll")
