@@ -97,6 +97,26 @@ def check_agents(
     return sorted(problems, key=lambda p: _sort_key(p[0]))
 
 
+def check_agent_warnings(agents: dict[int, AgentConfig]) -> list[Problem]:
+    """Legal but probably unintended settings: reported, never fatal.
+
+    ``after`` naming an agent with ``replicas = 0`` counts as satisfied at once
+    (the daemon must not wait forever), so the ordering it asks for does nothing.
+    """
+    zero = {a.name for a in agents.values() if a.replicas == 0}
+    warnings: list[Problem] = []
+    for index, agent in sorted(agents.items()):
+        for other in agent.after:
+            if other in zero and other != agent.name:
+                warnings.append(
+                    (
+                        ("agents", index, "after"),
+                        f"{other!r} has replicas = 0, so waiting for it does nothing",
+                    )
+                )
+    return warnings
+
+
 def _sort_key(loc: Loc) -> tuple[str, int]:
     return (str(loc[0]), loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1)
 

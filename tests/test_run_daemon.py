@@ -611,3 +611,27 @@ async def test_after_a_zero_replica_agent_does_not_block(tmp_path: Path, python_
         await eventually(lambda: agent(daemon, "dependent").ready_replicas == 1, timeout=20)
         await eventually(lambda: daemon.snapshot().ready, message="fleet ready")
         assert agent(daemon, "x").workers == []
+
+
+def test_after_a_zero_replica_agent_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    """The config still loads (no error); check_agent_warnings names the `after` entry
+    that waits for a replicas = 0 agent, and nothing when the agent has replicas."""
+    from supervisor.config_checks import check_agent_warnings
+
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        textwrap.dedent(
+            fleet_toml(
+                agent_toml("x", '["true"]', replicas=0),
+                agent_toml("y", '["true"]'),
+                agent_toml("dependent", '["true"]', after=["x", "y"]),
+            )
+        )
+    )
+    config = load_config(path)
+    agents = dict(enumerate(config.agents))
+    assert check_agent_warnings(agents) == [
+        (("agents", 2, "after"), "'x' has replicas = 0, so waiting for it does nothing")
+    ]
+    agents[0] = agents[0].model_copy(update={"replicas": 1})
+    assert check_agent_warnings(agents) == []
