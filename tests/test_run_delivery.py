@@ -213,11 +213,13 @@ def test_group_target_carries_ordered_shards(tmp_path: Path) -> None:
 
     (tmp_path / "ord_agent.py").write_text("async def handle(env, redis):\n    pass\n")
     path = tmp_path / "fleet.toml"
-    ledger = agent_toml(
-        "ledger", handler="ord_agent:handle", streams=["ledger:in"], shards=4, ordered=True
+    toml = fleet_toml(
+        agent_toml(
+            "ledger", handler="ord_agent:handle", streams=["ledger:in"], shards=4, ordered=True
+        ),
+        agent_toml("plain", handler="ord_agent:handle"),
     )
-    plain = agent_toml("plain", handler="ord_agent:handle")
-    path.write_text(textwrap.dedent(fleet_toml(ledger, plain)))
+    path.write_text(textwrap.dedent(toml))
     config = load_config(path)
     by_name = {a.name: a for a in config.agents}
     ordered = DeliveryHooks.target(AgentRuntime(by_name["ledger"], desired=1))
