@@ -26,6 +26,8 @@ def main(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_INVALID
+    for line in config.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     plan = build_plan(config)
     if getattr(args, "json", False):
         print(json.dumps(plan_to_dict(config, plan), indent=2))

@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
     fmt = getattr(config.supervisor, "log_format", "auto")
     configure_logging(json=None if fmt == "auto" else fmt == "json")
     log = get_logger("supervisor.run")
+    for line in config.warnings:
+        log.warning("config warning", problem=line)
 
     from supervisor.daemon import FleetDaemon
     from supervisor.sdnotify import Notifier

@@ -458,6 +458,8 @@ class FleetConfig(_Model):
     http: HttpConfig
     defaults: AgentDefaults
     agents: list[AgentConfig]
+    #: Legal but probably unintended settings, one line each (never fatal).
+    warnings: list[str] = Field(default_factory=list)
 
     def agent(self, name: str) -> AgentConfig:
         """The agent called ``name``.

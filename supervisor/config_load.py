@@ -33,7 +33,7 @@ from supervisor.config import (
     RedisConfig,
     SupervisorConfig,
 )
-from supervisor.config_checks import check_agents
+from supervisor.config_checks import check_agent_warnings, check_agents
 from supervisor.config_env import apply_environment, reject_file_secrets, split_url_password
 from supervisor.config_errors import ConfigError, Loc, Problems, did_you_mean, pydantic_message
 
@@ -106,6 +106,9 @@ def load_config(
 
     if problems.lines:
         raise ConfigError(problems.lines)
+    warnings = Problems(label)
+    for loc, message in check_agent_warnings(agents):
+        warnings.add(loc, message)
     assert supervisor is not None and redis is not None and http is not None
     assert defaults is not None
     resolved = [
@@ -123,6 +126,7 @@ def load_config(
         http=http,
         defaults=defaults,
         agents=resolved,
+        warnings=warnings.lines,
     )
 
 

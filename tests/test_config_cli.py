@@ -95,3 +95,35 @@ def test_invalid_env_override_via_cli(python_exe: str) -> None:
     )
     assert result.returncode == 2
     assert result.stderr == "AG1_AGENTS__ECHO__REPLICAS: agents[0].replicas: must be >= 0\n"
+
+
+def test_check_warns_about_after_a_zero_replica_agent(tmp_path: Path, python_exe: str) -> None:
+    """`after` naming a replicas = 0 agent is legal (it counts as satisfied) but
+    pointless: `check` prints one warning line on stderr and still exits 0."""
+    (tmp_path / "h.py").write_text("async def handle(env):\n    return None\n")
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        """
+[[agents]]
+name = "idle"
+handler = "h:handle"
+replicas = 0
+
+[[agents]]
+name = "main"
+handler = "h:handle"
+after = ["idle"]
+"""
+    )
+    result = subprocess.run(
+        [python_exe, "-m", "supervisor.cli", "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"warning: {config}: agents[1].after: 'idle' has replicas = 0, "
+        "so waiting for it does nothing"
+    ]
