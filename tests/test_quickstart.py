@@ -61,6 +61,17 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _children(pid: int, recursive: bool = False) -> list[tuple[int, str, str]]:
+    """(pid, name, command line) of a process's children; ones that exit meanwhile are skipped."""
+    out: list[tuple[int, str, str]] = []
+    for child in psutil.Process(pid).children(recursive=recursive):
+        try:
+            out.append((child.pid, child.name(), " ".join(child.cmdline())))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return out
+
+
 def _pings(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_timeout=2)
     try:
@@ -213,14 +224,11 @@ def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
         assert reply["agent_name"] == "echo"
 
         # a crashed embedded Redis comes back on the same URL and the fleet reconnects
-        redis_server = next(
-            p for p in psutil.Process(fleet.pid).children() if "redis-server" in p.name()
-        )
-        redis_server.kill()
+        redis_pid = next(pid for pid, name, _ in _children(fleet.pid) if "redis-server" in name)
+        os.kill(redis_pid, signal.SIGKILL)
         eventually_sync(
             lambda: any(
-                "redis-server" in p.name() and p.pid != redis_server.pid
-                for p in psutil.Process(fleet.pid).children()
+                "redis-server" in name and pid != redis_pid for pid, name, _ in _children(fleet.pid)
             ),
             timeout=20,
             message="embedded redis-server restarted",
@@ -231,7 +239,7 @@ def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
         eventually_sync(lambda: _readyz(http_port) == 200, timeout=30, message="ready again")
 
         children = psutil.Process(fleet.pid).children(recursive=True)
-        names = " ".join(" ".join(p.cmdline()) for p in children)
+        names = " ".join(cmdline for _, _, cmdline in _children(fleet.pid, recursive=True))
         assert "redis-server" in names and "shell_agent.sh" in names
         assert names.count("supervisor.worker") == 6  # echo 2, summarizer 2, planner, flaky
 
