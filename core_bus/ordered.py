@@ -94,6 +94,16 @@ class _Runner:
     scope: anyio.CancelScope | None = None
     read_scope: anyio.CancelScope | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+    # Local bound on the lease: (monotonic time the SET was sent) + ttl. Redis
+    # expires the key no earlier, so while now < valid_until nobody else owns it.
+    valid_until: float = 0.0
+    renewed: anyio.Event = field(default_factory=anyio.Event)
+
+    def confirm(self, valid_until: float) -> None:
+        """A renewal succeeded: extend the local bound and wake a waiting shard task."""
+        self.valid_until = valid_until
+        event, self.renewed = self.renewed, anyio.Event()
+        event.set()
 
     def stop_reading(self) -> None:
         if self.read_scope is not None:
@@ -131,8 +141,13 @@ class OrderedSubscription:
         self.streams = [u.stream for u in self.units]
         self._members_key = members_key(keys, group)
         self._ttl_ms = max(1, int(lease_ttl * 1000))
+        self._ttl = lease_ttl
+        # Start a handler only with at least this much of the lease left (see _fresh).
+        self._lease_margin = lease_ttl / 4
         self._tick = tick if tick is not None else min(1.0, lease_ttl / 4)
-        self._block_ms = max(1, int(self._tick * 1000))
+        # Blocking reads stay short (and far below the client's socket timeout)
+        # whatever the ownership tick is.
+        self._block_ms = max(1, int(min(self._tick, 1.0) * 1000))
         self._retry = Backoff(retry_backoff, retry_backoff_max)
         self._runners: dict[ShardUnit, _Runner] = {}
         self._log = get_logger("core_bus.ordered", group=group, consumer=consumer)
@@ -243,20 +258,24 @@ class OrderedSubscription:
                 del self._runners[unit]
         held = [u for u, r in self._runners.items() if not r.lost]
         if held:
+            sent = time.monotonic()
             renewed = await self._leases(held, "renew")
             for unit, ok in zip(held, renewed, strict=True):
                 runner = self._runners[unit]
                 if not ok:
                     self._lose(runner)
-                elif unit not in want and not runner.release:
+                    continue
+                runner.confirm(sent + self._ttl)
+                if unit not in want and not runner.release:
                     runner.release = True
                     runner.stop_reading()
         missing = [u for u in self.units if u in want and u not in self._runners]
         if missing:
+            sent = time.monotonic()
             got = await self._leases(missing, "acquire")
             for unit, ok in zip(missing, got, strict=True):
                 if ok:
-                    runner = _Runner(unit)
+                    runner = _Runner(unit, valid_until=sent + self._ttl)
                     self._runners[unit] = runner
                     tg.start_soon(self._run_shard, runner)
 
@@ -342,11 +361,23 @@ class OrderedSubscription:
             if self._giving_up(runner):
                 runner.check_own = True
                 return
+            if not self._fresh(runner):
+                # The lease may lapse before this handler ends (the ownership round
+                # is late: loop stall, slow Redis). Handle nothing until it is
+                # renewed; the rest of the batch stays in our pending list, in order.
+                runner.check_own = True
+                with anyio.move_on_after(self._tick):
+                    await runner.renewed.wait()
+                return
             if not await self._entries.handle(
                 runner.unit, entry_id, fields, deliveries, lambda: self._giving_up(runner)
             ):
                 self._lose(runner)
                 return
+
+    def _fresh(self, runner: _Runner) -> bool:
+        """True while the lease surely outlives a handler started now (by the margin)."""
+        return time.monotonic() < runner.valid_until - self._lease_margin
 
     def _giving_up(self, runner: _Runner) -> bool:
         """True once the shard is being handed over, was lost, or we are stopping."""

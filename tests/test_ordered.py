@@ -435,3 +435,43 @@ backoff_initial = "50ms"
             except subprocess.TimeoutExpired:
                 os.killpg(fleet.pid, signal.SIGKILL)
                 fleet.wait(10)
+
+
+@pytest.mark.timeout(60)
+async def test_owner_with_a_late_ownership_round_handles_nothing_past_its_lease(
+    redis: Any,
+) -> None:
+    """An owner whose renewals stop (stalled loop, slow Redis) must not start handlers
+    once its lease may have lapsed in Redis: the next owner takes the shards after the
+    TTL and is the only one to handle what was published meanwhile (no split brain)."""
+    handled: dict[str, list[int]] = {"late": [], "next": []}
+
+    def recorder(name: str) -> Any:
+        async def handle(env: Envelope, redis: Any) -> None:
+            handled[name].append(int(env.meta["seq"]))
+            await redis.rpush("seen:" + env.meta["key"], env.meta["seq"])
+
+        return handle
+
+    # tick=30: after its first round the "late" owner never renews in time
+    late = await start_sub(redis, "late", handler=recorder("late"), lease_ttl=1.0, tick=30.0)
+    try:
+        assert len(late.owned()) == SHARDS
+        lease_of = [KEYS.shard_lease(GROUP, BASE, i) for i in range(SHARDS)]
+
+        async def lapsed() -> bool:
+            return all(v is None for v in await redis.mget(lease_of))
+
+        await eventually(lapsed, 5, message="late's leases expired in Redis")
+        await publish_keyed(redis, 0, 5)
+        nxt = await start_sub(redis, "next", handler=recorder("next"), lease_ttl=1.0)
+        try:
+            await eventually(lambda: all_seen(redis, 5), 30, message="all handled")
+            ok, dupes = await order_report(redis, 5)
+            assert ok and dupes == 0
+            assert handled["late"] == []
+            assert len(handled["next"]) == 5 * len(KEY_NAMES)
+        finally:
+            await nxt.stop(5)
+    finally:
+        await late.stop(5)
