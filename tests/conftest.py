@@ -1,6 +1,6 @@
 """Shared fixtures: a private redis-server per test session, clients, deadlines.
 
-Tests never touch the machine's shared Redis on 6379. Set AG1_TEST_REDIS_URL to
+Tests never touch the machine's shared Redis (the default port). Set AG1_TEST_REDIS_URL to
 run against an existing server instead of starting one.
 """
 

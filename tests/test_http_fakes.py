@@ -93,7 +93,7 @@ def snapshot(*agents: AgentSnapshot, ready: bool = True, redis_up: bool = True) 
         uptime_seconds=100.0,
         config_path="/etc/ag1-fleet/fleet.toml",
         config_hash="abc123",
-        redis_url="redis://:***@127.0.0.1:6379/0",
+        redis_url="redis://:***@127.0.0.1:6390/0",
         redis_up=redis_up,
         redis_error=None if redis_up else "connection refused",
         agents=list(agents),
