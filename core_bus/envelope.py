@@ -14,6 +14,11 @@ def _utc_now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def hop_label(who: str) -> str:
+    """A trace hop: ``"who:<epoch seconds>"`` (what :meth:`Envelope.add_hop` appends)."""
+    return f"{who}:{int(time.time())}"
+
+
 def _new_id() -> str:
     return str(uuid.uuid4())
 
@@ -67,5 +72,5 @@ class Envelope(BaseModel):
 
     def add_hop(self, who: str) -> Envelope:
         """Append ``"who:<epoch seconds>"`` to the trace and return self."""
-        self.trace.append(f"{who}:{int(time.time())}")
+        self.trace.append(hop_label(who))
         return self

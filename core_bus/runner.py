@@ -25,7 +25,7 @@ from core_bus.connwatch import ConnectionWatch
 from core_bus.deadletter import REASON_POISON
 from core_bus.decode import decode_payload, payload_of
 from core_bus.dlq_writer import DeadLetterJob, DeadLetterWriter
-from core_bus.envelope import Envelope
+from core_bus.envelope import Envelope, hop_label
 from core_bus.handlers import Handler, handler_arity
 from core_bus.pending import HeldEntry, reclaim_for_retry
 from core_bus.retries import RetryScheduler
@@ -233,7 +233,7 @@ class HandlerRunner:
                 self._local[item.stream].discard(item.entry_id)
                 continue
             deliveries = claimed.deliveries or item.deliveries + 1
-            hop = f"{self._group}:{int(time.time())}"
+            hop = hop_label(self._group)
             self._work.put((item.stream, item.entry_id, claimed.fields, deliveries, hop))
 
     async def dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:

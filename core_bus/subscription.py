@@ -30,6 +30,7 @@ from core_bus.backoff import Backoff
 from core_bus.connwatch import ConnectionWatch
 from core_bus.deadletter import REASON_POISON
 from core_bus.dlq_writer import DeadLetterWriter
+from core_bus.envelope import hop_label
 from core_bus.errors import BusError
 from core_bus.handlers import Handler
 from core_bus.keys import StreamKeyBuilder
@@ -451,7 +452,7 @@ class Subscription:
 
     def _hop(self) -> str:
         """The receive hop ``env.add_hop(group)`` would append, for entries read now."""
-        return f"{self.group}:{int(time.time())}"
+        return hop_label(self.group)
 
     def _request_check(self) -> None:
         """Look at our own pending list before the next read (after a failed dead letter)."""
