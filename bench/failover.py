@@ -17,16 +17,15 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import redis.asyncio as redis_asyncio
+from fleet_process import http_port, start_fleet, stop_fleet
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_many
@@ -74,20 +73,6 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def http_port(log_path: Path, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == "http_listening":
-                return int(event["port"])
-        time.sleep(0.05)
-    raise RuntimeError(f"the supervisor did not start its HTTP server (see {log_path})")
 
 
 async def ready_workers(session: aiohttp.ClientSession, port: int) -> list[tuple[int, str]]:
@@ -149,22 +134,10 @@ async def run(kills: int, rate: float) -> dict[str, Any]:
         work = Path(tmp)
         server = RedisServerProcess(data_dir=work / "redis", appendonly=False).start()
         (work / "bench_agent.py").write_text(HANDLER)
-        (work / "fleet.toml").write_text(textwrap.dedent(FLEET.format(url=server.url)))
-        log_path = work / "run.log"
-        env = dict(os.environ, AG1_LOG_FORMAT="json")
-        env.pop("NOTIFY_SOCKET", None)
-        with log_path.open("wb") as log:
-            fleet = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.cli", "run", "-c", str(work / "fleet.toml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(work),
-                start_new_session=True,
-            )
+        fleet, log_path = start_fleet(work, FLEET.format(url=server.url))
         redis = redis_asyncio.Redis.from_url(server.url)
         try:
-            port = http_port(log_path)
+            port = http_port(log_path, timeout=30.0)
             results: list[tuple[float, int]] = []
             async with aiohttp.ClientSession() as session:
                 while len(await ready_workers(session, port)) < 4:
@@ -194,13 +167,7 @@ async def run(kills: int, rate: float) -> dict[str, Any]:
             calls = int(await redis.get("bench:calls") or 0)
         finally:
             await redis.aclose()
-            if fleet.poll() is None:
-                os.killpg(fleet.pid, signal.SIGTERM)
-                try:
-                    fleet.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(fleet.pid, signal.SIGKILL)
-                    fleet.wait(10)
+            stop_fleet(fleet)
             server.kill()
     latencies = [r[0] * 1000 for r in results]
     return {

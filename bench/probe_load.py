@@ -24,11 +24,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import redis.asyncio as redis_asyncio
+from fleet_process import http_port, start_fleet, stop_fleet
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_many
@@ -215,20 +214,6 @@ async def prober_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- fleet helpers
-
-
-def http_port(log_path: Path, timeout: float = 60.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("event") == "http_listening":
-                return int(event["port"])
-        time.sleep(0.05)
-    raise RuntimeError(f"the supervisor did not start its HTTP server (see {log_path})")
 
 
 async def agent_status(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
@@ -434,19 +419,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server = RedisServerProcess(data_dir=work / "redis", appendonly=False).start()
         (work / "bench_agent.py").write_text(HANDLER)
         toml = FLEET.format(url=server.url, agent=AGENT, replicas=args.replicas)
-        (work / "fleet.toml").write_text(textwrap.dedent(toml))
-        log_path = work / "run.log"
-        env = dict(os.environ, AG1_LOG_FORMAT="json")
-        env.pop("NOTIFY_SOCKET", None)
-        with log_path.open("wb") as log:
-            fleet = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.cli", "run", "-c", str(work / "fleet.toml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(work),
-                start_new_session=True,
-            )
+        fleet, log_path = start_fleet(work, toml)
         redis = redis_asyncio.Redis.from_url(server.url)
         try:
             base = f"http://127.0.0.1:{http_port(log_path)}"
@@ -463,13 +436,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         finally:
             await redis.aclose()
-            if fleet.poll() is None:
-                os.killpg(fleet.pid, signal.SIGTERM)
-                try:
-                    fleet.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(fleet.pid, signal.SIGKILL)
-                    fleet.wait(10)
+            stop_fleet(fleet)
             server.kill()
     return {
         "replicas": args.replicas,

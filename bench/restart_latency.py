@@ -138,6 +138,16 @@ def kill_and_time(sup_pid: int, victims: set[int]) -> tuple[int, int, float, flo
     raise RuntimeError("no replacement within 30 s")
 
 
+def stop_supervisor(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the supervisor (it stops its children); SIGKILL its group after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class OurFleet:
     def __init__(self, workdir: Path, url: str, n: int) -> None:
         self.dir = workdir
@@ -189,12 +199,7 @@ class OurFleet:
         raise RuntimeError("fleet never ready")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_supervisor(self.proc)
         self._log.close()
 
 
@@ -220,12 +225,7 @@ class Supervisord:
         )
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_supervisor(self.proc)
 
 
 def install_supervisord(base: Path) -> Path:
