@@ -8,11 +8,9 @@ owner: at-least-once), is exactly ``0, 1, 2, ...``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from core_bus.ordered import (
 )
 from core_bus.publish import publish_envelope
 from core_bus.replies import text
+from tests.fleet_harness import FleetProcess
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -367,8 +366,7 @@ async def test_ordered_agent_under_ag1_fleet_run_keeps_order_across_sigkill(
     is SIGKILLed mid-stream and replaced; every entry is handled, per-key order holds
     (adjacent repeats only) and nothing stays pending."""
     (tmp_path / "ordered_agent.py").write_text(FLEET_HANDLER)
-    (tmp_path / "fleet.toml").write_text(
-        f"""
+    toml = f"""
 [supervisor]
 name = "ord"
 [redis]
@@ -385,31 +383,11 @@ shards = {SHARDS}
 ordered = true
 backoff_initial = "50ms"
 """
-    )
-    log_path = tmp_path / "run.log"
-    env = dict(os.environ, AG1_LOG_FORMAT="json")
-    env.pop("NOTIFY_SOCKET", None)
-    with log_path.open("wb") as log:
-        fleet = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(tmp_path / "fleet.toml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(tmp_path),
-            start_new_session=True,
-        )
-
-    def fleet_ready() -> bool:
-        for line in log_path.read_text(errors="replace").splitlines():
-            try:
-                if json.loads(line).get("event") == "fleet ready":
-                    return True
-            except (ValueError, AttributeError):
-                continue
-        return False
-
+    fleet = FleetProcess(tmp_path, toml, graceful=True)
     try:
-        await eventually(fleet_ready, 60, interval=0.05, message="fleet ready")
+        await eventually(
+            lambda: fleet.find("fleet ready"), 60, interval=0.05, message="fleet ready"
+        )
         leases = [KEYS.shard_lease(GROUP, BASE, i) for i in range(SHARDS)]
 
         async def split() -> bool:
@@ -420,7 +398,7 @@ backoff_initial = "50ms"
         async with anyio.create_task_group() as tg:
             tg.start_soon(publish_keyed, redis, 0, 40)
             await eventually(lambda: llen_at_least(redis, "seen:acct-5", 10), 20)
-            victim = psutil.Process(fleet.pid).children()[0]
+            victim = psutil.Process(fleet.proc.pid).children()[0]
             victim.kill()
         await eventually(lambda: all_seen(redis, 40), 60, interval=0.1, message="all handled")
         ok, dupes = await order_report(redis, 40)
@@ -428,13 +406,7 @@ backoff_initial = "50ms"
         assert dupes <= SHARDS
         assert await eventually(lambda: nothing_pending(redis), 30)
     finally:
-        if fleet.poll() is None:
-            os.killpg(fleet.pid, signal.SIGTERM)
-            try:
-                fleet.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(fleet.pid, signal.SIGKILL)
-                fleet.wait(10)
+        fleet.close()
 
 
 @pytest.mark.timeout(60)
