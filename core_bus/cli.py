@@ -454,10 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0 if args.command == "tail" else 130
     except BrokenPipeError:
-        # the reader went away (e.g. `| head`); silence the flush at exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        detach_stdout()
         return 0
+
+
+def detach_stdout() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null so the
+    interpreter's final flush does not print a BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -14,8 +13,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands_main(sys.argv[1:] if argv is None else argv)
     except BrokenPipeError:
         # `ag1-fleet check | head`: the reader left; exit quietly like other Unix tools.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        from core_bus.cli import detach_stdout
+
+        detach_stdout()
         return 141
 
 
