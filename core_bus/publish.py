@@ -31,11 +31,11 @@ def encode(env: Envelope, limit: int | None = None) -> bytes:
     return data
 
 
-def _xadd(pipe: Any, stream: str, data: bytes, maxlen: int) -> None:
+def _xadd(target: Any, stream: str, data: bytes, maxlen: int) -> Any:
+    """XADD on a client (returns the awaitable) or queue it on a pipeline."""
     if maxlen > 0:
-        pipe.xadd(stream, {DATA_FIELD: data}, maxlen=maxlen, approximate=True)
-    else:
-        pipe.xadd(stream, {DATA_FIELD: data})
+        return target.xadd(stream, {DATA_FIELD: data}, maxlen=maxlen, approximate=True)
+    return target.xadd(stream, {DATA_FIELD: data})
 
 
 def _announce(pipe: Any, stream: str, keys: StreamKeyBuilder) -> bool:
@@ -62,16 +62,11 @@ async def publish_envelope(
     settings = get_settings()
     data = encode(env, settings.bus_max_envelope_bytes)
     cap = settings.bus_stream_maxlen if maxlen is None else maxlen
-    keys = keys or StreamKeyBuilder(settings.bus_namespace)
     if stream in _announced:
-        if cap > 0:
-            entry_id = await redis.xadd(stream, {DATA_FIELD: data}, maxlen=cap, approximate=True)
-        else:
-            entry_id = await redis.xadd(stream, {DATA_FIELD: data})
-        return text(entry_id)
+        return text(await _xadd(redis, stream, data, cap))
     pipe = redis.pipeline(transaction=False)
     _xadd(pipe, stream, data, cap)
-    announced = _announce(pipe, stream, keys)
+    announced = _announce(pipe, stream, keys or StreamKeyBuilder(settings.bus_namespace))
     results = await pipe.execute()
     if announced:
         _announced.add(stream)
