@@ -297,11 +297,11 @@ def test_password_inside_env_url_is_moved_out_of_the_url() -> None:
     """A URL with credentials from the environment keeps the user, hides the password."""
     config = load_config(
         CONFIGS / "valid.toml",
-        environ={"AG1_REDIS__URL": "redis://app:pw@db.internal:6379/0"},
+        environ={"AG1_REDIS__URL": "redis://app:pw@db.internal:6390/0"},
         check_imports=False,
     )
-    assert config.redis.url == "redis://app@db.internal:6379/0"
-    assert config.redis.effective_url() == "redis://app:pw@db.internal:6379/0"
+    assert config.redis.url == "redis://app@db.internal:6390/0"
+    assert config.redis.effective_url() == "redis://app:pw@db.internal:6390/0"
     assert "pw" not in repr(config.redis).replace("password", "")
 
 
