@@ -217,14 +217,27 @@ class Rebalancer:
         plan: dict[str, list[str]] = {}
         for i, row in enumerate(movable):
             plan.setdefault(live[(offset + i) % len(live)], []).append(row.id)
-        claimed = await claim_to(self.redis, stream, target.group, plan, min_idle)
+        missing = await self._claim_plan(target, stream, plan, min_idle, moved)
+        settled = await self._settle_unclaimed(target, stream, dead, missing) if missing else 0
+        return bool(poison) or settled > 0 or sum(moved.values()) > before
+
+    async def _claim_plan(
+        self,
+        target: GroupTarget,
+        stream: str,
+        plan: dict[str, list[str]],
+        min_idle_ms: int,
+        moved: dict[str, int],
+    ) -> list[str]:
+        """XCLAIM ``plan`` (receiver -> ids), add what each got to ``moved``; return the
+        ids no one got (deleted entries, or claimed by someone else meanwhile)."""
+        claimed = await claim_to(self.redis, stream, target.group, plan, min_idle_ms)
         missing: list[str] = []
         for receiver, got in claimed.items():
             if got:
                 moved[receiver] = moved.get(receiver, 0) + len(got)
             missing.extend(i for i in plan[receiver] if i not in got)
-        settled = await self._settle_unclaimed(target, stream, dead, missing) if missing else 0
-        return bool(poison) or settled > 0 or sum(moved.values()) > before
+        return missing
 
     async def _settle_unclaimed(
         self, target: GroupTarget, stream: str, dead: str, ids: list[str]
@@ -428,12 +441,7 @@ class Rebalancer:
             await self._dead_letter_rows(target, stream, dead_rows, consumer=holder)
         if not plan:
             return
-        claimed = await claim_to(self.redis, stream, target.group, plan, min_idle_ms)
-        missing: list[str] = []
-        for receiver, got in claimed.items():
-            if got:
-                moved[receiver] = moved.get(receiver, 0) + len(got)
-            missing.extend(i for i in plan[receiver] if i not in got)
+        missing = await self._claim_plan(target, stream, plan, min_idle_ms, moved)
         if missing:
             _found, vanished = await fetch_or_ack(self.redis, stream, target.group, missing)
             self._c(target.agent).deleted_entries += len(vanished)
