@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core_bus import Envelope, publish_many, subscribe  # noqa: E402
-from supervisor.redis_server import RedisServerProcess  # noqa: E402
+from supervisor.redis.server import RedisServerProcess  # noqa: E402
 
 BATCH = 1000
 COUNT = 100

@@ -29,8 +29,8 @@ from fleet_process import http_port, start_fleet, stop_fleet
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_many
-from core_bus.replies import text
-from supervisor.redis_server import RedisServerProcess
+from core_bus.streams.replies import text
+from supervisor.redis.server import RedisServerProcess
 
 STREAM = "AG1:agent:bench:inbox"
 GROUP = "bench"

@@ -22,7 +22,7 @@ def start_fleet(work: Path, toml: str) -> tuple[subprocess.Popen[bytes], Path]:
     env.pop("NOTIFY_SOCKET", None)
     with log_path.open("wb") as log:
         fleet = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(config)],
+            [sys.executable, "-m", "supervisor.cli.main", "run", "-c", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

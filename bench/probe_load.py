@@ -38,7 +38,7 @@ from fleet_process import http_port, start_fleet, stop_fleet
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_many
-from supervisor.redis_server import RedisServerProcess
+from supervisor.redis.server import RedisServerProcess
 
 AGENT = "bench"
 STREAM = f"AG1:agent:{AGENT}:inbox"

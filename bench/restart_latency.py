@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from supervisor.redis_server import RedisServerProcess
+from supervisor.redis.server import RedisServerProcess
 
 PYTHON = sys.executable
 HANDLER = "async def handle(env):\n    return None\n"
@@ -157,7 +157,7 @@ class OurFleet:
         env.pop("NOTIFY_SOCKET", None)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "supervisor.cli", "run", "-c", str(workdir / "fleet.toml")],
+            [PYTHON, "-m", "supervisor.cli.main", "run", "-c", str(workdir / "fleet.toml")],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

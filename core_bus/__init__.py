@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "DeadLetter": "core_bus.deadletter",
+    "DeadLetter": "core_bus.streams.deadletter",
     "Envelope": "core_bus.envelope",
     "BusError": "core_bus.errors",
     "EnvelopeTooLarge": "core_bus.errors",
@@ -27,10 +27,10 @@ _EXPORTS: dict[str, str] = {
     "connect": "core_bus.settings",
     "get_settings": "core_bus.settings",
     "redact_url": "core_bus.settings",
-    "SubscriptionStats": "core_bus.stats",
-    "Subscription": "core_bus.subscription",
-    "ensure_group": "core_bus.subscription",
-    "subscribe": "core_bus.subscription",
+    "SubscriptionStats": "core_bus.consume.stats",
+    "Subscription": "core_bus.consume.subscription",
+    "ensure_group": "core_bus.consume.subscription",
+    "subscribe": "core_bus.consume.subscription",
     "bus_rpc_call": "core_bus.rpc",
     "bus_rpc_envelope": "core_bus.rpc",
     "bus_rpc_stream": "core_bus.rpc",
@@ -38,8 +38,8 @@ _EXPORTS: dict[str, str] = {
     "rpc_request": "core_bus.rpc",
     "BusSubscriptions": "core_bus.discovery",
     "start_bus_subscriptions": "core_bus.discovery",
-    "OrderedSubscription": "core_bus.ordered",
-    "subscribe_ordered": "core_bus.ordered",
+    "OrderedSubscription": "core_bus.ordered.subscription",
+    "subscribe_ordered": "core_bus.ordered.subscription",
 }
 
 __all__ = [
@@ -88,14 +88,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from core_bus.deadletter import DeadLetter
+    from core_bus.consume.stats import SubscriptionStats
+    from core_bus.consume.subscription import Subscription, ensure_group, subscribe
     from core_bus.discovery import BusSubscriptions, start_bus_subscriptions
     from core_bus.envelope import Envelope
     from core_bus.errors import BusError, EnvelopeTooLarge, RpcTimeout
     from core_bus.keys import StreamKeyBuilder, shard_for
-    from core_bus.ordered import OrderedSubscription, subscribe_ordered
+    from core_bus.ordered.subscription import OrderedSubscription, subscribe_ordered
     from core_bus.publish import publish_envelope, publish_many
     from core_bus.rpc import bus_rpc_call, bus_rpc_envelope, bus_rpc_stream, rpc_reply, rpc_request
     from core_bus.settings import BusSettings, build_redis_url, connect, get_settings, redact_url
-    from core_bus.stats import SubscriptionStats
-    from core_bus.subscription import Subscription, ensure_group, subscribe
+    from core_bus.streams.deadletter import DeadLetter

@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from core_bus.consume.handlers import Handler
+from core_bus.consume.subscription import ensure_group, subscribe
 from core_bus.discovery import BusSubscriptions, start_bus_subscriptions
 from core_bus.envelope import Envelope
-from core_bus.handlers import Handler
 from core_bus.keys import StreamKeyBuilder
 from core_bus.publish import publish_envelope
 from core_bus.settings import build_redis_url, connect
-from core_bus.subscription import ensure_group, subscribe
 
 __all__ = [
     "BusSubscriptions",

@@ -1,9 +1,9 @@
 """The prototype's import surface (``from core_bus.bus import subscribe``), kept so
 existing agents and the seed guide's examples run unmodified."""
 
+from core_bus.consume.subscription import Subscription, ensure_group, subscribe
 from core_bus.publish import publish_envelope, publish_many
 from core_bus.settings import build_redis_url
-from core_bus.subscription import Subscription, ensure_group, subscribe
 
 __all__ = [
     "Subscription",

@@ -26,15 +26,15 @@ import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core_bus.backoff import Backoff
-from core_bus.handlers import Handler, handler_arity
+from core_bus.consume.handlers import Handler, handler_arity
+from core_bus.consume.stats import SubscriptionStats
+from core_bus.consume.subscription import Subscription, default_consumer_name, subscribe
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
-from core_bus.replies import streams_of, text
 from core_bus.rpc import blocking_ms
 from core_bus.settings import get_settings
-from core_bus.stats import SubscriptionStats
-from core_bus.subscription import Subscription, default_consumer_name, subscribe
+from core_bus.streams.backoff import Backoff
+from core_bus.streams.replies import streams_of, text
 
 DEFAULT_GROUP = "corebus"
 NOTICE_BLOCK_SECONDS = 2.0

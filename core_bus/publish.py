@@ -8,8 +8,8 @@ from typing import Any
 from core_bus.envelope import Envelope
 from core_bus.errors import EnvelopeTooLarge
 from core_bus.keys import StreamKeyBuilder
-from core_bus.replies import text
 from core_bus.settings import get_settings
+from core_bus.streams.replies import text
 
 #: Stream entry field holding the envelope JSON (``envelope`` is accepted on read too).
 DATA_FIELD = "data"

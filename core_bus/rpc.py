@@ -36,8 +36,8 @@ from core_bus.errors import RpcTimeout
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.publish import ALT_DATA_FIELD, DATA_FIELD, encode, publish_envelope
-from core_bus.replies import streams_of, text
 from core_bus.settings import get_settings
+from core_bus.streams.replies import streams_of, text
 
 log = get_logger("core_bus.rpc")
 

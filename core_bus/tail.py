@@ -27,9 +27,9 @@ from core_bus.envelope import Envelope
 from core_bus.errors import BusError
 from core_bus.keys import StreamKeyBuilder
 from core_bus.publish import ALT_DATA_FIELD, DATA_FIELD
-from core_bus.replies import Fields, fields_of, streams_of, text
 from core_bus.rpc import blocking_ms
 from core_bus.settings import get_settings
+from core_bus.streams.replies import Fields, fields_of, streams_of, text
 
 READ_COUNT = 500
 BLOCK_SECONDS = 1.0
@@ -321,7 +321,7 @@ class Tailer:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m core_bus.tail STREAM...``: the ``ag1-bus tail`` command."""
-    from core_bus.cli import main as cli_main
+    from core_bus.tools.cli import main as cli_main
 
     return cli_main(["tail", *(sys.argv[1:] if argv is None else argv)])
 

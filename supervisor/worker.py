@@ -56,7 +56,7 @@ import anyio  # noqa: E402
 
 from core_bus.keys import DEFAULT_NAMESPACE, StreamKeyBuilder  # noqa: E402
 from core_bus.log import configure_logging, get_logger  # noqa: E402
-from supervisor.sdnotify import Notifier  # noqa: E402
+from supervisor.runtime.sdnotify import Notifier  # noqa: E402
 
 EXIT_BOOT_FAILURE = 3
 
@@ -168,7 +168,7 @@ def heartbeat_interval(watchdog_seconds: float | None) -> float:
 
 async def _subscribe(redis: Any, env: WorkerEnv, handler: Callable[..., Any]) -> Any:
     if env.ordered:
-        from core_bus.ordered import subscribe_ordered
+        from core_bus.ordered.subscription import subscribe_ordered
 
         return await subscribe_ordered(
             redis,
@@ -181,7 +181,7 @@ async def _subscribe(redis: Any, env: WorkerEnv, handler: Callable[..., Any]) ->
             dlq_stream=env.dlq_stream,
             keys=StreamKeyBuilder(env.namespace),
         )
-    from core_bus.subscription import subscribe
+    from core_bus.consume.subscription import subscribe
 
     return await subscribe(
         redis,

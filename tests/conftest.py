@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis_asyncio
 
-from supervisor.redis_server import RedisServerError, RedisServerProcess, find_redis_server
+from supervisor.redis.server import RedisServerError, RedisServerProcess, find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

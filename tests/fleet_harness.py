@@ -2,7 +2,7 @@
 FleetDaemon in the test's own event loop.
 
 :class:`FleetProcess` is the subprocess: it writes ``fleet.toml``, starts
-``python -m supervisor.cli run -c fleet.toml`` in its own session with a JSON log
+``python -m supervisor.cli.main run -c fleet.toml`` in its own session with a JSON log
 in a file, and offers the log's events, readiness and HTTP address waits, the
 worker pids and a close that never leaves a process behind. :func:`running` is
 the in-process daemon with the helpers its tests read snapshots through.
@@ -24,9 +24,9 @@ from typing import Any
 import anyio
 import psutil
 
-from supervisor.config_load import load_config
-from supervisor.daemon import FleetDaemon
-from supervisor.snapshot import AgentSnapshot, WorkerSnapshot
+from supervisor.config.load import load_config
+from supervisor.fleet.daemon import FleetDaemon
+from supervisor.fleet.snapshot import AgentSnapshot, WorkerSnapshot
 from tests.waiting import eventually_sync
 
 # The parent's systemd conversation and control token must not leak into the
@@ -62,7 +62,7 @@ class FleetProcess:
             environ.pop(name, None)
         environ.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "supervisor.cli.main", "run", "-c", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=environ,

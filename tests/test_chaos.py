@@ -22,7 +22,7 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_many
-from supervisor.consumers import consumers_of
+from supervisor.delivery.consumers import consumers_of
 from tests.fleet_harness import FleetProcess
 from tests.waiting import eventually, eventually_sync
 

@@ -13,8 +13,8 @@ import pytest
 from core_bus.envelope import Envelope
 from core_bus.keys import StreamKeyBuilder
 from core_bus.publish import DATA_FIELD
-from core_bus.replies import entries_of
-from supervisor.redis_server import pick_free_port
+from core_bus.streams.replies import entries_of
+from supervisor.redis.server import pick_free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -24,7 +24,7 @@ INBOX = KB.agent_inbox("cli")
 
 @pytest.fixture
 def bus(redis_url: str, python_exe: str, tmp_path: Path) -> Any:
-    """Run ``python -m core_bus.cli ARGS`` in ``tmp_path``; returns the CompletedProcess."""
+    """Run ``python -m core_bus.tools.cli ARGS`` in ``tmp_path``; returns the CompletedProcess."""
 
     def run(
         *args: str,
@@ -35,7 +35,7 @@ def bus(redis_url: str, python_exe: str, tmp_path: Path) -> Any:
         base = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
         base["REDIS_URL"] = redis_url
         return subprocess.run(
-            [python_exe, "-m", "core_bus.cli", *args],
+            [python_exe, "-m", "core_bus.tools.cli", *args],
             capture_output=True,
             text=True,
             env={**base, **(env or {})},
@@ -189,7 +189,7 @@ async def test_state_dir_and_local_redis_url_file(
     (work / ".ag1" / "redis.url").write_text(redis_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
     local = subprocess.run(
-        [python_exe, "-m", "core_bus.cli", "groups", INBOX],
+        [python_exe, "-m", "core_bus.tools.cli", "groups", INBOX],
         capture_output=True,
         text=True,
         env=env,
@@ -206,7 +206,7 @@ async def test_state_dir_and_local_redis_url_file(
 def test_every_command_has_help_with_example(bus: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """--help works for every command and shows an example (in-process for speed, plus
     one real subprocess)."""
-    from core_bus.cli import build_parser
+    from core_bus.tools.cli import build_parser
 
     commands = [[], ["tail"], ["publish"], ["groups"], ["dlq"]]
     commands += [["dlq", action] for action in ("list", "replay", "purge")]

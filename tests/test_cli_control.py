@@ -1,7 +1,7 @@
 """``ag1-fleet status/restart/scale/stop/start/reload`` as subprocesses against a real server.
 
 The server is ``tests/test_http_fakes.py`` run as a module: the real aiohttp
-server from ``supervisor.http_server`` with a stand-in daemon behind it.
+server from ``supervisor.http.server`` with a stand-in daemon behind it.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cli_control import format_status, reload_summary
-from supervisor.control_client import (
+from supervisor.cli.client import (
     ControlClientError,
     resolve_base_url,
     resolve_target,
     url_from_listen,
 )
+from supervisor.cli.control import format_status, reload_summary
 from tests.test_http_fakes import agent, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def cli(
     if token is not None:
         env["AG1_CONTROL_TOKEN"] = token
     return subprocess.run(
-        [python_exe, "-m", "supervisor.cli", *argv],
+        [python_exe, "-m", "supervisor.cli.main", *argv],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -171,7 +171,7 @@ def test_config_file_locates_the_server(
     assert result.returncode == 0, result.stderr
     # AG1_CONFIG is honoured as the default for -c (set by the parser in commands.py).
     env_result = subprocess.run(
-        [python_exe, "-m", "supervisor.cli", "stop", "echo"],
+        [python_exe, "-m", "supervisor.cli.main", "stop", "echo"],
         cwd=tmp_path,
         env={**os.environ, "AG1_CONFIG": str(good), "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -259,7 +259,7 @@ def test_not_a_supervisor(python_exe: str) -> None:
         server.listen(1)
         url = f"http://127.0.0.1:{server.getsockname()[1]}"
         proc = subprocess.Popen(
-            [python_exe, "-m", "supervisor.cli", "status", "--url", url],
+            [python_exe, "-m", "supervisor.cli.main", "status", "--url", url],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

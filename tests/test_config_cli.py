@@ -20,7 +20,7 @@ def run_check(
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("AG1_")}
     child_env.update(env or {})
     return subprocess.run(
-        [python_exe, "-m", "supervisor.cli", "check", *args],
+        [python_exe, "-m", "supervisor.cli.main", "check", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -116,7 +116,7 @@ after = ["idle"]
 """
     )
     result = subprocess.run(
-        [python_exe, "-m", "supervisor.cli", "check", "-c", str(config)],
+        [python_exe, "-m", "supervisor.cli.main", "check", "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

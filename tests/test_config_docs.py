@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from supervisor.config import AgentConfig, AgentDefaults, HttpConfig, RedisConfig, SupervisorConfig
+from supervisor.config.models import (
+    AgentConfig,
+    AgentDefaults,
+    HttpConfig,
+    RedisConfig,
+    SupervisorConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS: list[type[BaseModel]] = [

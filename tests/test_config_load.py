@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from supervisor.config import AgentConfig, RedisConfig
-from supervisor.config_load import ConfigError, load_config
+from supervisor.config.load import ConfigError, load_config
+from supervisor.config.models import AgentConfig, RedisConfig
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 INVALID = sorted((CONFIGS / "invalid").glob("*.toml"))
@@ -357,7 +357,7 @@ def test_handler_import_that_hangs_is_cut_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A module that never finishes importing is killed at the deadline and reported."""
-    from supervisor import config_checks
+    from supervisor.config import checks as config_checks
 
     monkeypatch.setattr(config_checks, "IMPORT_TIMEOUT", 1.0)
     (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\n")

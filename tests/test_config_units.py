@@ -1,10 +1,10 @@
-"""Strict duration and size parsing (supervisor.units)."""
+"""Strict duration and size parsing (supervisor.config.units)."""
 
 from __future__ import annotations
 
 import pytest
 
-from supervisor.units import format_duration, format_size, parse_duration, parse_size
+from supervisor.config.units import format_duration, format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

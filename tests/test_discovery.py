@@ -10,11 +10,11 @@ import anyio
 import pytest
 import redis.asyncio as redis_asyncio
 
+from core_bus.consume.subscription import active_subscriptions
 from core_bus.discovery import glob_match, start_bus_subscriptions
 from core_bus.envelope import Envelope
 from core_bus.publish import DATA_FIELD, _announced, publish_envelope
-from core_bus.subscription import active_subscriptions
-from supervisor.redis_server import pick_free_port
+from supervisor.redis.server import pick_free_port
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]

@@ -1,4 +1,4 @@
-"""Dead-letter tools (core_bus.dlq) on dead letters written by a real subscription."""
+"""Dead-letter tools (core_bus.tools.dlq) on dead letters written by a real subscription."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from typing import Any
 import anyio
 import pytest
 
-from core_bus.dlq import (
+from core_bus.consume.subscription import subscribe
+from core_bus.envelope import Envelope
+from core_bus.keys import StreamKeyBuilder
+from core_bus.publish import DATA_FIELD, publish_envelope
+from core_bus.streams.groups import UnknownStream
+from core_bus.streams.replies import entries_of
+from core_bus.tools.dlq import (
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
     resolve_target,
 )
-from core_bus.envelope import Envelope
-from core_bus.groups import UnknownStream
-from core_bus.keys import StreamKeyBuilder
-from core_bus.publish import DATA_FIELD, publish_envelope
-from core_bus.replies import entries_of
-from core_bus.subscription import subscribe
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]

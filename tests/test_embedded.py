@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
-from supervisor.embedded import (
+from supervisor.redis.embedded import (
     PORT_FILE,
     EmbeddedRedis,
     EmbeddedRedisError,
@@ -23,7 +23,7 @@ from supervisor.embedded import (
     run_embedded_redis,
     url_file,
 )
-from supervisor.redis_server import RedisServerError, bundled_redis_server
+from supervisor.redis.server import RedisServerError, bundled_redis_server
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -192,7 +192,7 @@ OWNER_SCRIPT = """
 import anyio, sys
 from pathlib import Path
 from core_bus.log import configure_logging
-from supervisor.embedded import EmbeddedRedis
+from supervisor.redis.embedded import EmbeddedRedis
 
 configure_logging(json=True)  # logs to stderr; stdout carries the pid and URL
 

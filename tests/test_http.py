@@ -17,8 +17,8 @@ import aiohttp
 import anyio
 import pytest
 
-from supervisor.http_server import check_bind_allowed, is_loopback, readiness, run_http_server
-from supervisor.snapshot import ControlError, ReloadResult
+from supervisor.fleet.snapshot import ControlError, ReloadResult
+from supervisor.http.server import check_bind_allowed, is_loopback, readiness, run_http_server
 from tests.test_http_fakes import FakeControl, HttpSettingsForTest, agent, snapshot
 from tests.waiting import eventually
 
@@ -401,7 +401,7 @@ async def test_disabled_http_reports_none() -> None:
 
 def test_status_json_matches_snapshot_to_dict() -> None:
     """/status serialises exactly what FleetSnapshot.to_dict() holds (without secrets)."""
-    from supervisor.http_server import scrub
+    from supervisor.http.server import scrub
 
     snap = snapshot(agent("a", 3), agent("b", desired=2, ready=1, state="degraded"))
     assert scrub(snap) == snap.to_dict()
@@ -409,7 +409,7 @@ def test_status_json_matches_snapshot_to_dict() -> None:
 
 async def test_operation_cancelled_by_shutdown_is_reported() -> None:
     """A control call cut short because the server is stopping is an error, not a success."""
-    from supervisor.http_server import Operations
+    from supervisor.http.server import Operations
 
     async def slow() -> None:
         await anyio.sleep(30)
@@ -430,7 +430,7 @@ async def serve_app(control: FakeControl, **kw: Any) -> AsyncIterator[str]:
     """Serve build_app() directly (for options run_http_server does not expose)."""
     from aiohttp import web
 
-    from supervisor.http_server import build_app
+    from supervisor.http.server import build_app
 
     app = build_app(control, token=None, max_body=65536, request_timeout=5.0, **kw)
     runner = web.AppRunner(app, access_log=None)

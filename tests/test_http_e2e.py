@@ -110,7 +110,7 @@ async def cli(*argv: str, token: str | None = None) -> subprocess.CompletedProce
         env["AG1_CONTROL_TOKEN"] = token
     with anyio.fail_after(60):
         return await anyio.run_process(
-            [sys.executable, "-m", "supervisor.cli", *argv], env=env, check=False, cwd=ROOT
+            [sys.executable, "-m", "supervisor.cli.main", *argv], env=env, check=False, cwd=ROOT
         )
 
 

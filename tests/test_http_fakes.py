@@ -18,8 +18,8 @@ from typing import Any
 
 import anyio
 
-from core_bus.stats import SubscriptionStats
-from supervisor.snapshot import (
+from core_bus.consume.stats import SubscriptionStats
+from supervisor.fleet.snapshot import (
     AgentSnapshot,
     ControlError,
     FleetSnapshot,
@@ -32,7 +32,7 @@ from supervisor.snapshot import (
 
 @dataclass
 class HttpSettingsForTest:
-    """Has the attributes of ``supervisor.config.HttpConfig`` the server reads."""
+    """Has the attributes of ``supervisor.config.models.HttpConfig`` the server reads."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -148,7 +148,7 @@ class FakeControl:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from supervisor.http_server import run_http_server
+    from supervisor.http.server import run_http_server
 
     control = FakeControl()
     if args.reject_reload:

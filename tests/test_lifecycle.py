@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from supervisor.lifecycle import (
+from supervisor.runtime.lifecycle import (
     CAUSE_MEMORY,
     CAUSE_RESTART,
     CAUSE_STOP,
@@ -276,7 +276,7 @@ def test_stop_during_backoff_cancels_the_restart() -> None:
 
 def test_policy_from_agent_config() -> None:
     """RestartPolicy.from_agent reads the resolved AgentConfig (commands get ready_after)."""
-    from supervisor.config import AgentConfig
+    from supervisor.config.models import AgentConfig
 
     agent = AgentConfig(name="x", command=["true"], restart="on-failure", start_seconds=2.0)
     policy = RestartPolicy.from_agent(agent)

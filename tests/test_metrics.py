@@ -8,9 +8,9 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core_bus.stats import HANDLER_BUCKETS, SubscriptionStats
-from supervisor.metrics import FleetCollector, build_registry, cumulative_buckets, render
-from supervisor.snapshot import FleetSnapshot, GroupSnapshot
+from core_bus.consume.stats import HANDLER_BUCKETS, SubscriptionStats
+from supervisor.fleet.snapshot import FleetSnapshot, GroupSnapshot
+from supervisor.http.metrics import FleetCollector, build_registry, cumulative_buckets, render
 from tests.test_http_fakes import agent, snapshot, worker
 
 PROMTOOL = shutil.which("promtool")

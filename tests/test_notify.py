@@ -10,9 +10,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.notify import NotifyMessage, NotifyServer, SenderIndex, parse_datagram
-from supervisor.process import ChildProcess
-from supervisor.sdnotify import Notifier
+from supervisor.runtime.notify import NotifyMessage, NotifyServer, SenderIndex, parse_datagram
+from supervisor.runtime.process import ChildProcess
+from supervisor.runtime.sdnotify import Notifier
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,7 @@ async def test_child_message_resolves_to_its_worker(python_exe: str) -> None:
     with NotifyServer() as server:
         index = SenderIndex()
         env = dict(os.environ, NOTIFY_SOCKET=server.address)
-        code = "from supervisor.sdnotify import sd_notify; sd_notify('READY=1')"
+        code = "from supervisor.runtime.sdnotify import sd_notify; sd_notify('READY=1')"
         async with ChildProcess.spawn([python_exe, "-c", code], env=env) as child:
             index.add(child.pid, "echo/0")
             (message,) = await _collect(server, 1)

@@ -21,7 +21,7 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.keys import StreamKeyBuilder, shard_for
-from core_bus.ordered import (
+from core_bus.ordered.subscription import (
     OrderedSubscription,
     assigned,
     evict_consumer,
@@ -30,7 +30,7 @@ from core_bus.ordered import (
     subscribe_ordered,
 )
 from core_bus.publish import publish_envelope
-from core_bus.replies import text
+from core_bus.streams.replies import text
 from tests.fleet_harness import FleetProcess
 from tests.waiting import eventually
 
@@ -45,7 +45,7 @@ KEY_NAMES = [f"acct-{i}" for i in range(12)]
 WORKER = """
 import asyncio, sys
 import redis.asyncio as R
-from core_bus.ordered import subscribe_ordered
+from core_bus.ordered.subscription import subscribe_ordered
 
 url, base, shards, group, consumer, ttl = sys.argv[1:7]
 
@@ -304,8 +304,8 @@ async def test_supervisor_reclaim_evicts_dead_owner_and_hands_over(redis: Any) -
     siblings: it releases the dead worker's leases and membership, the shard's next
     owner finishes the dead one's pending entries before new ones (order holds,
     long before the lease TTL), and a later sweep deletes the emptied consumer."""
-    from supervisor.consumers import consumers_of
-    from supervisor.rebalance import GroupTarget, Rebalancer
+    from supervisor.delivery.consumers import consumers_of
+    from supervisor.delivery.rebalance import GroupTarget, Rebalancer
 
     streams = KEYS.shard_streams(BASE, SHARDS)
     for stream in streams:

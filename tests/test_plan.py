@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supervisor.config import FleetConfig
-from supervisor.config_load import load_config
-from supervisor.plan import build_plan
+from supervisor.config.load import load_config
+from supervisor.config.models import FleetConfig
+from supervisor.config.plan import build_plan
 
 
 def load(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> FleetConfig:

@@ -13,8 +13,8 @@ import psutil
 import pytest
 import structlog
 
-from supervisor.logcapture import CaptureStats, LineCapture, TokenBucket
-from supervisor.process import ChildProcess, ExitStatus
+from supervisor.runtime.logcapture import CaptureStats, LineCapture, TokenBucket
+from supervisor.runtime.process import ChildProcess, ExitStatus
 
 pytestmark = pytest.mark.anyio
 
@@ -139,7 +139,7 @@ async def test_parent_death_signal_kills_the_child(python_exe: str, mode: str) -
     """A child spawned with pdeathsig (via setpriv or a preexec_fn) dies with its parent."""
     code = (
         "import anyio, sys, time\n"
-        "from supervisor.process import ChildProcess\n"
+        "from supervisor.runtime.process import ChildProcess\n"
         "async def main():\n"
         "    c = ChildProcess.spawn([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
         f"                           env={{}}, capture_output=False, pdeathsig={mode!r})\n"

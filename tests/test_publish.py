@@ -8,7 +8,7 @@ import pytest
 
 from core_bus import Envelope, EnvelopeTooLarge, StreamKeyBuilder, publish_envelope, publish_many
 from core_bus.publish import _announced
-from core_bus.replies import entries_of, text
+from core_bus.streams.replies import entries_of, text
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import redis
 
-from supervisor.redis_server import pick_free_port
+from supervisor.redis.server import pick_free_port
 from tests.waiting import eventually_sync
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,18 +19,18 @@ import anyio
 import pytest
 import redis.asyncio as redis_asyncio
 
-from core_bus.deadletter import DeadLetter
 from core_bus.keys import StreamKeyBuilder
-from core_bus.replies import fields_of, streams_of, text
-from supervisor.consumers import (
+from core_bus.streams.deadletter import DeadLetter
+from core_bus.streams.replies import fields_of, streams_of, text
+from supervisor.delivery.consumers import (
     DELETE_DONE,
     DELETE_HAS_PENDING,
     ConsumerDeleter,
     consumers_of,
     pending_entries,
 )
-from supervisor.rebalance import GroupTarget, Rebalancer
-from supervisor.redis_server import bundled_redis_server, redis_server_version
+from supervisor.delivery.rebalance import GroupTarget, Rebalancer
+from supervisor.redis.server import bundled_redis_server, redis_server_version
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -433,7 +433,7 @@ async def test_bounded_sweep_resumes_from_its_cursor(
     """A sweep stops after MAX_BATCHES batches per stream and the next sweep continues
     from the saved cursor instead of rescanning the head, so every idle entry is
     eventually covered without one call running unbounded."""
-    import supervisor.rebalance as rebalance
+    import supervisor.delivery.rebalance as rebalance
 
     monkeypatch.setattr(rebalance, "MAX_BATCHES", 2)
     monkeypatch.setattr(rebalance, "BATCH", 100)

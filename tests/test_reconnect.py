@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from structlog.testing import capture_logs
 
 from core_bus import Envelope, publish_many, subscribe
-from supervisor.redis_server import RedisServerProcess
+from supervisor.redis.server import RedisServerProcess
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]

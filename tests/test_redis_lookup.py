@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.redis_server import (
+from supervisor.redis.server import (
     MIN_VERSION,
     RedisServerProcess,
     bundled_redis_server,
@@ -60,7 +60,7 @@ def test_fixture_code_path_with_a_minimal_path(tmp_path: Path, python_exe: str) 
         f"""
         import json, shutil
         from pathlib import Path
-        from supervisor.redis_server import RedisServerProcess
+        from supervisor.redis.server import RedisServerProcess
 
         assert shutil.which("redis-server") is None
         server = RedisServerProcess(data_dir=Path({str(tmp_path / "data")!r}), appendonly=False)

@@ -1,11 +1,11 @@
-"""core_bus.replies normalises XREAD replies of every client flavour."""
+"""core_bus.streams.replies normalises XREAD replies of every client flavour."""
 
 from __future__ import annotations
 
 import pytest
 import redis.asyncio as redis_asyncio
 
-from core_bus.replies import streams_of
+from core_bus.streams.replies import streams_of
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,6 @@ from core_bus.envelope import Envelope
 from core_bus.errors import RpcTimeout
 from core_bus.keys import StreamKeyBuilder
 from core_bus.publish import DATA_FIELD
-from core_bus.replies import streams_of
 from core_bus.rpc import (
     bus_rpc_call,
     bus_rpc_envelope,
@@ -24,6 +23,7 @@ from core_bus.rpc import (
     rpc_reply,
     rpc_request,
 )
+from core_bus.streams.replies import streams_of
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio

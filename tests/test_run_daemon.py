@@ -15,16 +15,17 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.config_load import load_config
-from supervisor.daemon import FleetDaemon
-from supervisor.snapshot import ControlError
+from supervisor.config.load import load_config
+from supervisor.fleet.daemon import FleetDaemon
+from supervisor.fleet.snapshot import ControlError
 from tests.fleet_harness import agent, agent_toml, cmd, fleet_toml, header, running, worker
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
 READY_THEN_SLEEP = (
-    "from supervisor.sdnotify import sd_notify; import time; sd_notify('READY=1'); time.sleep(600)"
+    "from supervisor.runtime.sdnotify import sd_notify; import time; "
+    "sd_notify('READY=1'); time.sleep(600)"
 )
 
 
@@ -155,7 +156,7 @@ async def test_watchdog_kills_a_hung_worker(tmp_path: Path, python_exe: str) -> 
 async def test_heartbeats_keep_the_watchdog_quiet(tmp_path: Path, python_exe: str) -> None:
     """A worker sending WATCHDOG=1 in time is never killed."""
     code = (
-        "from supervisor.sdnotify import Notifier; import time; n = Notifier(); "
+        "from supervisor.runtime.sdnotify import Notifier; import time; n = Notifier(); "
         "n.send('READY=1'); [(n.send('WATCHDOG=1'), time.sleep(0.1)) for _ in range(6000)]"
     )
     toml = fleet_toml(
@@ -173,7 +174,7 @@ async def test_heartbeats_keep_the_watchdog_quiet(tmp_path: Path, python_exe: st
 async def test_memory_limit_restarts_gracefully(tmp_path: Path, python_exe: str) -> None:
     """RSS of the worker over memory_limit: SIGTERM (graceful), reason 'memory limit', restart."""
     code = (
-        "from supervisor.sdnotify import sd_notify; import time; "
+        "from supervisor.runtime.sdnotify import sd_notify; import time; "
         "sd_notify('READY=1'); x = bytearray(120 * 1024 * 1024); time.sleep(600)"
     )
     toml = fleet_toml(
@@ -268,7 +269,7 @@ async def test_restart_agent_replaces_every_worker(tmp_path: Path, python_exe: s
 async def test_rolling_restart_keeps_ready_count(tmp_path: Path, python_exe: str) -> None:
     """Rolling restart: replacements get READY before old workers go; ready never drops."""
     code = (
-        "from supervisor.sdnotify import sd_notify; import time; "
+        "from supervisor.runtime.sdnotify import sd_notify; import time; "
         "time.sleep(0.3); sd_notify('READY=1'); time.sleep(600)"
     )
     toml = fleet_toml(
@@ -300,7 +301,7 @@ async def test_failed_rolling_restart_keeps_old_workers(tmp_path: Path, python_e
     """A replacement that cannot get ready stops the roll; old workers keep running."""
     flag = tmp_path / "broken"
     code = (
-        "import os, sys, time; from supervisor.sdnotify import sd_notify; "
+        "import os, sys, time; from supervisor.runtime.sdnotify import sd_notify; "
         f"sys.exit(1) if os.path.exists('{flag}') else None; "
         "sd_notify('READY=1'); time.sleep(600)"
     )
@@ -395,7 +396,7 @@ async def test_invalid_reload_keeps_the_old_plan(tmp_path: Path, python_exe: str
 async def test_snapshot_fields(tmp_path: Path, python_exe: str, redis_url: str) -> None:
     """The snapshot fills supervisor, agent, worker and group fields the HTTP API shows."""
     code = (
-        "from supervisor.sdnotify import Notifier; import time; n = Notifier(); "
+        "from supervisor.runtime.sdnotify import Notifier; import time; n = Notifier(); "
         "n.send('READY=1', 'STATUS=serving'); time.sleep(600)"
     )
     toml = fleet_toml(
@@ -447,7 +448,7 @@ async def test_failed_roll_without_surge_brings_old_workers_back(
     """max_surge = 0: old workers go first; if the replacement fails they are started again."""
     flag = tmp_path / "broken"
     code = (
-        "import os, sys, time; from supervisor.sdnotify import sd_notify; "
+        "import os, sys, time; from supervisor.runtime.sdnotify import sd_notify; "
         f"sys.exit(1) if os.path.exists('{flag}') else None; "
         "sd_notify('READY=1'); time.sleep(600)"
     )
@@ -506,7 +507,7 @@ async def test_snapshot_shows_rolling_and_why_a_roll_or_start_failed(
     fatal reason there."""
     flag = tmp_path / "broken"
     code = (
-        "import os, sys, time; from supervisor.sdnotify import sd_notify; "
+        "import os, sys, time; from supervisor.runtime.sdnotify import sd_notify; "
         f"time.sleep(0.3) if os.path.exists('{flag}') else None; "
         f"sys.exit(4) if os.path.exists('{flag}') else None; "
         "sd_notify('READY=1'); time.sleep(600)"
@@ -552,7 +553,7 @@ async def test_snapshot_shows_rolling_and_why_a_roll_or_start_failed(
 def test_restart_sections_see_secret_changes(tmp_path: Path) -> None:
     """A changed Redis password or control token counts as a change of [redis]/[http]
     (model_dump masks secrets, so a plain dump comparison would miss it)."""
-    from supervisor.reload import restart_sections_changed
+    from supervisor.fleet.reload import restart_sections_changed
 
     path = tmp_path / "fleet.toml"
     path.write_text(textwrap.dedent(header()))
@@ -616,7 +617,7 @@ async def test_after_a_zero_replica_agent_does_not_block(tmp_path: Path, python_
 def test_after_a_zero_replica_agent_is_a_warning_not_an_error(tmp_path: Path) -> None:
     """The config still loads (no error); check_agent_warnings names the `after` entry
     that waits for a replicas = 0 agent, and nothing when the agent has replicas."""
-    from supervisor.config_checks import check_agent_warnings
+    from supervisor.config.checks import check_agent_warnings
 
     path = tmp_path / "fleet.toml"
     path.write_text(

@@ -13,10 +13,10 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_many
-from supervisor.config_load import load_config
-from supervisor.daemon import FleetDaemon
-from supervisor.notify import NotifyMessage, NotifyServer
-from supervisor.sdnotify import Notifier
+from supervisor.config.load import load_config
+from supervisor.fleet.daemon import FleetDaemon
+from supervisor.runtime.notify import NotifyMessage, NotifyServer
+from supervisor.runtime.sdnotify import Notifier
 from tests.fleet_harness import agent, agent_toml, cmd, fleet_toml, running, worker
 from tests.waiting import eventually
 
@@ -208,8 +208,8 @@ def test_group_target_carries_ordered_shards(tmp_path: Path) -> None:
     """An ordered agent's GroupTarget says ordered, its unsharded streams and shard count,
     so the rebalancer evicts a dead owner's shard leases at once and the sweep skips it;
     a plain agent stays unordered."""
-    from supervisor.delivery_hooks import DeliveryHooks
-    from supervisor.fleet_state import AgentRuntime
+    from supervisor.delivery.hooks import DeliveryHooks
+    from supervisor.runtime.table import AgentRuntime
 
     (tmp_path / "ord_agent.py").write_text("async def handle(env, redis):\n    pass\n")
     path = tmp_path / "fleet.toml"
@@ -239,7 +239,7 @@ async def test_sigkilled_ordered_owner_leases_are_evicted_at_once(
     evicted by the crash reclaim and taken over within seconds, far below the 10 s
     lease TTL they would otherwise wait out."""
     from core_bus.keys import StreamKeyBuilder
-    from core_bus.replies import text
+    from core_bus.streams.replies import text
 
     (tmp_path / "ord_agent.py").write_text("async def handle(env, redis):\n    pass\n")
     toml = fleet_toml(

@@ -134,7 +134,7 @@ def test_invalid_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> Non
     config = tmp_path / "fleet.toml"
     config.write_text('[[agents]]\nname = "x"\ncommand = ["true"]\nreplicas = -1\n')
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "run", "-c", str(config)],
+        [sys.executable, "-m", "supervisor.cli.main", "run", "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -1,15 +1,15 @@
-"""Exit bookkeeping (supervisor.exits): truthful reasons, failed starts, message totals."""
+"""Exit bookkeeping (supervisor.runtime.exits): truthful reasons, failed starts, message totals."""
 
 from __future__ import annotations
 
 import signal
 from types import SimpleNamespace
 
-from core_bus.stats import SubscriptionStats
-from supervisor.exits import exit_reason, record_exit, record_spawn_failure
-from supervisor.fleet_state import AgentRuntime, Worker
-from supervisor.lifecycle import CAUSE_WATCHDOG, RestartPolicy, WorkerLifecycle, WorkerState
-from supervisor.process import ExitStatus
+from core_bus.consume.stats import SubscriptionStats
+from supervisor.runtime.exits import exit_reason, record_exit, record_spawn_failure
+from supervisor.runtime.lifecycle import CAUSE_WATCHDOG, RestartPolicy, WorkerLifecycle, WorkerState
+from supervisor.runtime.process import ExitStatus
+from supervisor.runtime.table import AgentRuntime, Worker
 
 
 def _worker() -> tuple[AgentRuntime, Worker]:

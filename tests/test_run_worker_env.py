@@ -1,4 +1,4 @@
-"""The environment and argv a worker is started with (supervisor.worker_env)."""
+"""The environment and argv a worker is started with (supervisor.runtime.worker_env)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from supervisor.config_load import load_config
-from supervisor.worker_env import FleetContext, child_environment, worker_argv, worker_environment
+from supervisor.config.load import load_config
+from supervisor.runtime.worker_env import (
+    FleetContext,
+    child_environment,
+    worker_argv,
+    worker_environment,
+)
 
 
 def test_worker_environment_names_its_identity_bus_and_supervisor(tmp_path: Path) -> None:

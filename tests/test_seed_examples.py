@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from core_bus import Envelope, publish_envelope
-from core_bus.subscription import active_subscriptions, stop_all
+from core_bus.consume.subscription import active_subscriptions, stop_all
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(15)]

@@ -11,7 +11,7 @@ import pytest
 from core_bus import Envelope, Subscription, SubscriptionStats, publish_many, subscribe
 from core_bus.bus import ensure_group
 from core_bus.bus import subscribe as bus_subscribe
-from core_bus.subscription import active_subscriptions
+from core_bus.consume.subscription import active_subscriptions
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]

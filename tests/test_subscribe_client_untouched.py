@@ -15,9 +15,9 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from core_bus.consume.subscription import subscribe
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_envelope
-from core_bus.subscription import subscribe
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio

@@ -8,8 +8,8 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from core_bus import DeadLetter, Envelope, StreamKeyBuilder, publish_envelope, subscribe
-from core_bus.deadletter import REASON_BAD_JSON, REASON_POISON
-from core_bus.replies import entries_of
+from core_bus.streams.deadletter import REASON_BAD_JSON, REASON_POISON
+from core_bus.streams.replies import entries_of
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]

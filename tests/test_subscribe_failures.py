@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from core_bus import DeadLetter, Envelope, StreamKeyBuilder, publish_envelope, subscribe
-from core_bus.deadletter import (
+from core_bus.streams.deadletter import (
     REASON_BAD_JSON,
     REASON_BAD_UTF8,
     REASON_NO_DATA,
@@ -16,7 +16,7 @@ from core_bus.deadletter import (
     REASON_POISON,
     REASON_TOO_LARGE,
 )
-from core_bus.replies import entries_of
+from core_bus.streams.replies import entries_of
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from core_bus.keys import StreamKeyBuilder
-from supervisor.consumers import pending_entries
-from supervisor.rebalance import GroupTarget, Rebalancer
+from supervisor.delivery.consumers import pending_entries
+from supervisor.delivery.rebalance import GroupTarget, Rebalancer
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio

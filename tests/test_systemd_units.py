@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.units import parse_duration
+from supervisor.config.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -130,8 +130,8 @@ def test_exec_start_and_state_paths() -> None:
 @pytest.mark.parametrize("name", ["ag1-fleet.service", "ag1-fleet@.service"])
 def test_stop_timeout_exceeds_fleet_stop_timeouts(name: str) -> None:
     """TimeoutStopSec leaves room above every stop_timeout in fleet.example.toml and the default."""
-    from supervisor.config import AgentSettings
-    from supervisor.config_load import load_config
+    from supervisor.config.load import load_config
+    from supervisor.config.models import AgentSettings
 
     limit = parse_duration(service_section(name)["TimeoutStopSec"][0])
     config = load_config(ROOT / "fleet.example.toml", check_imports=False, environ={})

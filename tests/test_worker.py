@@ -13,8 +13,8 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.publish import publish_envelope
-from supervisor.notify import NotifyMessage, NotifyServer
-from supervisor.process import ChildProcess
+from supervisor.runtime.notify import NotifyMessage, NotifyServer
+from supervisor.runtime.process import ChildProcess
 from supervisor.worker import EXIT_BOOT_FAILURE, EXIT_ORPHANED, heartbeat_interval
 from tests.waiting import eventually
 

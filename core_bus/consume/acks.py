@@ -1,0 +1,121 @@
+"""Batched XACKs: acks collect while a round trip is in flight and go out together.
+
+No timer: the flusher sends whatever accumulated since its last round trip, so
+under load one XACK carries a whole batch and when idle an ack leaves at once.
+Failed flushes keep their ids and retry with backoff (XACK is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+
+from core_bus.consume.stats import SubscriptionStats
+from core_bus.streams.backoff import Backoff
+from core_bus.streams.connwatch import ConnectionWatch
+
+TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+FLUSH_TIMEOUT = 10.0
+
+
+class AckBatcher:
+    """Collects ``(stream, id)`` acks of one group and flushes them pipelined."""
+
+    def __init__(
+        self,
+        lock: asyncio.Lock,
+        redis: Any,
+        group: str,
+        local: dict[str, set[str]],
+        stats: SubscriptionStats,
+        watch: ConnectionWatch,
+        transient: tuple[type[BaseException], ...],
+        backoff: Backoff,
+    ) -> None:
+        self._lock = lock  # shared with the own-pending check (see Subscription)
+        self._r = redis
+        self._group = group
+        self._local = local
+        self._stats = stats
+        self._watch = watch
+        self._transient = transient + TRANSIENT
+        self._backoff = backoff
+        self.pending: dict[str, list[str]] = {}
+        self.counted = 0  # acks of handled entries (count as processed once written)
+        self.event = asyncio.Event()
+
+    def add(self, stream: str, entry_id: str, counted: bool) -> None:
+        ids = self.pending.get(stream)
+        if ids is None:
+            self.pending[stream] = [entry_id]
+        else:
+            ids.append(entry_id)
+        if counted:
+            self.counted += 1
+        self.event.set()
+
+    async def run(self) -> None:
+        """Flush whenever acks are waiting; back off while Redis is unreachable."""
+        attempt = 0
+        while True:
+            await self.event.wait()
+            self.event.clear()
+            while self.pending:
+                if await self.flush():
+                    attempt = 0
+                    continue
+                attempt += 1
+                await anyio.sleep(self._backoff.delay(attempt))
+
+    async def flush(self) -> bool:
+        """Send every waiting ack in one pipeline; False (ids kept) if Redis is unreachable."""
+        async with self._lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> bool:
+        batch, counted = self.pending, self.counted
+        self.pending, self.counted = {}, 0
+        try:
+            # Shielded: a started flush completes even when the subscription stops.
+            with anyio.CancelScope(shield=True), anyio.fail_after(FLUSH_TIMEOUT):
+                await self._send(batch)
+        except BaseException as exc:
+            for stream, ids in batch.items():
+                self.pending.setdefault(stream, []).extend(ids)
+            self.counted += counted
+            if isinstance(exc, self._transient):
+                self._watch.lost(exc, "ack")
+                return False
+            raise
+        self._watch.restored()
+        for stream, ids in batch.items():
+            self._local[stream].difference_update(ids)
+        self._stats.processed += counted
+        return True
+
+    async def _send(self, batch: dict[str, list[str]]) -> None:
+        """One XACK per stream: a plain command for one stream (the common case,
+        cheaper than a pipeline object), pipelined for several."""
+        if len(batch) == 1:
+            for stream, ids in batch.items():
+                await self._r.xack(stream, self._group, *ids)
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for stream, ids in batch.items():
+                pipe.xack(stream, self._group, *ids)
+            await pipe.execute()
+
+    async def final_flush(self, log: Any) -> None:
+        """Last flush on stop, shielded from cancellation and bounded in time."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_TIMEOUT):
+            attempt = 0
+            try:
+                while self.pending and not await self.flush():
+                    attempt += 1
+                    await anyio.sleep(self._backoff.delay(attempt))
+            except Exception as exc:
+                log.warning("final_ack_flush_failed", error=repr(exc))
+        if self.pending:
+            log.warning("acks_not_flushed", entries=sum(map(len, self.pending.values())))

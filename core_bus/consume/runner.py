@@ -1,0 +1,242 @@
+"""The handler side of a subscription: workers, acks of handled entries, retries, dead letters.
+
+The reader (see :mod:`core_bus.consume.subscription`) fills a :class:`WorkQueue`;
+``concurrency`` workers of one :class:`HandlerRunner` take entries from it, run
+the handler and hand the ids to the :class:`AckBatcher` only after the handler
+returned. A failed entry waits out its backoff in the :class:`RetryScheduler`
+and is XCLAIMed again (so Redis counts the attempt); past ``max_deliveries``, or
+when it cannot be decoded, it is dead-lettered and acked atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+
+from core_bus.consume.acks import AckBatcher
+from core_bus.consume.deadletters import DeadLetterJob, DeadLetterWriter
+from core_bus.consume.decode import decode_payload, payload_of
+from core_bus.consume.handlers import Handler, handler_arity
+from core_bus.consume.retries import RetryScheduler
+from core_bus.consume.stats import HANDLER_BUCKETS, SubscriptionStats
+from core_bus.consume.workqueue import Work, WorkQueue
+from core_bus.envelope import Envelope, hop_label
+from core_bus.streams.backoff import Backoff
+from core_bus.streams.connwatch import ConnectionWatch
+from core_bus.streams.deadletter import REASON_POISON
+from core_bus.streams.pending import HeldEntry, reclaim_for_retry
+
+# pydantic-core's validator, called directly on the hot path (what
+# Envelope.from_json does, minus two Python frames per message).
+_VALIDATE_JSON = Envelope.__pydantic_validator__.validate_json
+
+
+class HandlerRunner:
+    """Runs the handler for queued entries with a bound on concurrency."""
+
+    def __init__(
+        self,
+        redis: Any,
+        handler: Handler,
+        *,
+        user_redis: Any,
+        group: str,
+        consumer: str,
+        work: WorkQueue,
+        local: dict[str, set[str]],
+        stats: SubscriptionStats,
+        acks: AckBatcher,
+        dead_letters: DeadLetterWriter,
+        watch: ConnectionWatch,
+        max_deliveries: int,
+        retry: Backoff,
+        reconnect: Backoff,
+        transient: tuple[type[BaseException], ...],
+        max_envelope_bytes: int,
+        low_water: int,
+        log: Any,
+        request_check: Callable[[], None],
+    ) -> None:
+        self._r = redis
+        self._handler = handler
+        self._pass_redis = handler_arity(handler) == 2
+        self._user_redis = user_redis
+        self._group = group
+        self._consumer = consumer
+        self._work = work
+        self._local = local
+        self._stats = stats
+        self._acks = acks
+        self._dead_letters = dead_letters
+        self._max_deliveries = max_deliveries
+        self._retry = retry
+        self._limit = max_envelope_bytes
+        self._low_water = low_water
+        self._log = log
+        self._request_check = request_check  # "look at our pending list again soon"
+        self.retries = RetryScheduler(
+            self._reclaim, batch=low_water, watch=watch, backoff=reconnect, transient=transient
+        )
+        self.stopping = False
+        self._busy = 0  # entries in bookkeeping (failure handling, dead-lettering)
+        self._idle = asyncio.Event()
+
+    def stop(self) -> None:
+        """Workers take no new entries from now on (running handlers finish)."""
+        self.stopping = True
+        self._idle.set()
+
+    async def drain(self, within: float) -> None:
+        """Wait for running handlers and their bookkeeping, up to ``within`` seconds."""
+        stats = self._stats
+        with anyio.move_on_after(within):
+            while self._busy or stats.in_flight:
+                self._idle.clear()
+                await self._idle.wait()
+        if self._busy or stats.in_flight:
+            self._log.warning("drain_timeout", unfinished=self._busy + stats.in_flight)
+
+    async def worker(self) -> None:
+        """Run handlers for queued entries. The hot path: kept flat on purpose.
+
+        A worker that takes an entry while more wait wakes one idle sibling, so
+        slow handlers spread over ``concurrency`` workers while a fast handler
+        drains a whole batch without task switches. Handler durations chain one
+        clock read per entry: an entry's time runs from the end of the previous
+        one (only queue bookkeeping and decoding lie in between, a few µs). The
+        receive hop comes with the entry (one clock read per read batch).
+        """
+        work_queue, stats, acks = self._work, self._stats, self._acks
+        queue = work_queue.items
+        handler = self._call_handler()
+        buckets = stats.handler_buckets
+        perf, bisect_left = time.perf_counter, bisect.bisect_left
+        space, low_water = work_queue.space, self._low_water
+        validate, limit = _VALIDATE_JSON, self._limit
+        while True:
+            if not queue:
+                await work_queue.wait_for_work()
+                continue
+            mark = perf()
+            while queue:
+                work = queue.popleft()
+                # inlined WorkQueue.took_one (hot path)
+                if queue and work_queue.waiters and not work_queue.woken:
+                    work_queue.wake_one()  # one at a time: it runs only once we yield
+                if work_queue.reader_waiting and len(queue) <= low_water:
+                    space.set()
+                stream, entry_id, fields, _deliveries, hop = work
+                if self.stopping:
+                    self._local[stream].discard(entry_id)
+                    continue
+                env: Envelope | None = None
+                raw = fields.get(b"data") if fields is not None else None
+                if type(raw) is bytes and len(raw) <= limit:
+                    try:
+                        env = validate(raw)
+                        env.trace.append(hop)
+                    except ValidationError:
+                        env = None
+                if env is None:
+                    env = await self._slow_decode(work)
+                    mark = perf()
+                    if env is None:
+                        continue
+                stats.in_flight += 1
+                failure: Exception | None = None
+                try:
+                    await handler(env)
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    now = perf()
+                    elapsed, mark = now - mark, now
+                    stats.in_flight -= 1
+                    buckets[bisect_left(HANDLER_BUCKETS, elapsed)] += 1
+                    stats.handler_seconds_sum += elapsed
+                    if self.stopping:
+                        self._idle.set()
+                if failure is not None:
+                    stats.failed += 1
+                    await self._busy_with(self._handler_failed(HeldEntry(*work[:4]), failure))
+                    mark = perf()
+                    continue
+                ids = acks.pending.get(stream)  # inlined AckBatcher.add (hot path)
+                if ids is None:
+                    acks.pending[stream] = [entry_id]
+                    acks.event.set()
+                else:
+                    ids.append(entry_id)
+                acks.counted += 1
+
+    def _call_handler(self) -> Callable[[Envelope], Awaitable[Any]]:
+        """The handler as a one-argument callable (``h(env)`` or ``h(env, redis)``)."""
+        if not self._pass_redis:
+            return self._handler
+        handler, redis = self._handler, self._user_redis
+        return lambda env: handler(env, redis)
+
+    async def _slow_decode(self, work: Work) -> Envelope | None:
+        """Entries the fast path did not decode: deleted ones are acked, malformed ones
+        dead-lettered (None: done with it); otherwise the Envelope with its receive hop."""
+        stream, entry_id, fields, deliveries, hop = work
+        if fields is None:  # deleted / trimmed while pending: nothing to process
+            self._acks.add(stream, entry_id, False)
+            return None
+        env = decode_payload(payload_of(fields), self._limit)
+        if isinstance(env, Envelope):
+            env.trace.append(hop)
+            return env
+        self._stats.malformed += 1
+        item = HeldEntry(stream, entry_id, fields, deliveries)
+        await self._busy_with(self.dead_letter_many([(item, env.reason, env.error)]))
+        return None
+
+    async def _busy_with(self, step: Awaitable[None]) -> None:
+        """Await bookkeeping for an entry; drain waits for it like for a handler."""
+        self._busy += 1
+        try:
+            await step
+        finally:
+            self._busy -= 1
+            if self.stopping:
+                self._idle.set()
+
+    async def _handler_failed(self, item: HeldEntry, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        if item.deliveries >= self._max_deliveries:
+            await self.dead_letter_many([(item, REASON_POISON, error)])
+            return
+        item.retry_delay = self._retry.delay(item.deliveries)
+        self._log.warning(
+            "handler_failed",
+            source_stream=item.stream,
+            entry_id=item.entry_id,
+            deliveries=item.deliveries,
+            retry_in=round(item.retry_delay, 3),
+            error=error,
+        )
+        self.retries.schedule(item, item.retry_delay)
+
+    async def _reclaim(self, due: list[HeldEntry]) -> None:
+        """Retry time: XCLAIM the entries back (bumping the counter) and queue them."""
+        spec = [(i.stream, i.entry_id, max(0, int(i.retry_delay * 1000) - 5)) for i in due]
+        results = await reclaim_for_retry(self._r, self._group, self._consumer, spec)
+        for item, claimed in zip(due, results, strict=True):
+            if not claimed.owned or self.stopping:
+                self._local[item.stream].discard(item.entry_id)
+                continue
+            deliveries = claimed.deliveries or item.deliveries + 1
+            hop = hop_label(self._group)
+            self._work.put((item.stream, item.entry_id, claimed.fields, deliveries, hop))
+
+    async def dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:
+        """Dead-letter and ack atomically; if Redis is away, look again after reconnecting."""
+        if not await self._dead_letters.write(jobs):
+            self._request_check()

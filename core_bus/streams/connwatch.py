@@ -1,0 +1,27 @@
+"""Connection state of one subscription, logged once per change (never per retry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core_bus.consume.stats import SubscriptionStats
+
+
+class ConnectionWatch:
+    """Tracks lost/restored so a flapping server yields two log lines, not a flood."""
+
+    def __init__(self, log: Any, stats: SubscriptionStats) -> None:
+        self._log = log
+        self._stats = stats
+        self.lost_since: bool = False
+
+    def lost(self, exc: BaseException, where: str) -> None:
+        if not self.lost_since:
+            self.lost_since = True
+            self._log.warning("connection_lost", where=where, error=f"{type(exc).__name__}: {exc}")
+
+    def restored(self) -> None:
+        if self.lost_since:
+            self.lost_since = False
+            self._stats.reconnects += 1
+            self._log.info("connection_restored")

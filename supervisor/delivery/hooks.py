@@ -1,0 +1,144 @@
+"""What the daemon does with the rebalancer when workers come and go.
+
+Crash reclaim the moment a worker exits (or, with no live sibling, an orphan
+list served to the first worker that becomes ready), stale-consumer cleanup
+once per agent, the periodic sweep, and the SIGUSR1 nudge that makes a
+receiver look at its own pending list at once. The Redis work itself is
+:class:`supervisor.delivery.rebalance.Rebalancer`'s.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+
+from core_bus.log import get_logger
+from supervisor.delivery.rebalance import GroupTarget, Rebalancer
+from supervisor.fleet.snapshot import GroupSnapshot
+from supervisor.runtime.table import AgentRuntime, group_snapshot
+
+log = get_logger("supervisor.delivery")
+
+#: Upper bounds of one rebalancer call; a stuck Redis never wedges the daemon.
+RECLAIM_DEADLINE = 30.0
+CLEANUP_DEADLINE = 60.0
+SWEEP_DEADLINE = 30.0
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class DeliveryHooks:
+    """The daemon's side of crash-aware reclaim, cleanup and sweeping."""
+
+    def __init__(self, rebalancer: Rebalancer, supervisor_name: str) -> None:
+        self.rebalancer = rebalancer
+        self.owned_prefix = f"{supervisor_name}:"
+
+    @staticmethod
+    def target(runtime: AgentRuntime) -> GroupTarget:
+        agent = runtime.config
+        return GroupTarget(
+            agent=agent.name,
+            group=agent.group,
+            streams=tuple(agent.read_streams),
+            max_deliveries=agent.max_deliveries,
+            claim_idle=agent.claim_idle,
+            dlq_stream=agent.dlq_stream,
+            # Ordered agents: reclaim evicts the dead worker's shard leases at
+            # once (not after the lease TTL) and the sweep leaves them alone.
+            ordered=bool(agent.ordered),
+            base_streams=tuple(agent.streams),
+            shards=int(agent.shards),
+        )
+
+    def counters_for(self, agent: str) -> Any:
+        return self.rebalancer.counters_for(agent)
+
+    async def group_stats(self, runtime: AgentRuntime) -> list[GroupSnapshot]:
+        stats = await self.rebalancer.group_stats(self.target(runtime))
+        return [group_snapshot(stat, runtime.config.group) for stat in stats]
+
+    @staticmethod
+    def nudge(runtime: AgentRuntime, receivers: dict[str, int]) -> None:
+        """SIGUSR1 to each worker that just received entries: look at your pending list now."""
+        for worker in runtime.workers.values():
+            if worker.consumer in receivers and receivers[worker.consumer] and worker.process:
+                worker.process.signal_child(signal.SIGUSR1)
+
+    async def reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
+        """Hand a dead consumer's pending entries to live siblings (shielded from cancellation).
+
+        With no live sibling, or when Redis fails, the consumer waits in the
+        agent's orphan list for the next worker that becomes ready.
+        """
+        live = runtime.live_consumers(exclude=dead_consumer)
+        if not live:
+            if dead_consumer not in runtime.orphans:
+                runtime.orphans.append(dead_consumer)
+            return
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
+                moved = await self.rebalancer.reclaim_dead(
+                    self.target(runtime), dead_consumer, live
+                )
+        except Exception as exc:
+            log.warning(
+                "reclaim failed", agent=runtime.name, consumer=dead_consumer, error=_error(exc)
+            )
+            if dead_consumer not in runtime.orphans:
+                runtime.orphans.append(dead_consumer)
+            return
+        if moved:
+            log.info(
+                "reclaimed pending entries",
+                agent=runtime.name,
+                consumer=dead_consumer,
+                moved=sum(moved.values()),
+                receivers=len(moved),
+            )
+            self.nudge(runtime, moved)
+
+    async def cleanup_stale(self, runtime: AgentRuntime, running: set[str]) -> None:
+        """Reclaim and delete consumers a previous run of this supervisor left behind."""
+        live = set(runtime.live_consumers()) | running
+        try:
+            with anyio.fail_after(CLEANUP_DEADLINE):
+                moved = await self.rebalancer.cleanup_stale(
+                    self.target(runtime), sorted(live), self.owned_prefix
+                )
+        except Exception as exc:
+            log.warning("stale consumer cleanup failed", agent=runtime.name, error=_error(exc))
+            runtime.stale_cleaned = False  # try again with the next ready worker
+            return
+        if moved:
+            self.nudge(runtime, moved)
+
+    @staticmethod
+    def sweep_period(agents: Iterable[AgentRuntime], base: float) -> float:
+        """Wake as often as the most eager agent wants; each agent keeps its own pace."""
+        own = [float(rt.config.sweep_interval) for rt in agents if rt.config.sweep_interval]
+        return min([base, *own])
+
+    async def sweep_due(self, agents: Iterable[AgentRuntime], now: float, base: float) -> None:
+        """One pass: XAUTOCLAIM for every agent whose sweep_interval has elapsed."""
+        for runtime in list(agents):
+            interval = runtime.config.sweep_interval or base
+            if now - runtime.last_sweep < interval:
+                continue
+            live = runtime.live_consumers()
+            if not live:
+                continue
+            runtime.last_sweep = now
+            try:
+                with anyio.fail_after(SWEEP_DEADLINE):
+                    moved = await self.rebalancer.sweep(self.target(runtime), live)
+            except Exception as exc:
+                log.warning("sweep failed", agent=runtime.name, error=_error(exc))
+                continue
+            if moved:
+                self.nudge(runtime, moved)

@@ -1,0 +1,92 @@
+"""What a worker's exit means: its reason, the lifecycle's verdict, counters and log lines.
+
+Pure bookkeeping on the worker table (no I/O besides log events), so the
+daemon's exit path is: reap → :func:`record_exit` → reclaim → reconcile.
+Reasons are told truthfully: our own kill causes (watchdog, memory limit,
+start timeout) win over the raw status, a SIGKILL we did not send is flagged
+as a likely OOM kill, and an exit before READY that we did not ask for is a
+failed start (kept as the agent's ``last_start_error`` for ``/status``).
+"""
+
+from __future__ import annotations
+
+from core_bus.log import get_logger
+from supervisor.runtime.lifecycle import (
+    CAUSE_MEMORY,
+    CAUSE_RESTART,
+    CAUSE_START_TIMEOUT,
+    CAUSE_STOP,
+    CAUSE_WATCHDOG,
+    ExitInfo,
+    WorkerState,
+)
+from supervisor.runtime.process import ExitStatus
+from supervisor.runtime.table import AgentRuntime, Worker
+
+log = get_logger("supervisor.fleet.daemon")
+
+#: Kill causes of ours that name an exit better than the signal we sent.
+OWN_KILL_CAUSES = (CAUSE_WATCHDOG, CAUSE_MEMORY, CAUSE_START_TIMEOUT)
+
+
+def exit_reason(worker: Worker, status: ExitStatus, we_sent_kill: bool) -> str:
+    """``watchdog`` / ``memory limit`` / ``start timeout``, else ``exit N`` / ``signal …``."""
+    if worker.kill_cause in OWN_KILL_CAUSES:
+        return worker.kill_cause
+    return status.describe(we_sent_kill=we_sent_kill)
+
+
+def record_exit(
+    runtime: AgentRuntime,
+    worker: Worker,
+    now: float,
+    status: ExitStatus,
+    reason: str,
+    pid: int | None,
+) -> WorkerState:
+    """Feed the exit to the lifecycle, count it, fold the worker's message totals, log."""
+    was_ready = worker.lifecycle.ready_at is not None
+    state = worker.lifecycle.on_exit(
+        now, ExitInfo(status.code, status.signal, worker.kill_cause, reason)
+    )
+    runtime.exits_by_reason[reason] += 1
+    if worker.stats is not None:
+        stats = worker.stats
+        stats.in_flight = 0
+        runtime.totals.merge(stats)
+        worker.stats = None
+    fields = {
+        "agent": runtime.name,
+        "worker": worker.key,
+        "pid": pid,
+        "reason": reason,
+        "next": str(state),
+    }
+    expected = worker.lifecycle.stop_cause in (CAUSE_STOP, CAUSE_RESTART) or (
+        status.code == 0 and worker.kill_cause is None
+    )
+    if not was_ready and not expected:
+        runtime.last_start_error = f"{worker.key} failed to start: {reason}"
+        log.warning("worker failed to start", **fields)
+    elif expected:
+        log.info("worker exited", **fields)
+    else:
+        log.warning("worker exited", **fields)
+    if state == WorkerState.FATAL:
+        log.error(
+            "worker fatal", agent=runtime.name, worker=worker.key, why=worker.lifecycle.fatal_reason
+        )
+    return state
+
+
+def record_spawn_failure(
+    runtime: AgentRuntime, worker: Worker, now: float, exc: OSError
+) -> WorkerState:
+    """A worker that could not even be spawned: exit 127, a failed start."""
+    reason = f"spawn failed: {exc.strerror or exc}"
+    log.error("worker spawn failed", agent=runtime.name, worker=worker.key, error=reason)
+    state = worker.lifecycle.on_exit(now, ExitInfo(code=127, reason=reason))
+    runtime.exits_by_reason[reason] += 1
+    runtime.last_start_error = f"{worker.key}: {reason}"
+    worker.consumer = None
+    return state

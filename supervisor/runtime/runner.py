@@ -1,0 +1,266 @@
+"""Worker processes of the daemon's table: spawn, watch, stop, notify dispatch.
+
+:class:`WorkerRunner` owns the child side of a :class:`supervisor.runtime.table.Worker`:
+it spawns the process for a slot, awaits the child's exit in a task of the
+daemon's task group (capturing its output), records the exit and hands the dead
+consumer's pending entries to :class:`supervisor.delivery.hooks.DeliveryHooks`,
+stops workers with the SIGTERM → SIGKILL escalation, and applies the messages
+workers send on the notify socket. *When* to spawn or stop is the reconcile
+loop's decision (:mod:`supervisor.fleet.daemon`); this module only carries it out and
+pokes the loop whenever a worker changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from core_bus.consume.stats import SubscriptionStats
+from core_bus.log import get_logger
+from supervisor.delivery.hooks import DeliveryHooks
+from supervisor.runtime.exits import exit_reason, record_exit, record_spawn_failure
+from supervisor.runtime.lifecycle import (
+    CAUSE_START_TIMEOUT,
+    CAUSE_STOP,
+    CAUSE_WATCHDOG,
+    WorkerState,
+)
+from supervisor.runtime.logcapture import LineCapture, TokenBucket
+from supervisor.runtime.notify import NotifyMessage, SenderIndex
+from supervisor.runtime.process import ChildProcess, ExitStatus
+from supervisor.runtime.table import AgentRuntime, IncarnationIds, Worker
+from supervisor.runtime.worker_env import FleetContext, worker_argv, worker_environment, working_dir
+
+# The daemon's logger: these events were always the daemon's and keep its name.
+log = get_logger("supervisor.fleet.daemon")
+
+#: Seconds the log readers of an exited child may still drain its pipes.
+OUTPUT_GRACE = 1.0
+
+
+class WorkerRunner:
+    """Carries out spawn/stop for the worker table and reports changes back.
+
+    ``agents`` is the daemon's table (shared, mutated in place by reloads),
+    ``poke`` wakes the reconcile loop and ``fleet_context`` gives the
+    environment every child inherits. Until :meth:`bind` hands over the task
+    group (and after :meth:`unbind`) nothing is spawned or signalled.
+    """
+
+    def __init__(
+        self,
+        agents: dict[str, AgentRuntime],
+        *,
+        poke: Callable[[], None],
+        fleet_context: Callable[[], FleetContext],
+    ) -> None:
+        self._agents = agents
+        self._poke = poke
+        self._fleet_context = fleet_context
+        self._senders = SenderIndex()
+        self._ids = IncarnationIds()
+        self._changed = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._delivery: DeliveryHooks | None = None
+        self._supervisor_name = ""
+        #: Set once the supervisor stops: nothing new is spawned.
+        self.stopping = False
+        #: Set by a forced stop: every stop is SIGKILL at once.
+        self.force_stop = False
+
+    def bind(
+        self, tg: anyio.abc.TaskGroup, *, supervisor_name: str, delivery: DeliveryHooks | None
+    ) -> None:
+        """Start owning children: their watchers and stops run in ``tg``."""
+        self._tg = tg
+        self._supervisor_name = supervisor_name
+        self._delivery = delivery
+
+    def unbind(self) -> None:
+        self._tg = None
+
+    def all_workers(self) -> list[Worker]:
+        return [w for rt in self._agents.values() for w in rt.workers.values()]
+
+    def begin_stop(self, force: bool) -> None:
+        """The supervisor is stopping; ``force`` SIGKILLs every running child now."""
+        if force:
+            self.force_stop = True
+            for worker in self.all_workers():
+                if worker.process is not None and worker.lifecycle.running:
+                    worker.lifecycle.on_stop_requested(CAUSE_STOP)
+                    worker.process.signal_group(signal.SIGKILL)
+        self.stopping = True
+
+    # -- change notification -------------------------------------------------------------
+    def worker_changed(self, worker: Worker) -> None:
+        """Wake everyone waiting on a worker state change (stop, rolls, tests)."""
+        worker.notify_changed()
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_changed(self) -> None:
+        """Wait until any worker's state changes."""
+        await self._changed.wait()
+
+    # -- spawn and watch -----------------------------------------------------------------
+    def spawn(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
+        if self.stopping or self._tg is None:
+            return
+        agent = runtime.config
+        consumer = f"{self._supervisor_name}:{agent.name}:{worker.slot}:{self._ids.next()}"
+        fleet = self._fleet_context()
+        env = worker_environment(agent, fleet, worker.key, consumer)
+        cwd = working_dir(agent, fleet)
+        worker.kill_cause = None
+        worker.consumer = consumer
+        worker.stats = None
+        worker.status_text = None
+        worker.usage = None
+        worker.lifecycle.policy = runtime.policy
+        worker.lifecycle.on_spawned(now)
+        try:
+            process = ChildProcess.spawn(
+                worker_argv(agent),
+                env=env,
+                cwd=cwd,
+                # Our worker arms its parent-death signal itself (the spawn can vfork).
+                pdeathsig="child" if agent.kind == "handler" else True,
+            )
+        except OSError as exc:
+            state = record_spawn_failure(runtime, worker, now, exc)
+            self._after_exit_state(runtime, worker, state)
+            return
+        worker.process = process
+        worker.started_wall = time.time()
+        self._senders.add(process.pid, worker.key)
+        log.info(
+            "worker started",
+            agent=agent.name,
+            worker=worker.key,
+            pid=process.pid,
+            consumer=consumer,
+        )
+        self.worker_changed(worker)
+        assert self._tg is not None
+        self._tg.start_soon(self._watch, runtime, worker, process)
+
+    async def _watch(self, runtime: AgentRuntime, worker: Worker, process: ChildProcess) -> None:
+        """Own one child: capture its output, notice its exit at once, reap it."""
+        fields: dict[str, Any] = {"agent": runtime.name, "worker": worker.key, "pid": process.pid}
+        bucket = TokenBucket(rate=200.0, burst=1000.0)
+        async with process, anyio.create_task_group() as tg:
+            for fd, stream in ((process.stdout_fd, "stdout"), (process.stderr_fd, "stderr")):
+                if fd is not None:
+                    capture = LineCapture(fd, stream, bucket, worker.capture, fields=fields)
+                    tg.start_soon(capture.run)
+            status = await process.wait()
+            process.kill_leftovers()
+            self._on_exit(runtime, worker, process, status)
+            tg.cancel_scope.deadline = anyio.current_time() + OUTPUT_GRACE
+
+    def _on_exit(
+        self, runtime: AgentRuntime, worker: Worker, process: ChildProcess, status: ExitStatus
+    ) -> None:
+        self._senders.remove(process.pid)
+        reason = exit_reason(worker, status, we_sent_kill=process.sent_kill)
+        state = record_exit(runtime, worker, anyio.current_time(), status, reason, process.pid)
+        dead = worker.consumer
+        if dead is not None and self._tg is not None:
+            self._tg.start_soon(self._reclaim, runtime, dead)
+        self._after_exit_state(runtime, worker, state)
+
+    def _after_exit_state(self, runtime: AgentRuntime, worker: Worker, state: WorkerState) -> None:
+        if state == WorkerState.BACKOFF:
+            runtime.restarts_total += 1
+        self.worker_changed(worker)
+        self._poke()
+
+    # -- stop --------------------------------------------------------------------------------
+    def stop(self, worker: Worker, cause: str, kill: bool = False) -> None:
+        """Ask a worker to stop (SIGTERM, SIGKILL after stop_timeout; ``kill``: at once)."""
+        process = worker.process
+        if not worker.lifecycle.on_stop_requested(cause):
+            self.worker_changed(worker)
+            self._poke()
+            return
+        if worker.kill_cause is None or cause in (CAUSE_WATCHDOG, CAUSE_START_TIMEOUT):
+            worker.kill_cause = cause
+        self.worker_changed(worker)
+        if process is None or process.exit_status is not None or self._tg is None:
+            return
+        if kill or self.force_stop:
+            process.signal_group(signal.SIGKILL)
+            return
+        timeout = float(self._agents[worker.agent].config.stop_timeout)
+        self._tg.start_soon(process.stop, timeout)
+
+    async def stop_and_wait(self, worker: Worker, cause: str) -> None:
+        self.stop(worker, cause)
+        while worker.lifecycle.running:
+            await worker.changed.wait()
+
+    # -- readiness and notify ----------------------------------------------------------------
+    def mark_ready(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
+        """READY: reclaim the agent's orphans to it and clean stale consumers once."""
+        if not worker.lifecycle.on_ready(now):
+            return
+        log.info("worker ready", agent=runtime.name, worker=worker.key, pid=worker.pid)
+        runtime.last_start_error = None
+        self.worker_changed(worker)
+        if self._tg is not None and worker.consumer is not None:
+            if runtime.orphans:
+                orphans, runtime.orphans = runtime.orphans, []
+                for consumer in orphans:
+                    self._tg.start_soon(self._reclaim, runtime, consumer)
+            if not runtime.stale_cleaned:
+                runtime.stale_cleaned = True
+                self._tg.start_soon(self._cleanup_stale, runtime)
+        self._poke()
+
+    def on_notify(self, message: NotifyMessage) -> None:
+        """Apply one notify datagram (READY/STATUS/STATS/WATCHDOG/STOPPING) to its worker."""
+        key = self._senders.resolve_message(message)
+        if key is None:
+            log.debug("notify from unknown sender", pid=message.pid)
+            return
+        name, _, slot_text = key.rpartition("/")
+        runtime = self._agents.get(name)
+        worker = runtime.workers.get(int(slot_text)) if runtime is not None else None
+        if runtime is None or worker is None:
+            return
+        now = anyio.current_time()
+        if message.status is not None:
+            worker.status_text = message.status
+        if message.stats is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                worker.stats = SubscriptionStats.from_dict(json.loads(message.stats))
+        if message.watchdog:
+            worker.lifecycle.on_heartbeat(now)
+        if message.ready:
+            self.mark_ready(runtime, worker, now)
+        if message.stopping:
+            log.info("worker stopping", agent=name, worker=key, pid=worker.pid)
+
+    # -- delivery ------------------------------------------------------------------------------
+    async def _reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
+        if self._delivery is not None:
+            await self._delivery.reclaim(runtime, dead_consumer)
+
+    async def _cleanup_stale(self, runtime: AgentRuntime) -> None:
+        if self._delivery is None:
+            return
+        running = {
+            w.consumer
+            for rt in self._agents.values()
+            for w in rt.workers.values()
+            if w.consumer and w.lifecycle.running
+        }
+        await self._delivery.cleanup_stale(runtime, running)
