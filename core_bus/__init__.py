@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "redact_url": "core_bus.settings",
     "SubscriptionStats": "core_bus.consume.stats",
     "Subscription": "core_bus.consume.subscription",
-    "ensure_group": "core_bus.consume.subscription",
+    "ensure_group": "core_bus.streams.groups",
     "subscribe": "core_bus.consume.subscription",
     "bus_rpc_call": "core_bus.rpc",
     "bus_rpc_envelope": "core_bus.rpc",

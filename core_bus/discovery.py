@@ -3,8 +3,10 @@
 ``await start_bus_subscriptions(redis, patterns, group, handler)`` returns
 promptly with a :class:`BusSubscriptions` handle; the subscriptions run in the
 background until ``await handle.stop()`` (or the end of ``async with handle``).
-The prototype's version never returned (it awaited its discovery loops), so
-code that relied on that should now ``await handle.wait()``.
+The handle is a :class:`~core_bus.consume.handle.SubscriptionHandle`, so
+``bus_subscriptions(...)`` + ``await tg.start(handle.run)`` runs it in the
+caller's task group instead. The prototype's version never returned (it awaited
+its discovery loops); :mod:`core_bus.agent_bus_minimal` keeps that form.
 
 Streams are found two ways: the discovery notices ``publish_envelope`` writes on
 a stream's first publish (followed with a blocking XREAD, so a new stream is
@@ -16,24 +18,23 @@ streams and the notices stream itself are never subscribed.
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import anyio
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+import anyio.abc
 
+from core_bus.consume.handle import SubscriptionHandle
 from core_bus.consume.handlers import Handler, handler_arity
 from core_bus.consume.stats import SubscriptionStats
-from core_bus.consume.subscription import Subscription, default_consumer_name, subscribe
-from core_bus.keys import StreamKeyBuilder
+from core_bus.consume.subscription import Subscription, subscription
+from core_bus.keys import StreamKeyBuilder, default_consumer_name
 from core_bus.log import get_logger
-from core_bus.rpc import blocking_ms
 from core_bus.settings import get_settings
 from core_bus.streams.backoff import Backoff
+from core_bus.streams.blocking import blocking_ms
+from core_bus.streams.errors import TRANSIENT_ERRORS
+from core_bus.streams.patterns import glob_match
 from core_bus.streams.replies import streams_of, text
 
 DEFAULT_GROUP = "corebus"
@@ -41,50 +42,9 @@ NOTICE_BLOCK_SECONDS = 2.0
 NOTICE_COUNT = 500
 SCAN_COUNT = 1000
 RETRY = Backoff(base=0.1, cap=5.0)
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
-
-# Running handles. Strong references: the prototype's callers drop the handle.
-_LIVE: set[BusSubscriptions] = set()
 
 
-@lru_cache(maxsize=256)
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Redis' glob syntax (``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``) as a regex."""
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < n:
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-            continue
-        if ch == "*":
-            out.append(".*")
-        elif ch == "?":
-            out.append(".")
-        elif ch == "[":
-            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1)
-            if end == -1:
-                out.append(re.escape(ch))
-            else:
-                body = pattern[i + 1 : end]
-                negate = body.startswith("^")
-                body = body[1:] if negate else body
-                body = body.replace("\\", "\\\\")
-                out.append(f"[{'^' if negate else ''}{body}]")
-                i = end
-        else:
-            out.append(re.escape(ch))
-        i += 1
-    return re.compile("".join(out), re.DOTALL)
-
-
-def glob_match(pattern: str, name: str) -> bool:
-    """True when ``name`` matches the Redis glob ``pattern`` (as SCAN MATCH would)."""
-    return glob_regex(pattern).fullmatch(name) is not None
-
-
-class BusSubscriptions:
+class BusSubscriptions(SubscriptionHandle):
     """Handle of :func:`start_bus_subscriptions`: one :class:`Subscription` per stream."""
 
     def __init__(
@@ -98,6 +58,7 @@ class BusSubscriptions:
         consumer: str,
         subscribe_options: dict[str, Any],
     ) -> None:
+        super().__init__()
         self.redis = redis
         self.patterns = patterns
         self.group = group
@@ -112,11 +73,8 @@ class BusSubscriptions:
         self._excluded_prefix = self._keys.dead_letter("")
         self._notices_position = "0-0"
         self._lock = anyio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._done = asyncio.Event()
-        self._stopping = False
-        self._error: BaseException | None = None
         self._scope: anyio.CancelScope | None = None
+        self._children: anyio.abc.TaskGroup | None = None
         self._log = get_logger("core_bus.discovery", group=group, patterns=",".join(patterns))
 
     # -- public handle --------------------------------------------------------------
@@ -124,10 +82,6 @@ class BusSubscriptions:
     def streams(self) -> list[str]:
         """Streams subscribed so far."""
         return sorted(self.subscriptions)
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._done.is_set() and not self._stopping
 
     @property
     def stats(self) -> SubscriptionStats:
@@ -155,32 +109,48 @@ class BusSubscriptions:
                 added.append(stream)
         return added
 
-    async def wait(self) -> None:
-        """Wait until stopped; re-raises an error that ended discovery."""
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-
-    async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop discovering, then stop every subscription (each drains its handlers)."""
-        if self._task is None:
-            return
-        self._stopping = True
-        if self._scope is not None:
-            self._scope.cancel()
-        await self._done.wait()
-        async with anyio.create_task_group() as tg:
-            for sub in list(self.subscriptions.values()):
-                tg.start_soon(self._stop_one, sub, drain_timeout)
-        self._log.info("bus_subscriptions_stopped", streams=len(self.subscriptions))
-
-    async def __aenter__(self) -> BusSubscriptions:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
+    def check_pending(self) -> None:
+        """Look at the own pending lists of every stream's subscription now."""
+        for sub in self.subscriptions.values():
+            sub.check_pending()
 
     # -- internals --------------------------------------------------------------------
+    def _request_stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _log_failure(self, error: BaseException) -> None:
+        self._log.error("discovery_failed", error=repr(error), exc_info=error)
+
+    async def _serve(self) -> None:
+        async with anyio.create_task_group() as children:
+            self._children = children
+            try:
+                with anyio.CancelScope() as scope:
+                    self._scope = scope
+                    if self._stopping:
+                        scope.cancel()
+                    try:
+                        await self._initial()
+                    except TRANSIENT_ERRORS as exc:  # keep trying in the background
+                        self._log.warning("discovery_redis_unavailable", error=repr(exc))
+                        self._mark_started()
+                        await self._retrying(self._initial)
+                    self._mark_started()
+                    async with anyio.create_task_group() as finders:
+                        finders.start_soon(self._retrying, self._follow_notices)
+                        finders.start_soon(self._retrying, self._poll)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._stop_children()
+                self._children = None
+
+    async def _stop_children(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for sub in list(self.subscriptions.values()):
+                tg.start_soon(self._stop_one, sub, self._drain_timeout)
+        self._log.info("bus_subscriptions_stopped", streams=len(self.subscriptions))
+
     async def _stop_one(self, sub: Subscription, drain_timeout: float) -> None:
         try:
             await sub.stop(drain_timeout)
@@ -195,16 +165,20 @@ class BusSubscriptions:
                 return False
             if text(await self.redis.type(stream)) != "stream":
                 return False  # noticed but deleted (or replaced) since
+            if self._children is None:
+                return False
             try:
-                sub = await subscribe(
+                sub = subscription(
                     self.redis, stream, self._handler, self.group, self.consumer, **self._options
                 )
-            except TRANSIENT:
-                raise
             except Exception as exc:  # one bad stream must not end discovery of the others
                 self._failed.add(stream)
                 self._log.error("subscribe_failed", stream=stream, error=repr(exc))
                 return False
+            # Owned by our task group; its error stays on its handle (one stream's
+            # failure never ends the others).
+            sub._claim()
+            self._children.start_soon(sub._run_owned)
             self.subscriptions[stream] = sub
         self._log.info("stream_discovered", stream=stream, consumer=self.consumer)
         return True
@@ -215,32 +189,6 @@ class BusSubscriptions:
         self._notices_position = text(newest[0][0]) if newest else "0-0"
         await self.refresh()
 
-    def _start(self, initial_done: bool) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._main(initial_done), name=f"bus_subscriptions:{self.group}"
-        )
-        _LIVE.add(self)
-
-    async def _main(self, initial_done: bool) -> None:
-        try:
-            with anyio.CancelScope() as scope:
-                self._scope = scope
-                if self._stopping:
-                    scope.cancel()
-                if not initial_done:
-                    await self._retrying(self._initial)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._retrying, self._follow_notices)
-                    tg.start_soon(self._retrying, self._poll)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # kept for wait(); subscriptions keep running
-            self._error = exc
-            self._log.error("discovery_failed", error=repr(exc), exc_info=exc)
-        finally:
-            self._done.set()
-            _LIVE.discard(self)
-
     async def _retrying(self, step: Any) -> None:
         """Run ``step`` to completion, backing off while Redis is unreachable."""
         attempt = 0
@@ -248,7 +196,7 @@ class BusSubscriptions:
             try:
                 await step()
                 return
-            except TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 attempt += 1
                 if attempt == 1:
                     self._log.warning("discovery_redis_unavailable", error=repr(exc))
@@ -295,6 +243,25 @@ async def start_bus_subscriptions(
 
     :raises TypeError: ``handler`` is not an accepted handler.
     """
+    handle = bus_subscriptions(
+        redis, patterns, group, handler, poll_delay, consumer=consumer, **subscribe_options
+    )
+    handle._start_background()
+    await handle.started()
+    return handle
+
+
+def bus_subscriptions(
+    redis: Any,
+    patterns: str | Sequence[str],
+    group: str | None = DEFAULT_GROUP,
+    handler: Handler | None = None,
+    poll_delay: float = 5.0,
+    *,
+    consumer: str | None = None,
+    **subscribe_options: Any,
+) -> BusSubscriptions:
+    """A :class:`BusSubscriptions` not started yet (``async with`` / ``tg.start(h.run)``)."""
     if handler is None:
         raise TypeError("start_bus_subscriptions needs a handler")
     handler_arity(handler)
@@ -303,7 +270,7 @@ async def start_bus_subscriptions(
         raise ValueError("start_bus_subscriptions needs at least one pattern")
     if poll_delay <= 0:
         raise ValueError("poll_delay must be > 0")
-    handle = BusSubscriptions(
+    return BusSubscriptions(
         redis,
         pattern_list,
         group or DEFAULT_GROUP,
@@ -312,11 +279,3 @@ async def start_bus_subscriptions(
         consumer=consumer or default_consumer_name(),
         subscribe_options=subscribe_options,
     )
-    initial_done = False
-    try:
-        await handle._initial()
-        initial_done = True
-    except TRANSIENT as exc:
-        handle._log.warning("discovery_redis_unavailable", error=repr(exc))
-    handle._start(initial_done)
-    return handle

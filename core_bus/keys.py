@@ -7,6 +7,10 @@ agents address the same streams.
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
+import socket
+from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "AG1"
 
@@ -22,6 +26,44 @@ def shard_for(key: str | bytes, shards: int) -> int:
         raise ValueError("shards must be >= 1")
     raw = key.encode() if isinstance(key, str) else key
     return int.from_bytes(hashlib.sha1(raw).digest()[:8], "big") % shards
+
+
+def default_consumer_name() -> str:
+    """The library's consumer name when none is given: ``host:pid:random``.
+
+    Unique per incarnation and says where it runs; it never contains ``/``, so
+    it cannot be mistaken for a supervisor's :class:`WorkerConsumer`.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConsumer:
+    """The consumer name a supervisor hands a worker: ``supervisor/agent/slot/incarnation``.
+
+    Host, supervisor and agent names never contain ``/`` (a host name cannot,
+    and fleet.toml names are ``[A-Za-z0-9_.-]``), so these names never collide
+    with :func:`default_consumer_name` nor with another supervisor's. The
+    supervisor also records each one it hands out in its registry
+    (:meth:`StreamKeyBuilder.supervisor_registry`) and only ever cleans up or
+    reclaims from names found there.
+    """
+
+    supervisor: str
+    agent: str
+    slot: int
+    incarnation: str
+
+    def __str__(self) -> str:
+        return f"{self.supervisor}/{self.agent}/{self.slot}/{self.incarnation}"
+
+    @classmethod
+    def parse(cls, name: str) -> WorkerConsumer | None:
+        """The parts of a supervisor-made name; None for any other consumer name."""
+        parts = name.split("/")
+        if len(parts) != 4 or not parts[2].isdigit() or not all(parts):
+            return None
+        return cls(parts[0], parts[1], int(parts[2]), parts[3])
 
 
 class StreamKeyBuilder:
@@ -130,7 +172,7 @@ class StreamKeyBuilder:
         return f"{self.ns}:fleet:ordered-members:{group}"
 
     def supervisor_registry(self, supervisor_name: str) -> str:
-        """Hash of the consumer names a supervisor run handed out."""
+        """Hash of the consumer names a supervisor handed out (name -> agent), across runs."""
         return f"{self.ns}:fleet:consumers:{supervisor_name}"
 
     def supervisor_lock(self, name: str) -> str:

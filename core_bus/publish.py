@@ -8,6 +8,7 @@ from typing import Any
 from core_bus.envelope import Envelope
 from core_bus.errors import EnvelopeTooLarge
 from core_bus.keys import StreamKeyBuilder
+from core_bus.log import get_logger
 from core_bus.settings import get_settings
 from core_bus.streams.replies import text
 
@@ -46,6 +47,21 @@ def _announce(pipe: Any, stream: str, keys: StreamKeyBuilder) -> bool:
     return True
 
 
+def _settle_notice(stream: str, result: Any) -> None:
+    """After the pipeline ran: a failed notice never fails the publish that carried it.
+
+    The entry was written; reporting an error would make callers retry and
+    duplicate it. The failure (a wrong-type key, an ACL excluding the notices
+    stream) is logged once and the stream is not announced again by this
+    process; discovery still finds it by its periodic SCAN.
+    """
+    _announced.add(stream)
+    if isinstance(result, Exception):
+        get_logger("core_bus.publish").warning(
+            "discovery_notice_failed", stream=stream, error=f"{type(result).__name__}: {result}"
+        )
+
+
 async def publish_envelope(
     redis: Any,
     stream: str,
@@ -67,9 +83,11 @@ async def publish_envelope(
     pipe = redis.pipeline(transaction=False)
     _xadd(pipe, stream, data, cap)
     announced = _announce(pipe, stream, keys or StreamKeyBuilder(settings.bus_namespace))
-    results = await pipe.execute()
+    results = await pipe.execute(raise_on_error=False)
     if announced:
-        _announced.add(stream)
+        _settle_notice(stream, results.pop())
+    if isinstance(results[0], Exception):
+        raise results[0]
     return text(results[0])
 
 
@@ -98,9 +116,11 @@ async def publish_many(
         for data in payloads[start : start + batch_size]:
             _xadd(pipe, stream, data, cap)
         announced = _announce(pipe, stream, keys)
-        results = await pipe.execute()
+        results = await pipe.execute(raise_on_error=False)
         if announced:
-            _announced.add(stream)
-            results = results[:-1]
+            _settle_notice(stream, results.pop())
+        for result in results:
+            if isinstance(result, Exception):
+                raise result  # entries before it in this batch were written (ids lost)
         ids.extend(text(r) for r in results)
     return ids

@@ -28,8 +28,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core_bus.envelope import Envelope
 from core_bus.errors import RpcTimeout
@@ -37,6 +35,8 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.publish import ALT_DATA_FIELD, DATA_FIELD, encode, publish_envelope
 from core_bus.settings import get_settings
+from core_bus.streams.blocking import blocking_ms
+from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.replies import streams_of, text
 
 log = get_logger("core_bus.rpc")
@@ -53,22 +53,6 @@ TRIM_EVERY = 1000
 CLEANUP_TIMEOUT = 5.0
 #: Pause before reading again after Redis was unreachable (the reply may still come).
 READ_RETRY_SECONDS = 0.25
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
-
-
-def blocking_ms(redis: Any, wanted_seconds: float) -> int:
-    """BLOCK milliseconds for ``wanted_seconds`` that stay below the client's socket timeout.
-
-    redis-py 8 gives clients a 5 s socket timeout by default; a blocking read
-    that outlasts it fails with ``TimeoutError`` instead of returning empty.
-    """
-    wanted_ms = max(1, int(wanted_seconds * 1000))
-    pool = getattr(redis, "connection_pool", None)
-    kwargs = getattr(pool, "connection_kwargs", {}) or {}
-    socket_timeout = kwargs.get("socket_timeout")
-    if isinstance(socket_timeout, int | float) and socket_timeout > 0:
-        wanted_ms = min(wanted_ms, max(1, int(socket_timeout * 500)))
-    return wanted_ms
 
 
 def _keys() -> StreamKeyBuilder:
@@ -135,7 +119,7 @@ class _ReplyReader:
                 self.reading = True
                 try:
                     await self._read_once(min(remaining, MAX_BLOCK_SECONDS))
-                except TRANSIENT as exc:
+                except TRANSIENT_ERRORS as exc:
                     # the request is out: keep waiting for its reply until the deadline
                     log.warning("rpc_reply_read_failed", stream=self.stream, error=repr(exc))
                     await anyio.sleep(min(READ_RETRY_SECONDS, max(0.0, remaining)))

@@ -11,12 +11,14 @@ import asyncio
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis as AsyncRedis
 
+from core_bus.consume.held import HeldEntries
 from core_bus.consume.stats import SubscriptionStats
-from core_bus.streams.backoff import Backoff
+from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
+from core_bus.streams.errors import TRANSIENT_ERRORS
 
-TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
 FLUSH_TIMEOUT = 10.0
 
 
@@ -25,23 +27,17 @@ class AckBatcher:
 
     def __init__(
         self,
-        lock: asyncio.Lock,
-        redis: Any,
+        redis: AsyncRedis,
         group: str,
-        local: dict[str, set[str]],
+        held: HeldEntries,
         stats: SubscriptionStats,
         watch: ConnectionWatch,
-        transient: tuple[type[BaseException], ...],
-        backoff: Backoff,
     ) -> None:
-        self._lock = lock  # shared with the own-pending check (see Subscription)
         self._r = redis
         self._group = group
-        self._local = local
+        self._held = held  # its lock is shared with the own-pending check (see Subscription)
         self._stats = stats
         self._watch = watch
-        self._transient = transient + TRANSIENT
-        self._backoff = backoff
         self.pending: dict[str, list[str]] = {}
         self.counted = 0  # acks of handled entries (count as processed once written)
         self.event = asyncio.Event()
@@ -67,11 +63,11 @@ class AckBatcher:
                     attempt = 0
                     continue
                 attempt += 1
-                await anyio.sleep(self._backoff.delay(attempt))
+                await anyio.sleep(RECONNECT_BACKOFF.delay(attempt))
 
     async def flush(self) -> bool:
         """Send every waiting ack in one pipeline; False (ids kept) if Redis is unreachable."""
-        async with self._lock:
+        async with self._held.lock:
             return await self._flush_locked()
 
     async def _flush_locked(self) -> bool:
@@ -85,13 +81,13 @@ class AckBatcher:
             for stream, ids in batch.items():
                 self.pending.setdefault(stream, []).extend(ids)
             self.counted += counted
-            if isinstance(exc, self._transient):
+            if isinstance(exc, TRANSIENT_ERRORS):
                 self._watch.lost(exc, "ack")
                 return False
             raise
         self._watch.restored()
         for stream, ids in batch.items():
-            self._local[stream].difference_update(ids)
+            self._held.release_many(stream, ids)
         self._stats.processed += counted
         return True
 
@@ -114,7 +110,7 @@ class AckBatcher:
             try:
                 while self.pending and not await self.flush():
                     attempt += 1
-                    await anyio.sleep(self._backoff.delay(attempt))
+                    await anyio.sleep(RECONNECT_BACKOFF.delay(attempt))
             except Exception as exc:
                 log.warning("final_ack_flush_failed", error=repr(exc))
         if self.pending:

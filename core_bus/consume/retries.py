@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from core_bus.streams.backoff import Backoff
+from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
+from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.pending import HeldEntry
 
 
@@ -28,14 +29,10 @@ class RetryScheduler:
         *,
         batch: int,
         watch: ConnectionWatch,
-        backoff: Backoff,
-        transient: tuple[type[BaseException], ...],
     ) -> None:
         self._reclaim = reclaim
         self._batch = batch
         self._watch = watch
-        self._backoff = backoff
-        self._transient = transient
         self._heap: list[tuple[float, int, HeldEntry]] = []
         self._seq = itertools.count()
         self._event = asyncio.Event()
@@ -66,8 +63,8 @@ class RetryScheduler:
             try:
                 await self._reclaim(due)
                 attempt = 0
-            except self._transient as exc:
+            except TRANSIENT_ERRORS as exc:
                 self._watch.lost(exc, "retry")
                 attempt += 1
                 for entry in due:
-                    self.schedule(entry, self._backoff.delay(attempt))
+                    self.schedule(entry, RECONNECT_BACKOFF.delay(attempt))

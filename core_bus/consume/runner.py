@@ -18,11 +18,14 @@ from typing import Any
 
 import anyio
 from pydantic import ValidationError
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.consume.acks import AckBatcher
 from core_bus.consume.deadletters import DeadLetterJob, DeadLetterWriter
 from core_bus.consume.decode import decode_payload, payload_of
 from core_bus.consume.handlers import Handler, handler_arity
+from core_bus.consume.held import HeldEntries
+from core_bus.consume.options import SubscriptionOptions
 from core_bus.consume.retries import RetryScheduler
 from core_bus.consume.stats import HANDLER_BUCKETS, SubscriptionStats
 from core_bus.consume.workqueue import Work, WorkQueue
@@ -42,47 +45,34 @@ class HandlerRunner:
 
     def __init__(
         self,
-        redis: Any,
+        redis: AsyncRedis,
         handler: Handler,
+        options: SubscriptionOptions,
         *,
-        user_redis: Any,
-        group: str,
-        consumer: str,
         work: WorkQueue,
-        local: dict[str, set[str]],
+        held: HeldEntries,
         stats: SubscriptionStats,
         acks: AckBatcher,
         dead_letters: DeadLetterWriter,
         watch: ConnectionWatch,
-        max_deliveries: int,
-        retry: Backoff,
-        reconnect: Backoff,
-        transient: tuple[type[BaseException], ...],
-        max_envelope_bytes: int,
-        low_water: int,
         log: Any,
-        request_check: Callable[[], None],
     ) -> None:
         self._r = redis
         self._handler = handler
         self._pass_redis = handler_arity(handler) == 2
-        self._user_redis = user_redis
-        self._group = group
-        self._consumer = consumer
+        self._group = options.group
+        self._consumer = options.consumer
         self._work = work
-        self._local = local
+        self._held = held
         self._stats = stats
         self._acks = acks
-        self._dead_letters = dead_letters
-        self._max_deliveries = max_deliveries
-        self._retry = retry
-        self._limit = max_envelope_bytes
-        self._low_water = low_water
+        self.dead_letters = dead_letters
+        self._max_deliveries = options.max_deliveries
+        self._retry = Backoff(options.retry_backoff, options.retry_backoff_max)
+        self._limit = options.max_envelope_bytes
+        self._low_water = options.count
         self._log = log
-        self._request_check = request_check  # "look at our pending list again soon"
-        self.retries = RetryScheduler(
-            self._reclaim, batch=low_water, watch=watch, backoff=reconnect, transient=transient
-        )
+        self.retries = RetryScheduler(self._reclaim, batch=options.count, watch=watch)
         self.stopping = False
         self._busy = 0  # entries in bookkeeping (failure handling, dead-lettering)
         self._idle = asyncio.Event()
@@ -133,7 +123,7 @@ class HandlerRunner:
                     space.set()
                 stream, entry_id, fields, _deliveries, hop = work
                 if self.stopping:
-                    self._local[stream].discard(entry_id)
+                    self._held.release(stream, entry_id)
                     continue
                 env: Envelope | None = None
                 raw = fields.get(b"data") if fields is not None else None
@@ -179,7 +169,7 @@ class HandlerRunner:
         """The handler as a one-argument callable (``h(env)`` or ``h(env, redis)``)."""
         if not self._pass_redis:
             return self._handler
-        handler, redis = self._handler, self._user_redis
+        handler, redis = self._handler, self._r
         return lambda env: handler(env, redis)
 
     async def _slow_decode(self, work: Work) -> Envelope | None:
@@ -230,13 +220,12 @@ class HandlerRunner:
         results = await reclaim_for_retry(self._r, self._group, self._consumer, spec)
         for item, claimed in zip(due, results, strict=True):
             if not claimed.owned or self.stopping:
-                self._local[item.stream].discard(item.entry_id)
+                self._held.release(item.stream, item.entry_id)
                 continue
             deliveries = claimed.deliveries or item.deliveries + 1
             hop = hop_label(self._group)
             self._work.put((item.stream, item.entry_id, claimed.fields, deliveries, hop))
 
     async def dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:
-        """Dead-letter and ack atomically; if Redis is away, look again after reconnecting."""
-        if not await self._dead_letters.write(jobs):
-            self._request_check()
+        """Dead-letter and ack atomically; if Redis is away the writer retries them."""
+        await self.dead_letters.write(jobs)

@@ -1,44 +1,52 @@
 """Consuming streams with a consumer group: at-least-once, batched, bounded, restartable.
 
-One :class:`Subscription` owns one asyncio task that runs an anyio task group:
-the reader, here (history first, then ``>`` in batches, decoded batch by batch,
-plus own-pending checks), and the handler side in :mod:`core_bus.consume.runner`
-(``concurrency`` workers, retries, dead letters) with the batched ack flusher of
-:mod:`core_bus.consume.acks`. The Redis pending list is the source of truth: whatever this process
-does not finish stays pending and is found again (after a restart, a reconnect,
-or by a sibling through the supervisor's reclaim).
+One :class:`Subscription` runs an anyio task group (see
+:mod:`core_bus.consume.handle` for who owns it): the reader, here (history
+first, then ``>`` in batches, plus own-pending checks), and the handler side
+in :mod:`core_bus.consume.runner` (``concurrency`` workers, retries, dead
+letters) with the batched ack flusher of :mod:`core_bus.consume.acks`. What
+this process holds is :class:`~core_bus.consume.held.HeldEntries`'; the
+settings are one frozen :class:`~core_bus.consume.options.SubscriptionOptions`.
+The Redis pending list is the source of truth: whatever this process does not
+finish stays pending and is found again (after a restart, a reconnect, or by a
+sibling through the supervisor's reclaim).
+
+A nudge (:meth:`Subscription.check_pending`, the worker's SIGUSR1) wakes a
+blocked read with ``CLIENT UNBLOCK`` from another connection, so the reader
+keeps its connection (cancelling the read would make redis-py drop it); only
+when that is not possible is the read cancelled.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import secrets
-import socket
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 from redis.asyncio import Redis as AsyncRedis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from core_bus.consume.acks import AckBatcher
 from core_bus.consume.deadletters import DeadLetterWriter
+from core_bus.consume.handle import SubscriptionHandle, running_handles
 from core_bus.consume.handlers import Handler
+from core_bus.consume.held import HeldEntries
+from core_bus.consume.options import SubscriptionOptions
 from core_bus.consume.runner import HandlerRunner
 from core_bus.consume.stats import SubscriptionStats
 from core_bus.consume.workqueue import WorkQueue
 from core_bus.envelope import hop_label
-from core_bus.errors import BusError
-from core_bus.keys import StreamKeyBuilder
+from core_bus.keys import StreamKeyBuilder, default_consumer_name
 from core_bus.log import get_logger
 from core_bus.settings import get_settings
-from core_bus.streams.backoff import Backoff
+from core_bus.streams.backoff import RECONNECT_BACKOFF
+from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.connwatch import ConnectionWatch
 from core_bus.streams.deadletter import REASON_POISON
+from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup
+from core_bus.streams.groups import ensure_group
 from core_bus.streams.pending import (
     HeldEntry,
     entry_fields,
@@ -48,210 +56,108 @@ from core_bus.streams.pending import (
 )
 from core_bus.streams.replies import stream_pairs, text
 
-#: Errors meaning "Redis is unreachable right now": back off and retry, never fail.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,  # includes BusyLoadingError (server loading its AOF)
-    ReadOnlyError,  # talking to a demoted master during a failover
-    RedisTimeoutError,
-    ConnectionError,
-    TimeoutError,
-)
-RECONNECT_BACKOFF = Backoff(base=0.05, cap=5.0)
+#: CLIENT UNBLOCK attempts before a nudge falls back to cancelling the read.
+UNBLOCK_TRIES = 5
 
-# Subscriptions still running. Strong references: a caller may drop the handle
-# (the seed's dynamic_subscribe does) and asyncio keeps tasks only weakly.
-_LIVE: set[Subscription] = set()
-
-
-def default_consumer_name() -> str:
-    """``host:pid:random``: unique per incarnation, says where it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+__all__ = [
+    "RECONNECT_BACKOFF",
+    "Subscription",
+    "active_subscriptions",
+    "default_consumer_name",
+    "ensure_group",
+    "stop_all",
+    "subscribe",
+]
 
 
-async def ensure_group(redis: Any, stream: str, group: str, start_id: str = "0") -> None:
-    """Create ``group`` on ``stream`` (and the stream), tolerating BUSYGROUP."""
-    try:
-        await redis.xgroup_create(stream, group, id=start_id, mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
-def _is_nogroup(exc: ResponseError) -> bool:
-    return str(exc).startswith("NOGROUP")
-
-
-class Subscription:
-    """Handle of a running subscription (see :func:`subscribe`)."""
+class Subscription(SubscriptionHandle):
+    """A consumer-group subscription to one or more streams (see :func:`subscribe`)."""
 
     def __init__(
-        self,
-        redis: Any,
-        streams: list[str],
-        handler: Handler,
-        *,
-        group: str,
-        consumer: str,
-        concurrency: int,
-        count: int,
-        block_ms: int,
-        max_deliveries: int,
-        retry_backoff: float,
-        retry_backoff_max: float,
-        dlq_stream: str,
-        group_start_id: str,
-        pending_check_interval: float,
-        max_envelope_bytes: int,
+        self, redis: AsyncRedis, streams: list[str], handler: Handler, options: SubscriptionOptions
     ) -> None:
-        if concurrency < 1 or count < 1 or max_deliveries < 1 or block_ms < 1:
-            raise ValueError("concurrency, count, max_deliveries and block_ms must be >= 1")
-        self.consumer = consumer
-        self.group = group
+        super().__init__()
+        self.options = options
+        self.consumer = options.consumer
+        self.group = options.group
         self.streams = streams
         self.stats = SubscriptionStats()
-        self.dlq_stream = dlq_stream
+        self.dlq_stream = options.dlq_stream
         self._r = redis
-        self._concurrency = concurrency
-        self._count = count
-        self._block_ms = _fit_block(redis, block_ms)
-        self._max_deliveries = max_deliveries
-        self._group_start_id = group_start_id
-        self._check_interval = pending_check_interval
-        self._limit = max_envelope_bytes
+        self._block_ms = blocking_ms(redis, options.block_ms / 1000)
         self._log = get_logger(
-            "core_bus.subscription", stream=",".join(streams), group=group, consumer=consumer
+            "core_bus.subscription",
+            stream=",".join(streams),
+            group=options.group,
+            consumer=options.consumer,
         )
         self._watch = ConnectionWatch(self._log, self.stats)
         self._reader = raw_reader(redis)
+        self._reader_id: int | None = None  # CLIENT ID of the reader's connection
         # stream name as redis-py returns it (bytes or str) -> our str
         self._names: dict[Any, str] = {}
         for name in streams:
             self._names[name] = name
             self._names[name.encode()] = name
         self._read_spec = dict.fromkeys(streams, ">")
-        # Entries we hold (queued, running, awaiting retry, ack or dead-letter).
-        self._local: dict[str, set[str]] = {name: set() for name in streams}
-        self._work = WorkQueue(low_water=count)
-        # Held while our pending list is compared with ``_local`` and while acks or
-        # dead letters remove entries from both, so a check never sees an entry
-        # that is acked in Redis but still pending in its XPENDING reply.
-        self._pel_lock = asyncio.Lock()
-        self._acks = AckBatcher(
-            self._pel_lock,
-            self._r,
-            group,
-            self._local,
-            self.stats,
-            self._watch,
-            TRANSIENT_ERRORS,
-            RECONNECT_BACKOFF,
-        )
+        self.held = HeldEntries(streams)
+        self._work = WorkQueue(low_water=options.count)
+        self._acks = AckBatcher(self._r, options.group, self.held, self.stats, self._watch)
         dead_letters = DeadLetterWriter(
-            self._r,
-            self._pel_lock,
-            self._local,
-            dlq_stream=dlq_stream,
-            group=group,
-            consumer=consumer,
-            stats=self.stats,
-            watch=self._watch,
-            log=self._log,
-            transient=TRANSIENT_ERRORS,
+            self._r, self.held, options, stats=self.stats, watch=self._watch, log=self._log
         )
         self._runner = HandlerRunner(
             self._r,
             handler,
-            user_redis=redis,
-            group=group,
-            consumer=consumer,
+            options,
             work=self._work,
-            local=self._local,
+            held=self.held,
             stats=self.stats,
             acks=self._acks,
             dead_letters=dead_letters,
             watch=self._watch,
-            max_deliveries=max_deliveries,
-            retry=Backoff(retry_backoff, retry_backoff_max),
-            reconnect=RECONNECT_BACKOFF,
-            transient=TRANSIENT_ERRORS,
-            max_envelope_bytes=max_envelope_bytes,
-            low_water=count,
             log=self._log,
-            request_check=self._request_check,
         )
         self._dead_letter_many = self._runner.dead_letter_many
         self._check_requested = False
+        self._blocked_read = False  # the reader waits in XREADGROUP BLOCK right now
+        self._nudge = anyio.Event()
         self._wait_scope: anyio.CancelScope | None = None
         self._stop_scope: anyio.CancelScope | None = None
-        self._stopping = False
-        self._drain_timeout = 10.0
-        self._started = asyncio.Event()
-        self._done = asyncio.Event()
-        self._error: BaseException | None = None
-        self._task: asyncio.Task[None] | None = None
 
     # -- public handle ------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        """True from start until stop() is called or the subscription failed."""
-        return self._task is not None and not self._done.is_set() and not self._stopping
-
-    async def started(self) -> None:
-        """Return once connected and every group exists; raise if it failed first."""
-        await self._started.wait()
-        if self._error is not None:
-            raise self._error
-        if self._done.is_set() and not self._stopping:
-            raise BusError("subscription ended before it started")
-
-    async def wait(self) -> None:
-        """Wait until stopped or failed; re-raises a fatal error."""
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-
-    async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop reading, let running handlers finish (up to ``drain_timeout``), flush acks.
-
-        Entries not finished by then stay pending (and are reclaimed by
-        siblings). Re-raises a fatal error the subscription had hit.
-        """
-        if self._task is None:
-            return
-        if not self._stopping:
-            self._drain_timeout = drain_timeout
-            self._stopping = True
-            self._runner.stop()
-            if self._stop_scope is not None:
-                self._stop_scope.cancel()
-            self._work.space.set()
-        await self.wait()
-
     def check_pending(self) -> None:
         """Look at our own pending list now (entries claimed to us by someone else).
 
-        Non-blocking; only sets a flag and interrupts the reader's wait, so it
-        is safe to call from a signal-driven task.
+        Non-blocking; sets a flag and wakes the reader (``CLIENT UNBLOCK`` of its
+        blocked read, done by a helper task), so it is safe to call from a
+        signal-driven task.
         """
         self._check_requested = True
-        if self._wait_scope is not None:
-            self._wait_scope.cancel()
+        if self._wait_scope is not None and not self._blocked_read:
+            self._wait_scope.cancel()  # waiting for queue space, not in Redis
+        self._nudge.set()
+
+    def _request_stop(self) -> None:
+        self._runner.stop()
+        if self._stop_scope is not None:
+            self._stop_scope.cancel()
+        self._work.space.set()
+
+    def _log_failure(self, error: BaseException) -> None:
+        self._log.error("subscription_failed", error=repr(error), exc_info=error)
 
     # -- lifecycle ----------------------------------------------------------------
-    def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(
-            self._main(), name=f"subscription:{self.group}:{self.consumer}"
-        )
-        _LIVE.add(self)
-
-    async def _main(self) -> None:
+    async def _serve(self) -> None:
         try:
             try:
                 async with anyio.create_task_group() as services:
                     services.start_soon(self._acks.run)
                     services.start_soon(self._runner.retries.run)
+                    services.start_soon(self._runner.dead_letters.run)
+                    services.start_soon(self._waker)
                     async with anyio.create_task_group() as workers:
-                        for _ in range(self._concurrency):
+                        for _ in range(self.options.concurrency):
                             workers.start_soon(self._runner.worker)
                         await self._read_loop()
                         await self._drain()
@@ -259,18 +165,20 @@ class Subscription:
                     services.cancel_scope.cancel()
             finally:
                 await self._acks.final_flush(self._log)
-        except asyncio.CancelledError:
+                self._runner.dead_letters.give_up()
+                with anyio.CancelScope(shield=True):
+                    await self._close_reader()
+        except anyio.get_cancelled_exc_class():
             self._log.info("subscription_cancelled")
             raise
-        except BaseException as exc:
-            self._error = _unwrap(exc)
-            self._log.error("subscription_failed", error=repr(self._error), exc_info=self._error)
-        else:
-            self._log.info("subscription_stopped", **self.stats.to_dict())
-        finally:
-            self._started.set()
-            self._done.set()
-            _LIVE.discard(self)
+        self._log.info("subscription_stopped", **self.stats.to_dict())
+
+    async def _close_reader(self) -> None:
+        if self._reader is not self._r:
+            try:
+                await self._reader.aclose()
+            except Exception as exc:  # the pool may already be closed by its owner
+                self._log.debug("reader_close_failed", error=repr(exc))
 
     async def _read_loop(self) -> None:
         with anyio.CancelScope() as scope:
@@ -278,14 +186,15 @@ class Subscription:
             if self._stopping:
                 scope.cancel()
             await self._guarded(self._connect)
-            self._started.set()
-            self._log.info("subscription_started", concurrency=self._concurrency)
+            self._mark_started()
+            self._log.info("subscription_started", concurrency=self.options.concurrency)
             await self._guarded(self._recover_history)
-            next_check = time.monotonic() + self._check_interval
+            interval = self.options.pending_check_interval
+            next_check = time.monotonic() + interval
             while True:
                 if self._check_requested or time.monotonic() >= next_check:
                     self._check_requested = False
-                    next_check = time.monotonic() + self._check_interval
+                    next_check = time.monotonic() + interval
                     await self._guarded(self._check_own_pending)
                 await self._wait_for_space()
                 block = max(1, min(self._block_ms, int((next_check - time.monotonic()) * 1000)))
@@ -301,9 +210,10 @@ class Subscription:
                 return
             except TRANSIENT_ERRORS as exc:
                 self._watch.lost(exc, "read")
+                self._reader_id = None  # the reader reconnects: a new client id
                 self._check_requested = True  # a lost reply may have delivered entries to us
             except ResponseError as exc:
-                if not _is_nogroup(exc):
+                if not is_nogroup(exc):
                     raise
                 self._log.warning("group_missing", error=str(exc))
                 await self._guarded(self._connect)  # Redis lost its data: recreate the group
@@ -316,7 +226,39 @@ class Subscription:
 
     async def _connect(self) -> None:
         for stream in self.streams:
-            await ensure_group(self._r, stream, self.group, self._group_start_id)
+            await ensure_group(self._r, stream, self.group, self.options.group_start_id)
+
+    # -- waking the reader ----------------------------------------------------------
+    async def _waker(self) -> None:
+        """Turn nudges into ``CLIENT UNBLOCK`` of the reader's blocked XREADGROUP."""
+        while True:
+            await self._nudge.wait()
+            self._nudge = anyio.Event()
+            if not self._blocked_read:
+                continue  # the flag alone is enough: the reader checks it before reading
+            unblocked = await self._unblock_reader()
+            if not unblocked and self._blocked_read and self._wait_scope is not None:
+                self._wait_scope.cancel()  # costs the reader its connection
+
+    async def _unblock_reader(self) -> bool:
+        """CLIENT UNBLOCK the reader; a few quick tries while its read is still on the
+        way to the server (it counts as blocked just before it is sent)."""
+        for attempt in range(UNBLOCK_TRIES):
+            if not self._blocked_read:
+                return True
+            if self._reader_id is None:
+                return False
+            try:
+                if await self._r.client_unblock(self._reader_id):
+                    return True
+            except (ResponseError, *TRANSIENT_ERRORS):  # type: ignore[misc]
+                return False  # ACL without CLIENT, or Redis away: fall back
+            await anyio.sleep(0.002 * (attempt + 1))
+        return False
+
+    async def _reader_client_id(self) -> None:
+        if self._reader_id is None and self._reader is not self._r:
+            self._reader_id = int(await self._reader.client_id())
 
     # -- reading ------------------------------------------------------------------
     async def _wait_for_space(self) -> None:
@@ -328,14 +270,25 @@ class Subscription:
             self._wait_scope = None
 
     async def _read_new(self, block_ms: int) -> None:
+        await self._reader_client_id()
+        if self._check_requested:
+            return  # the read loop looks at our pending list first
         reply: Any = None
         with anyio.CancelScope() as scope:
             self._wait_scope = scope
-            if self._check_requested:
-                scope.cancel()
-            reply = await self._reader.xreadgroup(
-                self.group, self.consumer, self._read_spec, count=self._count, block=block_ms
-            )
+            self._blocked_read = True
+            try:
+                reply = await self._reader.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    self._read_spec,  # type: ignore[arg-type]
+                    count=self.options.count,
+                    block=block_ms,
+                )
+            finally:
+                self._blocked_read = False
+        if scope.cancelled_caught:
+            self._reader_id = None  # redis-py dropped the interrupted connection
         self._wait_scope = None
         if reply:
             self._dispatch(reply)
@@ -353,15 +306,14 @@ class Subscription:
         if isinstance(reply, dict):  # RESP3
             pairs = stream_pairs(reply)
         append = self._work.items.append
+        hold = self.held.hold
         hop = self._hop()
         for raw_stream, entries in pairs:
             stream = self._names.get(raw_stream) or text(raw_stream)
-            local = self._local[stream]
             for raw_id, fields in entries:
                 entry_id = raw_id.decode() if type(raw_id) is bytes else str(raw_id)
-                if entry_id in local:
+                if not hold(stream, entry_id):
                     continue
-                local.add(entry_id)
                 if type(fields) is list:  # raw reply of our reader client: [name, value, ...]
                     if len(fields) == 2 and fields[0] == b"data":
                         fields = {b"data": fields[1]}
@@ -378,15 +330,16 @@ class Subscription:
         handler again.
         """
         recovered = 0
+        limit = self.options.max_deliveries
         for stream in self.streams:
             after = "0"
             while True:
                 await self._wait_for_space()
-                async with self._pel_lock:
+                async with self.held.lock:
                     counts, entries = await history_page(
-                        self._r, stream, self.group, self.consumer, after, self._count
+                        self._r, stream, self.group, self.consumer, after, self.options.count
                     )
-                    fresh = self._claim_locally(stream, [entry_id for entry_id, _ in entries])
+                    fresh = self.held.hold_new(stream, [entry_id for entry_id, _ in entries])
                 if not entries:
                     break
                 after = entries[-1][0]
@@ -395,8 +348,8 @@ class Subscription:
                     if entry_id not in fresh:
                         continue
                     before = counts.get(entry_id, 0)
-                    if fields is not None and before >= self._max_deliveries:
-                        msg = f"already delivered {before} times (limit {self._max_deliveries})"
+                    if fields is not None and before >= limit:
+                        msg = f"already delivered {before} times (limit {limit})"
                         item = HeldEntry(stream, entry_id, fields, before + 1)
                         poison.append((item, REASON_POISON, msg))
                     else:
@@ -407,13 +360,6 @@ class Subscription:
         if recovered:
             self._log.info("pending_recovered", entries=recovered)
 
-    def _claim_locally(self, stream: str, entry_ids: list[str]) -> set[str]:
-        """Mark entries as held by this process; return those we did not hold yet."""
-        local = self._local[stream]
-        fresh = {entry_id for entry_id in entry_ids if entry_id not in local}
-        local.update(fresh)
-        return fresh
-
     async def _check_own_pending(self) -> None:
         """Process own pending entries we do not hold (claimed to us by another client).
 
@@ -422,10 +368,10 @@ class Subscription:
         """
         wanted: list[tuple[str, str]] = []
         counts: dict[tuple[str, str], int] = {}
-        async with self._pel_lock:
+        async with self.held.lock:
             pending = await own_pending(self._r, self.streams, self.group, self.consumer)
             for stream, rows in pending.items():
-                fresh = self._claim_locally(stream, [entry_id for entry_id, _ in rows])
+                fresh = self.held.hold_new(stream, [entry_id for entry_id, _ in rows])
                 for entry_id, delivered in rows:
                     if entry_id in fresh:
                         wanted.append((stream, entry_id))
@@ -436,13 +382,14 @@ class Subscription:
             fetched = await fetch_entries(self._r, wanted)
         except BaseException:
             for stream, entry_id in wanted:
-                self._local[stream].discard(entry_id)
+                self.held.release(stream, entry_id)
             raise
         poison: list[tuple[HeldEntry, str, str]] = []
+        limit = self.options.max_deliveries
         for stream, entry_id, fields in fetched:
             delivered = counts[(stream, entry_id)]
-            if fields is not None and delivered > self._max_deliveries:
-                msg = f"delivered {delivered} times (limit {self._max_deliveries})"
+            if fields is not None and delivered > limit:
+                msg = f"delivered {delivered} times (limit {limit})"
                 poison.append((HeldEntry(stream, entry_id, fields, delivered), REASON_POISON, msg))
             else:
                 self._work.put((stream, entry_id, fields, delivered, self._hop()))
@@ -454,30 +401,28 @@ class Subscription:
         """The receive hop ``env.add_hop(group)`` would append, for entries read now."""
         return hop_label(self.group)
 
-    def _request_check(self) -> None:
-        """Look at our own pending list before the next read (after a failed dead letter)."""
-        self._check_requested = True
-
     # -- shutdown -------------------------------------------------------------------
     async def _drain(self) -> None:
         """Drop queued entries (they stay pending); wait for running ones up to the timeout."""
         for stream, entry_id, *_rest in self._work.clear():
-            self._local[stream].discard(entry_id)
+            self.held.release(stream, entry_id)
         await self._runner.drain(self._drain_timeout)
 
 
-def raw_reader(redis: Any) -> Any:
-    """A client for the hot XREADGROUP ``>`` whose reply skips redis-py's parsing.
+def raw_reader(redis: AsyncRedis) -> AsyncRedis:
+    """The reader's own client for the hot XREADGROUP ``>``: its reply skips redis-py's parsing.
 
     redis-py turns every entry's field list into a dict (and wraps RESP3 replies);
     :meth:`Subscription._dispatch` reads the server's reply as is instead. The
-    client shares ``redis``'s connection pool (same server, credentials, protocol
-    and decoding; closing ``redis`` closes it) and overrides one response callback
-    on its own, never on the caller's client. Other client types are used as given.
+    client takes one connection of ``redis``'s pool for itself (same server,
+    credentials, protocol and decoding; closing ``redis`` closes it), so its
+    CLIENT ID is known and a nudge can unblock it; it overrides one response
+    callback on its own, never on the caller's client. Other client types are
+    used as given.
     """
     if type(redis) is not AsyncRedis or redis.single_connection_client:
         return redis
-    reader = AsyncRedis(connection_pool=redis.connection_pool)
+    reader = AsyncRedis(connection_pool=redis.connection_pool, single_connection_client=True)
     reader.set_response_callback("XREADGROUP", _as_is)
     return reader
 
@@ -486,24 +431,8 @@ def _as_is(response: Any, **_options: Any) -> Any:
     return response
 
 
-def _fit_block(redis: Any, block_ms: int) -> int:
-    """A blocking read must end before the client's socket timeout, or every idle
-    read would look like a lost connection."""
-    pool = getattr(redis, "connection_pool", None)
-    timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
-    if isinstance(timeout, int | float) and timeout > 0:
-        return max(1, min(block_ms, int(timeout * 800)))
-    return block_ms
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-async def subscribe(
-    redis: Any,
+def subscription(
+    redis: AsyncRedis,
     stream: str | Sequence[str],
     handler: Handler,
     group: str = "corebus",
@@ -520,15 +449,10 @@ async def subscribe(
     pending_check_interval: float = 2.0,
     keys: StreamKeyBuilder | None = None,
 ) -> Subscription:
-    """Start consuming ``stream`` (or several, read together) in the background.
+    """A :class:`Subscription` not started yet: ``async with`` it or ``await tg.start(sub.run)``.
 
-    Returns at once with the :class:`Subscription` handle; ``await
-    sub.started()`` to know the group exists. The handler is ``async def
-    h(env)`` or ``async def h(env, redis)``; anything else raises
-    :class:`TypeError` here. Entries are acked only after the handler returned;
-    failures are retried with backoff until the Redis delivery counter reaches
-    ``max_deliveries``, then dead-lettered (``dlq_stream``, default
-    ``keys.dead_letter(group)``).
+    The handler is ``async def h(env)`` or ``async def h(env, redis)``; anything
+    else raises :class:`TypeError` here.
     """
     streams = [stream] if isinstance(stream, str | bytes) else list(stream)
     streams = [text(s) for s in streams]
@@ -536,41 +460,57 @@ async def subscribe(
         raise ValueError("subscribe needs at least one stream")
     settings = get_settings()
     keys = keys or StreamKeyBuilder(settings.bus_namespace)
-    sub = Subscription(
-        redis,
-        streams,
-        handler,
+    options = SubscriptionOptions(
         group=group,
         consumer=consumer or default_consumer_name(),
+        dlq_stream=dlq_stream or keys.dead_letter(group),
         concurrency=concurrency,
         count=count,
         block_ms=block_ms,
         max_deliveries=max_deliveries,
         retry_backoff=retry_backoff,
         retry_backoff_max=retry_backoff_max,
-        dlq_stream=dlq_stream or keys.dead_letter(group),
         group_start_id=group_start_id,
         pending_check_interval=pending_check_interval,
         max_envelope_bytes=settings.bus_max_envelope_bytes,
     )
-    sub._start()
+    return Subscription(redis, streams, handler, options)
+
+
+async def subscribe(
+    redis: AsyncRedis,
+    stream: str | Sequence[str],
+    handler: Handler,
+    group: str = "corebus",
+    consumer: str | None = None,
+    **options: Any,
+) -> Subscription:
+    """Start consuming ``stream`` (or several, read together) in the background.
+
+    Returns at once with the :class:`Subscription` handle (options as for
+    :func:`subscription`); ``await sub.started()`` to know the group exists,
+    ``await sub.wait()`` to run until it ends, ``await sub.stop()`` to drain.
+    Entries are acked only after the handler returned; failures are retried
+    with backoff until the Redis delivery counter reaches ``max_deliveries``,
+    then dead-lettered (``dlq_stream``, default ``keys.dead_letter(group)``).
+    """
+    sub = subscription(redis, stream, handler, group, consumer, **options)
+    sub._start_background()
     return sub
 
 
 def active_subscriptions() -> list[Subscription]:
-    """Subscriptions of this process that have not finished (also handle-less ones)."""
-    return list(_LIVE)
+    """Plain subscriptions of this event loop that have not finished (also handle-less ones)."""
+    return [h for h in running_handles() if isinstance(h, Subscription)]
 
 
 async def stop_all(drain_timeout: float = 10.0) -> None:
-    """Stop every running subscription of this process concurrently (worker shutdown)."""
+    """Stop every running subscription of this event loop concurrently (worker shutdown)."""
     async with anyio.create_task_group() as tg:
-        for sub in list(_LIVE):
-            tg.start_soon(_stop_quietly, sub, drain_timeout)
+        for handle in running_handles():
+            tg.start_soon(_stop_quietly, handle, drain_timeout)
 
 
-async def _stop_quietly(sub: Subscription, drain_timeout: float) -> None:
-    try:
-        await sub.stop(drain_timeout)
-    except Exception as exc:
-        sub._log.debug("stop_error", error=repr(exc))
+async def _stop_quietly(handle: SubscriptionHandle, drain_timeout: float) -> None:
+    with contextlib.suppress(Exception):  # the error stays on the handle
+        await handle.stop(drain_timeout)

@@ -46,10 +46,9 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core_bus.consume.handle import SubscriptionHandle
 from core_bus.consume.handlers import Handler
 from core_bus.consume.stats import SubscriptionStats
 from core_bus.keys import StreamKeyBuilder
@@ -72,15 +71,12 @@ from core_bus.ordered.leases import (
     shard_units,
 )
 from core_bus.settings import get_settings
-from core_bus.streams.backoff import Backoff
+from core_bus.streams.backoff import RECONNECT_BACKOFF, Backoff
+from core_bus.streams.connwatch import ConnectionWatch
+from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup, is_transient
+from core_bus.streams.groups import ensure_group
 from core_bus.streams.pending import entry_fields
 from core_bus.streams.replies import streams_of, text
-
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
-
-# Running subscriptions, strongly referenced: asyncio keeps tasks only weakly and
-# a caller may drop the handle.
-_LIVE: set[OrderedSubscription] = set()
 
 
 @dataclass(eq=False)
@@ -110,7 +106,7 @@ class _Runner:
             self.read_scope.cancel()
 
 
-class OrderedSubscription:
+class OrderedSubscription(SubscriptionHandle):
     """Handle of a running ordered subscription (see :func:`subscribe_ordered`)."""
 
     def __init__(
@@ -132,6 +128,7 @@ class OrderedSubscription:
     ) -> None:
         if shards < 1 or max_deliveries < 1 or lease_ttl <= 0:
             raise ValueError("shards and max_deliveries must be >= 1, lease_ttl > 0")
+        super().__init__()
         self.redis = redis
         self.group = group
         self.consumer = consumer
@@ -150,7 +147,8 @@ class OrderedSubscription:
         self._block_ms = max(1, int(min(self._tick, 1.0) * 1000))
         self._retry = Backoff(retry_backoff, retry_backoff_max)
         self._runners: dict[ShardUnit, _Runner] = {}
-        self._log = get_logger("core_bus.ordered.subscription", group=group, consumer=consumer)
+        self._log = get_logger("core_bus.ordered", group=group, consumer=consumer)
+        self._watch = ConnectionWatch(self._log, self.stats)
         self._entries = ShardEntryHandler(
             redis,
             handler,
@@ -164,35 +162,14 @@ class OrderedSubscription:
             log=self._log,
         )
         self._wake = asyncio.Event()
-        self._started = asyncio.Event()
-        self._done = asyncio.Event()
-        self._stopping = False
-        self._drain_timeout = 10.0
-        self._error: BaseException | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    # -- public handle (same surface as Subscription) ------------------------------
-    async def started(self) -> None:
-        """Return once the groups exist and the first ownership round ran."""
-        await self._started.wait()
-        if self._error is not None:
-            raise self._error
+    # -- public handle (see core_bus.consume.handle) --------------------------------
+    def _request_stop(self) -> None:
+        """Leave the membership, finish in-flight entries (up to the drain timeout), release."""
+        self._wake.set()
 
-    async def wait(self) -> None:
-        """Wait until stopped or failed; re-raises a fatal error."""
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-
-    async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Leave the membership, finish in-flight entries (up to ``drain_timeout``), release."""
-        if self._task is None:
-            return
-        if not self._stopping:
-            self._drain_timeout = drain_timeout
-            self._stopping = True
-            self._wake.set()
-        await self.wait()
+    def _log_failure(self, error: BaseException) -> None:
+        self._log.error("ordered_subscription_failed", error=repr(error))
 
     def check_pending(self) -> None:
         """Re-run the ownership round now and re-check own pending entries of owned shards."""
@@ -205,32 +182,25 @@ class OrderedSubscription:
         return [u.stream for u, r in self._runners.items() if not (r.lost or r.release)]
 
     # -- lifecycle -------------------------------------------------------------------
-    def _start(self) -> None:
-        _LIVE.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._main())
+    async def _serve(self) -> None:
+        await self._ensure_groups()
+        async with anyio.create_task_group() as tg:
+            await self._control(tg)
 
-    async def _main(self) -> None:
-        try:
-            for unit in self.units:
-                await self._ensure_group(unit.stream)
-            async with anyio.create_task_group() as tg:
-                await self._control(tg)
-        except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                self._error = exc
-                self._log.error("ordered_subscription_failed", error=repr(exc))
-            raise
-        finally:
-            self._started.set()
-            self._done.set()
-            _LIVE.discard(self)
-
-    async def _ensure_group(self, stream: str) -> None:
-        try:
-            await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def _ensure_groups(self) -> None:
+        """Create every shard's group, waiting for Redis like a plain subscription does."""
+        attempt = 0
+        while not self._stopping:
+            try:
+                for unit in self.units:
+                    await ensure_group(self.redis, unit.stream, self.group)
+                self._watch.restored()
+                return
+            except TRANSIENT_ERRORS as exc:
+                self._watch.lost(exc, "start")
+                attempt += 1
+                with anyio.move_on_after(RECONNECT_BACKOFF.delay(attempt)):
+                    await self._wake.wait()
 
     async def _control(self, tg: anyio.abc.TaskGroup) -> None:
         failures = 0
@@ -238,12 +208,15 @@ class OrderedSubscription:
             try:
                 await self._round(tg)
                 failures = 0
-            except TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 failures += 1
-                self._log.warning("ownership_round_failed", error=repr(exc))
-                await anyio.sleep(self._retry.delay(failures))
+                self._watch.lost(exc, "ownership_round")
+                with anyio.move_on_after(RECONNECT_BACKOFF.delay(failures)):
+                    await self._wake.wait()
+                self._wake.clear()
                 continue
-            self._started.set()
+            self._watch.restored()
+            self._mark_started()
             with anyio.move_on_after(self._tick):
                 await self._wake.wait()
             self._wake.clear()
@@ -291,7 +264,7 @@ class OrderedSubscription:
     async def _shutdown(self) -> None:
         """Leave, let runners finish their in-flight entry (renewing leases meanwhile), release."""
         with anyio.CancelScope(shield=True):
-            with contextlib.suppress(*TRANSIENT):
+            with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self.redis.zrem(self._members_key, self.consumer)
             for runner in self._runners.values():
                 runner.release = True
@@ -301,7 +274,7 @@ class OrderedSubscription:
                 busy = [u for u, r in self._runners.items() if not (r.done.is_set() or r.lost)]
                 if not busy:
                     break
-                with contextlib.suppress(*TRANSIENT):
+                with contextlib.suppress(*TRANSIENT_ERRORS):
                     await self._leases(busy, "renew")
                 with anyio.move_on_after(min(self._tick, max(0.0, deadline - time.monotonic()))):
                     await self._wake.wait()
@@ -321,30 +294,36 @@ class OrderedSubscription:
             with anyio.CancelScope() as scope:
                 runner.scope = scope
                 log.info("shard_acquired")
-                while True:
-                    try:
-                        await claim_backlog(self.redis, unit.stream, self.group, self.consumer)
-                        break
-                    except TRANSIENT:
-                        failures += 1
-                        await anyio.sleep(self._retry.delay(failures))
+                recreate, backlog = False, True
                 while not self._giving_up(runner):
                     try:
+                        if recreate:  # stream or group deleted (Redis lost its data)
+                            await ensure_group(self.redis, unit.stream, self.group)
+                            log.warning("shard_group_recreated")
+                            recreate = False
+                        if backlog:  # hand-over: every pending entry of the shard is ours
+                            await claim_backlog(self.redis, unit.stream, self.group, self.consumer)
+                            backlog = False
                         await self._shard_step(runner)
                         failures = 0
-                    except TRANSIENT as exc:
+                        self._watch.restored()
+                    except TRANSIENT_ERRORS as exc:
                         failures += 1
-                        log.warning("shard_read_failed", error=repr(exc))
-                        await anyio.sleep(self._retry.delay(failures))
+                        self._watch.lost(exc, "shard")
+                        await anyio.sleep(RECONNECT_BACKOFF.delay(failures))
                     except ResponseError as exc:
-                        if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                        if is_transient(exc):
+                            failures += 1
+                            self._watch.lost(exc, "shard")
+                            await anyio.sleep(RECONNECT_BACKOFF.delay(failures))
+                        elif is_nogroup(exc):
+                            recreate = True
+                        elif not str(exc).startswith("UNBLOCKED"):
                             raise
-                        log.warning("shard_group_recreated")  # stream or group deleted
-                        await self._ensure_group(unit.stream)
         finally:
             with anyio.CancelScope(shield=True):
                 if not runner.lost:
-                    with contextlib.suppress(*TRANSIENT):
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
                         await self._leases([unit], "release")
                 runner.done.set()
                 log.info("shard_released", lost=runner.lost)
@@ -445,14 +424,13 @@ async def subscribe_ordered(
         retry_backoff_max=retry_backoff_max,
         tick=tick,
     )
-    sub._start()
+    sub._start_background()
     return sub
 
 
 __all__ = [
     "BACKLOG_PAGE",
     "READ_COUNT",
-    "TRANSIENT",
     "OrderedSubscription",
     "ShardUnit",
     "assigned",

@@ -24,3 +24,7 @@ class Backoff:
         exponent = min(max(attempt, 1) - 1, 60)
         raw = min(self.cap, self.base * (2.0**exponent))
         return max(0.0, raw * (1.0 - self.jitter * rand()))
+
+
+#: Reconnect pacing of every reader and writer of a subscription: 50 ms doubling to 5 s.
+RECONNECT_BACKOFF = Backoff(base=0.05, cap=5.0)

@@ -1,7 +1,7 @@
-"""Consumer-group state of a stream (XINFO GROUPS / XINFO CONSUMERS), for tools.
+"""Consumer groups of a stream: the one ``ensure_group``, and their state (XINFO).
 
-Read-only. ``lag`` may be NULL in Redis (a group created at an arbitrary id, or
-entries deleted since): it is ``None`` here and shown as "unknown", never 0.
+The XINFO readers are read-only. ``lag`` may be NULL in Redis (a group created
+at an arbitrary id, or entries deleted since): it is ``None`` here and shown as "unknown", never 0.
 ``idle`` of a consumer is the last *attempted* interaction on Redis >= 7.2, so a
 blocked reader does not look idle; before 7.2 it does — do not judge liveness by it.
 """
@@ -54,6 +54,15 @@ def _int_or_none(value: Any) -> int | None:
     if value is None:
         return None
     return int(text(value))
+
+
+async def ensure_group(redis: Any, stream: str, group: str, start_id: str = "0") -> None:
+    """Create ``group`` on ``stream`` (and the stream), tolerating BUSYGROUP."""
+    try:
+        await redis.xgroup_create(stream, group, id=start_id, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
 
 
 async def ensure_stream(redis: Any, stream: str) -> None:

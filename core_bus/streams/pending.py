@@ -37,6 +37,19 @@ def pending_counts(reply: Any) -> list[tuple[str, int]]:
     return out
 
 
+def pending_rows(reply: Any) -> list[tuple[str, str, int]]:
+    """``[(id, consumer, times_delivered)]`` from an XPENDING range reply."""
+    out: list[tuple[str, str, int]] = []
+    for row in reply or ():
+        if isinstance(row, Mapping):
+            out.append(
+                (text(row["message_id"]), text(row["consumer"]), int(row["times_delivered"]))
+            )
+        else:
+            out.append((text(row[0]), text(row[1]), int(row[3])))
+    return out
+
+
 def entry_fields(raw: Any) -> RawFields:
     """Normalise one entry payload: empty or nil means the entry was deleted."""
     if not raw:

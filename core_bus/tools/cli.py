@@ -197,7 +197,7 @@ def _err(line: str) -> None:
 
 
 async def cmd_tail(redis: Any, args: argparse.Namespace) -> int:
-    from core_bus.tail import Tailer, TailOptions
+    from core_bus.tools.tail import Tailer, TailOptions
 
     if args.last is not None and args.last < 0:
         raise UsageError("--last must be >= 0")

@@ -1,0 +1,29 @@
+"""The settings of one subscription, as one frozen value handed from layer to layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """What :func:`core_bus.subscribe` was asked for (validated once, here)."""
+
+    group: str
+    consumer: str
+    dlq_stream: str
+    concurrency: int = 16
+    count: int = 100
+    block_ms: int = 2000
+    max_deliveries: int = 5
+    retry_backoff: float = 0.5
+    retry_backoff_max: float = 30.0
+    group_start_id: str = "0"
+    pending_check_interval: float = 2.0
+    max_envelope_bytes: int = 128 * 1024
+
+    def __post_init__(self) -> None:
+        if min(self.concurrency, self.count, self.max_deliveries, self.block_ms) < 1:
+            raise ValueError("concurrency, count, max_deliveries and block_ms must be >= 1")
+        if self.pending_check_interval <= 0:
+            raise ValueError("pending_check_interval must be > 0")
