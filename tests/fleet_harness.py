@@ -219,7 +219,7 @@ async def running(
 
 
 def agent(daemon: FleetDaemon, name: str) -> AgentSnapshot:
-    for snap in daemon.snapshot().agents:
+    for snap in daemon.control.snapshot().agents:
         if snap.name == name:
             return snap
     raise AssertionError(f"no agent {name}")

@@ -320,17 +320,26 @@ async def test_reclaim_acks_trimmed_entries_and_deletes_consumer(redis: Any) -> 
 
 
 async def test_cleanup_stale_reclaims_previous_run_consumers(redis: Any) -> None:
-    """At start, consumers of this supervisor's previous run (owned prefix, not live) are
-    reclaimed and deleted; consumers of other supervisors are left alone."""
-    await setup_group(redis, 9)
-    await read_as(redis, "hostA:echo:0:100", 3)
-    await read_as(redis, "hostA:echo:1:101", 3)
-    await read_as(redis, "hostB:echo:0:200", 3)
-    await redis.xgroup_createconsumer(STREAM, GROUP, "hostA:echo:0:300")
+    """At start, consumers this supervisor recorded in its registry (a previous run's,
+    not live) are reclaimed, deleted and forgotten; other supervisors' consumers and
+    library users' consumers on the same host are left alone, whatever their names."""
+    await setup_group(redis, 12)
+    await read_as(redis, "hostA/echo/0/100", 3)
+    await read_as(redis, "hostA/echo/1/101", 3)
+    await read_as(redis, "hostB/echo/0/200", 3)
+    await read_as(redis, "hostA:4242:abcdef", 3)  # a library user on host A (default name)
+    await redis.xgroup_createconsumer(STREAM, GROUP, "hostA/echo/0/300")
     reb = Rebalancer(redis, KEYS, "hostA")
-    moved = await reb.cleanup_stale(target(), ["hostA:echo:0:300"], "hostA:")
-    assert moved == {"hostA:echo:0:300": 6}
-    assert await consumer_names(redis) == {"hostA:echo:0:300", "hostB:echo:0:200"}
+    for name in ("hostA/echo/0/100", "hostA/echo/1/101", "hostA/echo/0/300"):
+        await reb.registry.record(name, "echo")
+    moved = await reb.cleanup_stale(target(), ["hostA/echo/0/300"])
+    assert moved == {"hostA/echo/0/300": 6}
+    assert await consumer_names(redis) == {
+        "hostA/echo/0/300",
+        "hostB/echo/0/200",
+        "hostA:4242:abcdef",
+    }
+    assert await reb.registry.names("echo") == ["hostA/echo/0/300"]
     counters = reb.counters_for("echo")
     assert counters.reclaimed_by_reason["startup"] == 6
     assert counters.deleted_consumers == 2

@@ -134,7 +134,7 @@ async def test_boot_failures_reach_fatal_and_start_clears_it(
         assert worker(daemon, "broken").last_exit == "exit 3"
         assert worker(daemon, "broken").status_text  # the fatal reason
         restarts = worker(daemon, "broken").restarts
-        await daemon.start_agent("broken")
+        await daemon.control.start_agent("broken")
         await eventually(lambda: worker(daemon, "broken").restarts > restarts, message="retried")
         await eventually(lambda: worker(daemon, "broken").state == "fatal", timeout=15)
 
@@ -220,7 +220,7 @@ async def test_after_waits_for_dependencies_ready(tmp_path: Path, python_exe: st
         base_ready = [w.uptime_seconds or 0 for w in agent(daemon, "base").workers]
         top_up = worker(daemon, "top").uptime_seconds or 0
         assert min(base_ready) >= top_up + 0.5
-        assert daemon.ready
+        assert daemon.control.ready
 
 
 async def test_scale_stop_and_start(tmp_path: Path, python_exe: str) -> None:
@@ -231,19 +231,19 @@ async def test_scale_stop_and_start(tmp_path: Path, python_exe: str) -> None:
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "pool").ready_replicas == 1)
         first = worker(daemon, "pool").pid
-        await daemon.scale_agent("pool", 3)
+        await daemon.control.scale_agent("pool", 3)
         await eventually(lambda: agent(daemon, "pool").ready_replicas == 3, message="3 ready")
         assert worker(daemon, "pool").pid == first
-        await daemon.scale_agent("pool", 1)
+        await daemon.control.scale_agent("pool", 1)
         await eventually(lambda: len(agent(daemon, "pool").workers) == 1, message="1 left")
         assert worker(daemon, "pool").pid == first
-        await daemon.stop_agent("pool")
+        await daemon.control.stop_agent("pool")
         snap = agent(daemon, "pool")
         assert snap.state == "stopped" and snap.workers[0].pid is None
-        await daemon.start_agent("pool")
+        await daemon.control.start_agent("pool")
         await eventually(lambda: agent(daemon, "pool").state == "running", message="running")
         with pytest.raises(ControlError):
-            await daemon.scale_agent("pool", -1)
+            await daemon.control.scale_agent("pool", -1)
 
 
 async def test_restart_agent_replaces_every_worker(tmp_path: Path, python_exe: str) -> None:
@@ -254,7 +254,7 @@ async def test_restart_agent_replaces_every_worker(tmp_path: Path, python_exe: s
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "r").ready_replicas == 2)
         old = {w.pid for w in agent(daemon, "r").workers}
-        await daemon.restart_agent("r")
+        await daemon.control.restart_agent("r")
         await eventually(
             lambda: (
                 agent(daemon, "r").ready_replicas == 2
@@ -289,7 +289,7 @@ async def test_rolling_restart_keeps_ready_count(tmp_path: Path, python_exe: str
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
-            await daemon.restart_agent("roll", rolling=True)
+            await daemon.control.restart_agent("roll", rolling=True)
             done = True
         snap = agent(daemon, "roll")
         assert lowest >= 3
@@ -315,7 +315,7 @@ async def test_failed_rolling_restart_keeps_old_workers(tmp_path: Path, python_e
         old = {w.pid for w in agent(daemon, "fragile").workers}
         flag.write_text("x")
         with pytest.raises(ControlError, match="did not become ready"):
-            await daemon.restart_agent("fragile", rolling=True)
+            await daemon.control.restart_agent("fragile", rolling=True)
         await eventually(lambda: len(agent(daemon, "fragile").workers) == 2, message="cleaned")
         snap = agent(daemon, "fragile")
         assert {w.pid for w in snap.workers} == old
@@ -349,8 +349,8 @@ async def test_sighup_reload_applies_the_diff(tmp_path: Path, python_exe: str) -
     """
     )
     async with running(tmp_path, base) as daemon:
-        await eventually(lambda: daemon.ready, message="fleet ready")
-        pids = {a.name: {w.pid for w in a.workers} for a in daemon.snapshot().agents}
+        await eventually(lambda: daemon.control.ready, message="fleet ready")
+        pids = {a.name: {w.pid for w in a.workers} for a in daemon.control.snapshot().agents}
         new = base.replace('VERSION = "1"', 'VERSION = "2"').replace(
             '    name = "gone"\n', '    name = "fresh"\n'
         )
@@ -362,7 +362,7 @@ async def test_sighup_reload_applies_the_diff(tmp_path: Path, python_exe: str) -
         os.kill(os.getpid(), signal.SIGHUP)
 
         def applied() -> bool:
-            names = {a.name for a in daemon.snapshot().agents}
+            names = {a.name for a in daemon.control.snapshot().agents}
             return (
                 names == {"same", "edit", "fresh", "grow"}
                 and agent(daemon, "fresh").ready_replicas == 1
@@ -374,7 +374,7 @@ async def test_sighup_reload_applies_the_diff(tmp_path: Path, python_exe: str) -
         await eventually(applied, timeout=20, message="reload applied")
         assert {w.pid for w in agent(daemon, "same").workers} == pids["same"]
         assert pids["grow"] < {w.pid for w in agent(daemon, "grow").workers}
-        assert daemon.last_reload_error is None
+        assert daemon.control.last_reload_error is None
 
 
 async def test_invalid_reload_keeps_the_old_plan(tmp_path: Path, python_exe: str) -> None:
@@ -383,12 +383,12 @@ async def test_invalid_reload_keeps_the_old_plan(tmp_path: Path, python_exe: str
         agent_toml("keep", cmd(python_exe, "import time; time.sleep(600)"), start_seconds="100ms"),
     )
     async with running(tmp_path, toml) as daemon:
-        await eventually(lambda: daemon.ready, message="ready")
+        await eventually(lambda: daemon.control.ready, message="ready")
         pid = worker(daemon, "keep").pid
         (tmp_path / "fleet.toml").write_text(textwrap.dedent(toml) + "replicas = -3\n")
-        result = await daemon.reload()
+        result = await daemon.control.reload()
         assert not result.ok and result.errors
-        snap = daemon.snapshot()
+        snap = daemon.control.snapshot()
         assert snap.last_reload_error
         assert worker(daemon, "keep").pid == pid
 
@@ -405,13 +405,13 @@ async def test_snapshot_fields(tmp_path: Path, python_exe: str, redis_url: str) 
     )
     async with running(tmp_path, toml, sample_interval=0.2) as daemon:
         await eventually(lambda: worker(daemon, "snap").rss_bytes, message="sampled")
-        await eventually(lambda: daemon.snapshot().redis_up, message="redis up")
-        await eventually(lambda: daemon.ready, message="fleet ready")
-        snap = daemon.snapshot()
+        await eventually(lambda: daemon.control.snapshot().redis_up, message="redis up")
+        await eventually(lambda: daemon.control.ready, message="fleet ready")
+        snap = daemon.control.snapshot()
         assert snap.supervisor_name == "t" and snap.ready and snap.config_hash
         w = worker(daemon, "snap")
         assert w.state == "ready" and w.status_text == "serving"
-        assert w.consumer is not None and w.consumer.startswith("t:snap:0:")
+        assert w.consumer is not None and w.consumer.startswith("t/snap/0/")
         assert w.uptime_seconds is not None and w.started_at is not None
         assert agent(daemon, "snap").state == "running"
         assert snap.to_dict()["agents"][0]["workers"][0]["pid"] == w.pid
@@ -429,7 +429,7 @@ async def test_shutdown_leaves_no_task_process_or_socket(tmp_path: Path, python_
         agent_toml("a", cmd(python_exe, READY_THEN_SLEEP), start_seconds="30s", replicas=3),
     )
     async with running(tmp_path, toml) as daemon:
-        await eventually(lambda: daemon.ready, message="ready")
+        await eventually(lambda: daemon.control.ready, message="ready")
         pids = {w.pid for w in agent(daemon, "a").workers}
         assert daemon._notify is not None
         socket_dir = Path(daemon._notify.address).parent
@@ -467,7 +467,7 @@ async def test_failed_roll_without_surge_brings_old_workers_back(
         await eventually(lambda: agent(daemon, "nosurge").ready_replicas == 2)
         flag.write_text("x")
         with pytest.raises(ControlError):
-            await daemon.restart_agent("nosurge", rolling=True)
+            await daemon.control.restart_agent("nosurge", rolling=True)
         flag.unlink()
         await eventually(
             lambda: (
@@ -494,7 +494,7 @@ async def test_stop_runs_in_reverse_start_order(tmp_path: Path, python_exe: str)
         agent_toml("top", command, after=["base"], start_seconds="200ms"),
     )
     async with running(tmp_path, toml) as daemon:
-        await eventually(lambda: daemon.ready, message="ready")
+        await eventually(lambda: daemon.control.ready, message="ready")
     assert record.read_text().split() == ["top", "base", "base"]
 
 
@@ -534,7 +534,7 @@ async def test_snapshot_shows_rolling_and_why_a_roll_or_start_failed(
 
         async def roll() -> None:
             try:
-                await daemon.restart_agent("fragile", rolling=True)
+                await daemon.control.restart_agent("fragile", rolling=True)
             except ControlError as exc:
                 failures.append(str(exc))
 
@@ -593,7 +593,7 @@ async def test_reload_with_a_new_redis_password_keeps_workers_and_says_restart(
             try:
                 await eventually(lambda: agent(daemon, "steady").ready_replicas == 1)
                 pid = worker(daemon, "steady").pid
-                result = await daemon.reload()
+                result = await daemon.control.reload()
                 assert result.ok and result.restart_required == ["redis"]
                 assert result.unchanged == ["steady"] and not result.changed
                 assert worker(daemon, "steady").pid == pid
@@ -610,7 +610,7 @@ async def test_after_a_zero_replica_agent_does_not_block(tmp_path: Path, python_
     )
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "dependent").ready_replicas == 1, timeout=20)
-        await eventually(lambda: daemon.snapshot().ready, message="fleet ready")
+        await eventually(lambda: daemon.control.snapshot().ready, message="fleet ready")
         assert agent(daemon, "x").workers == []
 
 

@@ -68,7 +68,7 @@ async def test_sigkilled_worker_entries_go_to_a_sibling_at_once(
         await publish_many(redis, INBOX, envelopes)
         await eventually(lambda: _pending_of(redis, holder.consumer or ""), message="pending")
         await eventually(lambda: _count_pending(redis, holder.consumer or "", 10), timeout=15)
-        await daemon.scale_agent("hold", 2)
+        await daemon.control.scale_agent("hold", 2)
         await eventually(lambda: agent(daemon, "hold").ready_replicas == 2, timeout=30)
         os.kill(holder.pid, signal.SIGKILL)
         with anyio.fail_after(15):
@@ -186,7 +186,7 @@ async def test_supervisor_speaks_sd_notify(tmp_path: Path, python_exe: str) -> N
             reload_task_done = anyio.Event()
 
             async def do_reload() -> None:
-                await daemon.reload()
+                await daemon.control.reload()
                 reload_task_done.set()
 
             tg.start_soon(do_reload)

@@ -331,6 +331,8 @@ class AgentConfig(AgentSettings):
     shards: int = Field(default=0, ge=0)
     ordered: bool = False
     after: list[str] = Field(default_factory=list)
+    #: Whether the workers read the agent's group (see :attr:`uses_bus`).
+    bus: bool | None = None
 
     _namespace: str = PrivateAttr(default=DEFAULT_NAMESPACE)
 
@@ -403,7 +405,19 @@ class AgentConfig(AgentSettings):
             raise ValueError(f"set exactly one of handler or command ({both})")
         if self.ordered and self.shards <= 1:
             raise ValueError("ordered = true requires shards > 1")
+        if self.handler is not None and self.bus is False:
+            raise ValueError("bus = false is only for command agents (a handler always reads)")
         return self
+
+    @property
+    def uses_bus(self) -> bool:
+        """The workers read the group as ``AG1_CONSUMER``: reclaim, sweep and nudges apply.
+
+        Handler agents always do; a command agent only when it says so with
+        ``bus = true`` (otherwise nothing is claimed to its consumer name and it
+        is never sent SIGUSR1, which would kill a program that does not handle it).
+        """
+        return self.kind == "handler" if self.bus is None else self.bus
 
     @property
     def kind(self) -> Literal["handler", "command"]:

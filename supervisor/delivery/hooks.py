@@ -17,8 +17,8 @@ import anyio
 
 from core_bus.log import get_logger
 from supervisor.delivery.rebalance import GroupTarget, Rebalancer
-from supervisor.fleet.snapshot import GroupSnapshot
-from supervisor.runtime.table import AgentRuntime, group_snapshot
+from supervisor.fleet.snapshot import GroupSnapshot, group_snapshot
+from supervisor.runtime.table import AgentRuntime, WorkerTable
 
 log = get_logger("supervisor.delivery")
 
@@ -26,6 +26,7 @@ log = get_logger("supervisor.delivery")
 RECLAIM_DEADLINE = 30.0
 CLEANUP_DEADLINE = 60.0
 SWEEP_DEADLINE = 30.0
+RECORD_DEADLINE = 5.0
 
 
 def _error(exc: BaseException) -> str:
@@ -35,9 +36,21 @@ def _error(exc: BaseException) -> str:
 class DeliveryHooks:
     """The daemon's side of crash-aware reclaim, cleanup and sweeping."""
 
-    def __init__(self, rebalancer: Rebalancer, supervisor_name: str) -> None:
+    def __init__(self, rebalancer: Rebalancer, table: WorkerTable) -> None:
         self.rebalancer = rebalancer
-        self.owned_prefix = f"{supervisor_name}:"
+        self._table = table
+
+    async def record_consumer(self, runtime: AgentRuntime, consumer: str) -> None:
+        """Remember a consumer name handed to a worker of a bus agent (see the registry)."""
+        if not runtime.config.uses_bus:
+            return
+        try:
+            with anyio.fail_after(RECORD_DEADLINE):
+                await self.rebalancer.registry.record(consumer, runtime.name)
+        except Exception as exc:  # the sweep still covers it; cleanup after a crash may not
+            log.warning(
+                "consumer not recorded", agent=runtime.name, consumer=consumer, error=_error(exc)
+            )
 
     @staticmethod
     def target(runtime: AgentRuntime) -> GroupTarget:
@@ -65,8 +78,14 @@ class DeliveryHooks:
 
     @staticmethod
     def nudge(runtime: AgentRuntime, receivers: dict[str, int]) -> None:
-        """SIGUSR1 to each worker that just received entries: look at your pending list now."""
-        for worker in runtime.workers.values():
+        """SIGUSR1 to each worker that just received entries: look at your pending list now.
+
+        Only ready workers of bus agents: a starting worker may not handle the
+        signal yet (its default action kills it), nor may a command agent.
+        """
+        if not runtime.config.uses_bus:
+            return
+        for worker in runtime.ready_workers():
             if worker.consumer in receivers and receivers[worker.consumer] and worker.process:
                 worker.process.signal_child(signal.SIGUSR1)
 
@@ -76,10 +95,11 @@ class DeliveryHooks:
         With no live sibling, or when Redis fails, the consumer waits in the
         agent's orphan list for the next worker that becomes ready.
         """
+        if not runtime.config.uses_bus:
+            return
         live = runtime.live_consumers(exclude=dead_consumer)
         if not live:
-            if dead_consumer not in runtime.orphans:
-                runtime.orphans.append(dead_consumer)
+            self._table.add_orphan(runtime, dead_consumer)
             return
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
@@ -90,8 +110,7 @@ class DeliveryHooks:
             log.warning(
                 "reclaim failed", agent=runtime.name, consumer=dead_consumer, error=_error(exc)
             )
-            if dead_consumer not in runtime.orphans:
-                runtime.orphans.append(dead_consumer)
+            self._table.add_orphan(runtime, dead_consumer)
             return
         if moved:
             log.info(
@@ -105,15 +124,15 @@ class DeliveryHooks:
 
     async def cleanup_stale(self, runtime: AgentRuntime, running: set[str]) -> None:
         """Reclaim and delete consumers a previous run of this supervisor left behind."""
+        if not runtime.config.uses_bus:
+            return
         live = set(runtime.live_consumers()) | running
         try:
             with anyio.fail_after(CLEANUP_DEADLINE):
-                moved = await self.rebalancer.cleanup_stale(
-                    self.target(runtime), sorted(live), self.owned_prefix
-                )
+                moved = await self.rebalancer.cleanup_stale(self.target(runtime), sorted(live))
         except Exception as exc:
             log.warning("stale consumer cleanup failed", agent=runtime.name, error=_error(exc))
-            runtime.stale_cleaned = False  # try again with the next ready worker
+            self._table.stale_cleanup_failed(runtime)  # try again with the next ready worker
             return
         if moved:
             self.nudge(runtime, moved)
@@ -127,13 +146,15 @@ class DeliveryHooks:
     async def sweep_due(self, agents: Iterable[AgentRuntime], now: float, base: float) -> None:
         """One pass: XAUTOCLAIM for every agent whose sweep_interval has elapsed."""
         for runtime in list(agents):
+            if not runtime.config.uses_bus:
+                continue
             interval = runtime.config.sweep_interval or base
             if now - runtime.last_sweep < interval:
                 continue
             live = runtime.live_consumers()
             if not live:
                 continue
-            runtime.last_sweep = now
+            self._table.swept(runtime, now)
             try:
                 with anyio.fail_after(SWEEP_DEADLINE):
                     moved = await self.rebalancer.sweep(self.target(runtime), live)

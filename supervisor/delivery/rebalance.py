@@ -5,7 +5,8 @@ it calls :meth:`Rebalancer.reclaim_dead` at once (crash-aware reclaim). A
 periodic :meth:`Rebalancer.sweep` (XAUTOCLAIM cursor loop) catches hung
 handlers and consumers of processes this supervisor does not know. At start,
 :meth:`Rebalancer.cleanup_stale` reclaims and deletes consumers a previous
-(SIGKILLed) run left behind.
+(SIGKILLed) run left behind: only names found in this supervisor's
+:class:`~supervisor.delivery.registry.ConsumerRegistry`.
 
 Delivery counting: every claim here is a normal (non-JUSTID) XCLAIM or
 XAUTOCLAIM, so it bumps the Redis delivery counter once — a claim *is* the
@@ -42,7 +43,6 @@ from supervisor.delivery.consumers import (
     ConsumerDeleter,
     GroupStats,
     PendingEntry,
-    consumers_of,
     group_stats,
     pending_entries,
     pending_of_ids,
@@ -55,6 +55,7 @@ from supervisor.delivery.group_target import (
     GroupTarget,
     RebalanceCounters,
 )
+from supervisor.delivery.registry import ConsumerRegistry
 
 log = get_logger("supervisor.delivery.rebalance")
 
@@ -77,6 +78,7 @@ class Rebalancer:
         self.redis = redis
         self.keys = keys
         self.supervisor_name = supervisor_name
+        self.registry = ConsumerRegistry(redis, keys, supervisor_name)
         self._deleter = ConsumerDeleter(redis)
         self._counters: dict[str, RebalanceCounters] = {}
         self._rr: dict[tuple[str, str], int] = {}  # (agent, group) -> round-robin offset
@@ -133,7 +135,10 @@ class Rebalancer:
         counters.reclaimed_by_reason[reason] = counters.reclaimed_by_reason.get(reason, 0) + total
         if existed and deleted_everywhere:
             counters.deleted_consumers += 1
-        if not deleted_everywhere:
+        if deleted_everywhere:
+            with anyio.CancelScope(shield=True):
+                await self.registry.forget([dead_consumer])
+        else:
             self._graveyard.setdefault((target.agent, target.group), set()).add(dead_consumer)
         if total or existed:
             log.info(
@@ -336,6 +341,7 @@ class Rebalancer:
             ]
             if DELETE_HAS_PENDING not in results:
                 waiting.discard(name)
+                await self.registry.forget([name])
                 if DELETE_DONE in results:
                     self._c(target.agent).deleted_consumers += 1
 
@@ -474,19 +480,16 @@ class Rebalancer:
 
     # -- startup cleanup -------------------------------------------------------------
     async def cleanup_stale(
-        self, target: GroupTarget, live_consumers: Sequence[str], owned_prefix: str
+        self, target: GroupTarget, live_consumers: Sequence[str]
     ) -> dict[str, int]:
-        """Reclaim and delete consumers named ``owned_prefix*`` that are not live.
+        """Reclaim and delete this supervisor's recorded consumers of the agent that are not live.
 
         For a previous run of this supervisor that was SIGKILLed: its workers'
-        consumers still own pending entries nobody will ack.
+        consumers still own pending entries nobody will ack. Only names in the
+        registry are touched (never a library user's or another supervisor's).
         """
         live = set(live_consumers)
-        stale: dict[str, None] = {}
-        for stream in target.streams:
-            for info in await consumers_of(self.redis, stream, target.group):
-                if info.name.startswith(owned_prefix) and info.name not in live:
-                    stale[info.name] = None
+        stale = [name for name in await self.registry.names(target.agent) if name not in live]
         moved: dict[str, int] = {}
         for name in stale:
             got = await self.reclaim_dead(target, name, live_consumers, reason=REASON_STARTUP)

@@ -15,15 +15,19 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 from pydantic import SecretStr
 
 from core_bus.log import get_logger
-from supervisor.config.plan import Plan, build_plan
+from supervisor.config.models import FleetConfig
+from supervisor.config.plan import build_plan
+from supervisor.fleet.rollout import roll_agent
 from supervisor.fleet.snapshot import ControlError, ReloadResult
-from supervisor.runtime.table import AgentRuntime
+from supervisor.runtime.lifecycle import CAUSE_STOP
+from supervisor.runtime.runner import WorkerRunner
+from supervisor.runtime.table import AgentRuntime, WorkerTable
 
 log = get_logger("supervisor.fleet.reload")
 
@@ -31,40 +35,42 @@ log = get_logger("supervisor.fleet.reload")
 RESTART_SECTIONS = ("supervisor", "redis", "http")
 
 
-class ReloadOps(Protocol):
-    """What applying a reload needs of the daemon."""
+async def reload_config(
+    table: WorkerTable, runner: WorkerRunner, loader: Callable[[Path], FleetConfig]
+) -> ReloadResult:
+    """Load ``table.config.path`` with ``loader`` (in a thread) and apply the difference.
 
-    config: Any
-    plan: Plan
-    agents: dict[str, AgentRuntime]
-
-    def apply_config(self, config: Any) -> None: ...
-
-    def poke(self) -> None: ...
-
-    async def remove_agent(self, name: str) -> None: ...
-
-    async def roll(self, runtime: AgentRuntime) -> None: ...
-
-
-async def reload_config(ops: ReloadOps, loader: Callable[[Path], Any]) -> ReloadResult:
-    """Load ``ops.config.path`` with ``loader`` (in a thread) and apply the difference."""
+    Nothing raised while loading or applying stops the supervisor: the error is
+    logged and returned, and whatever was not applied keeps running as before.
+    """
+    path = Path(table.config.path)
     try:
-        new_config = await anyio.to_thread.run_sync(loader, Path(ops.config.path))
+        new_config = await anyio.to_thread.run_sync(loader, path)
     except Exception as exc:
-        problems = [str(p) for p in getattr(exc, "problems", [])] or [str(exc)]
-        log.error("reload rejected", errors=problems, config=str(ops.config.path))
+        problems = [str(p) for p in getattr(exc, "problems", [])] or [_error(exc)]
+        log.error("reload rejected", errors=problems, config=str(path))
         return ReloadResult(ok=False, errors=problems)
-    return await apply_config_change(ops, new_config)
+    try:
+        return await apply_config_change(table, runner, new_config)
+    except Exception as exc:
+        log.error("reload failed", error=_error(exc), config=str(path), exc_info=exc)
+        return ReloadResult(ok=False, errors=[f"reload failed: {_error(exc)}"])
 
 
-async def apply_config_change(ops: ReloadOps, new_config: Any) -> ReloadResult:
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def apply_config_change(
+    table: WorkerTable, runner: WorkerRunner, new_config: FleetConfig
+) -> ReloadResult:
     """Apply a validated config: start, stop, scale and roll agents as the diff says."""
     # Diff with the sections the running supervisor keeps, so a changed [redis]
     # url (which needs a restart) does not mark every agent changed.
-    merged = keep_restart_sections(ops.config, new_config)
-    diff = ops.plan.diff(build_plan(merged))
-    restart_required = restart_sections_changed(ops.config, new_config)
+    old_config = table.config
+    merged = keep_restart_sections(old_config, new_config)
+    diff = table.plan.diff(build_plan(merged))
+    restart_required = restart_sections_changed(old_config, new_config)
     if restart_required:
         log.warning(
             "reload: these sections changed and need a supervisor restart",
@@ -78,32 +84,32 @@ async def apply_config_change(ops: ReloadOps, new_config: Any) -> ReloadResult:
         scaled=diff.scaled,
         unchanged=len(diff.unchanged),
     )
-    old_agents = {a.name: a for a in ops.config.agents}
+    old_agents = {a.name: a for a in old_config.agents}
     new_agents = {a.name: a for a in new_config.agents}
-    ops.apply_config(merged)
+    table.apply_config(merged)
     async with anyio.create_task_group() as tg:
         for name in diff.removed:
-            tg.start_soon(ops.remove_agent, name)
+            tg.start_soon(remove_agent, table, runner, name)
     for name in diff.added:
-        ops.agents[name] = AgentRuntime(new_agents[name], desired=new_agents[name].replicas)
+        table.add_agent(new_agents[name])
     for name in diff.scaled + diff.unchanged:
-        runtime = ops.agents[name]
-        runtime.config = new_agents[name]
+        runtime = table.agents[name]
+        table.set_agent_config(runtime, new_agents[name])
         if old_agents[name].replicas != new_agents[name].replicas:
-            runtime.desired = new_agents[name].replicas
-    ops.poke()
+            table.set_desired(runtime, new_agents[name].replicas)
+    runner.poke()
 
     errors: list[str] = []
 
     async def roll(name: str) -> None:
-        runtime = ops.agents[name]
-        runtime.config = new_agents[name]
+        runtime = table.agents[name]
+        table.set_agent_config(runtime, new_agents[name])
         try:
-            await ops.roll(runtime)
+            await roll_agent(table, runner, runtime)
         except ControlError as exc:
             errors.append(str(exc))
-        runtime.desired = new_agents[name].replicas
-        ops.poke()
+        table.set_desired(runtime, new_agents[name].replicas)
+        runner.poke()
 
     async with anyio.create_task_group() as tg:
         for name in diff.changed:
@@ -118,6 +124,27 @@ async def apply_config_change(ops: ReloadOps, new_config: Any) -> ReloadResult:
         unchanged=diff.unchanged,
         restart_required=restart_required,
     )
+
+
+async def remove_agent(table: WorkerTable, runner: WorkerRunner, name: str) -> None:
+    """Drain and stop an agent a reload removed, then forget it."""
+    runtime = table.get(name)
+    if runtime is None:
+        return
+    await stop_agent_workers(table, runner, runtime)
+    table.remove_agent(name)
+    log.info("agent removed", agent=name)
+
+
+async def stop_agent_workers(
+    table: WorkerTable, runner: WorkerRunner, runtime: AgentRuntime
+) -> None:
+    """Disable an agent and drain its workers (they stay stopped until started again)."""
+    table.set_enabled(runtime, False)
+    async with anyio.create_task_group() as tg:
+        for worker in list(runtime.workers.values()):
+            tg.start_soon(runner.stop_and_wait, worker, CAUSE_STOP)
+    runner.poke()
 
 
 def _section_digest(config: Any, section: str) -> str:

@@ -17,17 +17,15 @@ from supervisor.delivery.hooks import DeliveryHooks
 from supervisor.fleet.snapshot import GroupSnapshot
 from supervisor.runtime.lifecycle import WorkerState
 from supervisor.runtime.resources import ResourceSampler
-from supervisor.runtime.table import AgentRuntime, Worker
+from supervisor.runtime.table import AgentRuntime, Worker, WorkerTable
 
 log = get_logger("supervisor.fleet.sampling")
 
 
-async def sample_workers(
-    sampler: ResourceSampler, workers: Iterable[Worker], agents: dict[str, AgentRuntime]
-) -> list[Worker]:
+async def sample_workers(sampler: ResourceSampler, table: WorkerTable) -> list[Worker]:
     """Refresh each running worker's usage (psutil, in a thread); return the ready ones
     whose process tree is over their agent's ``memory_limit``."""
-    running = [w for w in workers if w.pid is not None]
+    running = [w for w in table.all_workers() if w.pid is not None]
     roots = [w.pid for w in running if w.pid is not None]
     try:
         usage = await anyio.to_thread.run_sync(sampler.sample, roots)
@@ -38,8 +36,8 @@ async def sample_workers(
     for worker in running:
         if worker.pid is None:
             continue
-        worker.usage = usage.get(worker.pid)
-        runtime = agents.get(worker.agent)
+        table.sampled(worker, usage.get(worker.pid))
+        runtime = table.get(worker.agent)
         limit = runtime.config.memory_limit if runtime is not None else None
         if (
             limit

@@ -7,10 +7,14 @@ never reach into daemon internals.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from core_bus.consume.stats import SubscriptionStats
+from supervisor.runtime.lifecycle import WorkerState
+from supervisor.runtime.readiness import agent_state
+from supervisor.runtime.records import AgentRuntime, Worker
 
 
 @dataclass
@@ -118,3 +122,88 @@ class FleetControl(Protocol):
     async def start_agent(self, name: str) -> None: ...
 
     async def reload(self) -> ReloadResult: ...
+
+
+# -- building snapshots from the worker table ------------------------------------
+
+
+def worker_snapshot(runtime: AgentRuntime, worker: Worker, now: float) -> WorkerSnapshot:
+    """One worker as the HTTP API shows it (``now``: the loop's monotonic clock)."""
+    lc = worker.lifecycle
+    running = lc.running
+    stats = worker.stats
+    heartbeat_age = None
+    if running and lc.last_heartbeat is not None:
+        heartbeat_age = max(0.0, now - lc.last_heartbeat)
+    return WorkerSnapshot(
+        agent=runtime.name,
+        slot=worker.slot,
+        worker_id=worker.key,
+        state=str(lc.state),
+        pid=worker.pid,
+        consumer=worker.consumer if running else None,
+        restarts=lc.restarts,
+        last_exit=lc.last_exit.reason if lc.last_exit is not None else None,
+        started_at=worker.started_wall if running else None,
+        uptime_seconds=(now - lc.started_at) if running and lc.started_at is not None else None,
+        last_heartbeat_age_seconds=heartbeat_age,
+        rss_bytes=worker.usage.rss_bytes if running and worker.usage else None,
+        cpu_percent=worker.usage.cpu_percent if running and worker.usage else None,
+        in_flight=stats.in_flight if stats is not None and running else 0,
+        status_text=lc.fatal_reason if lc.state == WorkerState.FATAL else worker.status_text,
+    )
+
+
+def agent_snapshot(runtime: AgentRuntime, now: float, counters: Any = None) -> AgentSnapshot:
+    """One agent with its workers; message totals span every incarnation.
+
+    ``counters`` are the rebalancer's counters for the agent (reclaims, dead
+    letters written by the supervisor, deleted consumers), when there is one.
+    """
+    messages = SubscriptionStats()
+    messages.merge(runtime.totals)
+    for worker in runtime.workers.values():
+        if worker.stats is not None:
+            messages.merge(worker.stats)
+    if counters is not None:
+        messages.dead_lettered += int(getattr(counters, "dead_lettered", 0))
+    return AgentSnapshot(
+        name=runtime.name,
+        group=runtime.config.group,
+        streams=list(runtime.config.read_streams),
+        desired_replicas=runtime.desired if runtime.enabled else 0,
+        ready_replicas=len(runtime.ready_workers()),
+        state=agent_state(runtime),
+        workers=[
+            worker_snapshot(runtime, w, now)
+            for w in sorted(runtime.workers.values(), key=lambda w: w.slot)
+        ],
+        restarts_total=runtime.restarts_total,
+        exits_by_reason=dict(runtime.exits_by_reason),
+        messages=messages,
+        reclaimed_by_reason=dict(getattr(counters, "reclaimed_by_reason", {}) or {}),
+        deleted_consumers_total=int(getattr(counters, "deleted_consumers", 0)),
+        rolling=runtime.rolling,
+        last_error=agent_error(runtime),
+    )
+
+
+def agent_error(runtime: AgentRuntime) -> str | None:
+    """The most pressing reason the agent is not as asked: fatal, failed roll, failed start."""
+    for worker in sorted(runtime.workers.values(), key=lambda w: w.slot):
+        if worker.lifecycle.state == WorkerState.FATAL:
+            return f"{worker.key} fatal: {worker.lifecycle.fatal_reason}"
+    return runtime.last_roll_error or runtime.last_start_error
+
+
+def group_snapshot(stat: Any, group: str) -> GroupSnapshot:
+    lag = getattr(stat, "lag", None)
+    if isinstance(lag, float) and math.isnan(lag):
+        lag = None
+    return GroupSnapshot(
+        stream=str(getattr(stat, "stream", "")),
+        group=str(getattr(stat, "group", group)),
+        pending=getattr(stat, "pending", None),
+        lag=lag,
+        consumers=getattr(stat, "consumers", None),
+    )

@@ -17,8 +17,9 @@ import time
 import anyio
 
 from core_bus.log import get_logger
+from supervisor.runtime.readiness import fleet_summary, plan_up
+from supervisor.runtime.records import AgentRuntime
 from supervisor.runtime.sdnotify import Notifier
-from supervisor.runtime.table import AgentRuntime, fleet_summary, plan_up
 
 log = get_logger("supervisor.fleet.daemon")
 

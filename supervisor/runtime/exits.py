@@ -1,7 +1,8 @@
 """What a worker's exit means: its reason, the lifecycle's verdict, counters and log lines.
 
-Pure bookkeeping on the worker table (no I/O besides log events), so the
-daemon's exit path is: reap → :func:`record_exit` → reclaim → reconcile.
+Pure bookkeeping on the worker table's records (no I/O besides log events),
+called by :class:`~supervisor.runtime.table.WorkerTable` only, so the exit
+path is: reap → ``table.exited`` (:func:`record_exit`) → reclaim → reconcile.
 Reasons are told truthfully: our own kill causes (watchdog, memory limit,
 start timeout) win over the raw status, a SIGKILL we did not send is flagged
 as a likely OOM kill, and an exit before READY that we did not ask for is a
@@ -21,7 +22,7 @@ from supervisor.runtime.lifecycle import (
     WorkerState,
 )
 from supervisor.runtime.process import ExitStatus
-from supervisor.runtime.table import AgentRuntime, Worker
+from supervisor.runtime.records import AgentRuntime, Worker
 
 log = get_logger("supervisor.fleet.daemon")
 
@@ -80,10 +81,11 @@ def record_exit(
 
 
 def record_spawn_failure(
-    runtime: AgentRuntime, worker: Worker, now: float, exc: OSError
+    runtime: AgentRuntime, worker: Worker, now: float, exc: OSError | ValueError
 ) -> WorkerState:
     """A worker that could not even be spawned: exit 127, a failed start."""
-    reason = f"spawn failed: {exc.strerror or exc}"
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    reason = f"spawn failed: {detail}"
     log.error("worker spawn failed", agent=runtime.name, worker=worker.key, error=reason)
     state = worker.lifecycle.on_exit(now, ExitInfo(code=127, reason=reason))
     runtime.exits_by_reason[reason] += 1

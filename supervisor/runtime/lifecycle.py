@@ -43,19 +43,40 @@ FAILURE_CAUSES = frozenset({CAUSE_WATCHDOG, CAUSE_MEMORY, CAUSE_START_TIMEOUT})
 
 
 class AgentLike(Protocol):
-    """The AgentConfig fields the policy reads (durations in seconds)."""
+    """The AgentConfig fields the policy reads (durations in seconds; read-only)."""
 
-    kind: str
-    restart: str
-    backoff_initial: float
-    backoff_max: float
-    backoff_reset_after: float
-    start_limit: int
-    start_limit_window: float
-    start_timeout: float
-    start_seconds: float
-    success_exit_codes: list[int]
-    watchdog: float | None
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def restart(self) -> str: ...
+
+    @property
+    def backoff_initial(self) -> float: ...
+
+    @property
+    def backoff_max(self) -> float: ...
+
+    @property
+    def backoff_reset_after(self) -> float: ...
+
+    @property
+    def start_limit(self) -> int: ...
+
+    @property
+    def start_limit_window(self) -> float: ...
+
+    @property
+    def start_timeout(self) -> float: ...
+
+    @property
+    def start_seconds(self) -> float: ...
+
+    @property
+    def success_exit_codes(self) -> list[int]: ...
+
+    @property
+    def watchdog(self) -> float | None: ...
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
-"""Worker processes of the daemon's table: spawn, watch, stop, notify dispatch.
+"""Worker processes of the worker table: spawn, watch, stop, notify dispatch.
 
-:class:`WorkerRunner` owns the child side of a :class:`supervisor.runtime.table.Worker`:
+:class:`WorkerRunner` owns the child side of a :class:`supervisor.runtime.records.Worker`:
 it spawns the process for a slot, awaits the child's exit in a task of the
 daemon's task group (capturing its output), records the exit and hands the dead
 consumer's pending entries to :class:`supervisor.delivery.hooks.DeliveryHooks`,
 stops workers with the SIGTERM → SIGKILL escalation, and applies the messages
 workers send on the notify socket. *When* to spawn or stop is the reconcile
-loop's decision (:mod:`supervisor.fleet.daemon`); this module only carries it out and
-pokes the loop whenever a worker changed.
+loop's decision (:mod:`supervisor.fleet.reconciler`); this module only carries it
+out, records what happened through the :class:`~supervisor.runtime.table.WorkerTable`
+(the table's one writer) and pokes the loop whenever a worker changed.
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ import anyio
 import anyio.abc
 
 from core_bus.consume.stats import SubscriptionStats
+from core_bus.keys import WorkerConsumer
 from core_bus.log import get_logger
 from supervisor.delivery.hooks import DeliveryHooks
-from supervisor.runtime.exits import exit_reason, record_exit, record_spawn_failure
+from supervisor.runtime.exits import exit_reason
 from supervisor.runtime.lifecycle import (
     CAUSE_START_TIMEOUT,
     CAUSE_STOP,
     CAUSE_WATCHDOG,
-    WorkerState,
 )
 from supervisor.runtime.logcapture import LineCapture, TokenBucket
 from supervisor.runtime.notify import NotifyMessage, SenderIndex
 from supervisor.runtime.process import ChildProcess, ExitStatus
-from supervisor.runtime.table import AgentRuntime, IncarnationIds, Worker
+from supervisor.runtime.table import AgentRuntime, IncarnationIds, Worker, WorkerTable
 from supervisor.runtime.worker_env import FleetContext, worker_argv, worker_environment, working_dir
 
 # The daemon's logger: these events were always the daemon's and keep its name.
@@ -48,20 +49,19 @@ OUTPUT_GRACE = 1.0
 class WorkerRunner:
     """Carries out spawn/stop for the worker table and reports changes back.
 
-    ``agents`` is the daemon's table (shared, mutated in place by reloads),
-    ``poke`` wakes the reconcile loop and ``fleet_context`` gives the
+    ``table`` is the worker table, ``poke`` wakes the reconcile loop and ``fleet_context`` gives the
     environment every child inherits. Until :meth:`bind` hands over the task
     group (and after :meth:`unbind`) nothing is spawned or signalled.
     """
 
     def __init__(
         self,
-        agents: dict[str, AgentRuntime],
+        table: WorkerTable,
         *,
         poke: Callable[[], None],
         fleet_context: Callable[[], FleetContext],
     ) -> None:
-        self._agents = agents
+        self._table = table
         self._poke = poke
         self._fleet_context = fleet_context
         self._senders = SenderIndex()
@@ -76,7 +76,7 @@ class WorkerRunner:
         self.force_stop = False
 
     def bind(
-        self, tg: anyio.abc.TaskGroup, *, supervisor_name: str, delivery: DeliveryHooks | None
+        self, tg: anyio.abc.TaskGroup, *, supervisor_name: str, delivery: DeliveryHooks
     ) -> None:
         """Start owning children: their watchers and stops run in ``tg``."""
         self._tg = tg
@@ -87,7 +87,14 @@ class WorkerRunner:
         self._tg = None
 
     def all_workers(self) -> list[Worker]:
-        return [w for rt in self._agents.values() for w in rt.workers.values()]
+        return self._table.all_workers()
+
+    def poke(self) -> None:
+        """Wake the reconcile loop."""
+        self._poke()
+
+    def now(self) -> float:
+        return anyio.current_time()
 
     def begin_stop(self, force: bool) -> None:
         """The supervisor is stopping; ``force`` SIGKILLs every running child now."""
@@ -115,31 +122,24 @@ class WorkerRunner:
         if self.stopping or self._tg is None:
             return
         agent = runtime.config
-        consumer = f"{self._supervisor_name}:{agent.name}:{worker.slot}:{self._ids.next()}"
-        fleet = self._fleet_context()
-        env = worker_environment(agent, fleet, worker.key, consumer)
-        cwd = working_dir(agent, fleet)
-        worker.kill_cause = None
-        worker.consumer = consumer
-        worker.stats = None
-        worker.status_text = None
-        worker.usage = None
-        worker.lifecycle.policy = runtime.policy
-        worker.lifecycle.on_spawned(now)
+        consumer = str(
+            WorkerConsumer(self._supervisor_name, agent.name, worker.slot, self._ids.next())
+        )
+        self._table.spawning(runtime, worker, consumer, now)
         try:
+            fleet = self._fleet_context()
             process = ChildProcess.spawn(
                 worker_argv(agent),
-                env=env,
-                cwd=cwd,
+                env=worker_environment(agent, fleet, worker.key, consumer),
+                cwd=working_dir(agent, fleet),
                 # Our worker arms its parent-death signal itself (the spawn can vfork).
                 pdeathsig="child" if agent.kind == "handler" else True,
             )
-        except OSError as exc:
-            state = record_spawn_failure(runtime, worker, now, exc)
-            self._after_exit_state(runtime, worker, state)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in argv/env
+            self._table.spawn_failed(runtime, worker, now, exc)
+            self._after_exit_state(worker)
             return
-        worker.process = process
-        worker.started_wall = time.time()
+        self._table.spawned(worker, process, time.time())
         self._senders.add(process.pid, worker.key)
         log.info(
             "worker started",
@@ -150,6 +150,8 @@ class WorkerRunner:
         )
         self.worker_changed(worker)
         assert self._tg is not None
+        if self._delivery is not None:
+            self._tg.start_soon(self._delivery.record_consumer, runtime, consumer)
         self._tg.start_soon(self._watch, runtime, worker, process)
 
     async def _watch(self, runtime: AgentRuntime, worker: Worker, process: ChildProcess) -> None:
@@ -171,15 +173,13 @@ class WorkerRunner:
     ) -> None:
         self._senders.remove(process.pid)
         reason = exit_reason(worker, status, we_sent_kill=process.sent_kill)
-        state = record_exit(runtime, worker, anyio.current_time(), status, reason, process.pid)
+        self._table.exited(runtime, worker, anyio.current_time(), status, reason, process.pid)
         dead = worker.consumer
         if dead is not None and self._tg is not None:
             self._tg.start_soon(self._reclaim, runtime, dead)
-        self._after_exit_state(runtime, worker, state)
+        self._after_exit_state(worker)
 
-    def _after_exit_state(self, runtime: AgentRuntime, worker: Worker, state: WorkerState) -> None:
-        if state == WorkerState.BACKOFF:
-            runtime.restarts_total += 1
+    def _after_exit_state(self, worker: Worker) -> None:
         self.worker_changed(worker)
         self._poke()
 
@@ -192,14 +192,15 @@ class WorkerRunner:
             self._poke()
             return
         if worker.kill_cause is None or cause in (CAUSE_WATCHDOG, CAUSE_START_TIMEOUT):
-            worker.kill_cause = cause
+            self._table.kill_cause(worker, cause)
         self.worker_changed(worker)
         if process is None or process.exit_status is not None or self._tg is None:
             return
         if kill or self.force_stop:
             process.signal_group(signal.SIGKILL)
             return
-        timeout = float(self._agents[worker.agent].config.stop_timeout)
+        runtime = self._table.get(worker.agent)
+        timeout = float(runtime.config.stop_timeout) if runtime is not None else 10.0
         self._tg.start_soon(process.stop, timeout)
 
     async def stop_and_wait(self, worker: Worker, cause: str) -> None:
@@ -210,18 +211,14 @@ class WorkerRunner:
     # -- readiness and notify ----------------------------------------------------------------
     def mark_ready(self, runtime: AgentRuntime, worker: Worker, now: float) -> None:
         """READY: reclaim the agent's orphans to it and clean stale consumers once."""
-        if not worker.lifecycle.on_ready(now):
+        if not self._table.ready(runtime, worker, now):
             return
         log.info("worker ready", agent=runtime.name, worker=worker.key, pid=worker.pid)
-        runtime.last_start_error = None
         self.worker_changed(worker)
         if self._tg is not None and worker.consumer is not None:
-            if runtime.orphans:
-                orphans, runtime.orphans = runtime.orphans, []
-                for consumer in orphans:
-                    self._tg.start_soon(self._reclaim, runtime, consumer)
-            if not runtime.stale_cleaned:
-                runtime.stale_cleaned = True
+            for consumer in self._table.take_orphans(runtime):
+                self._tg.start_soon(self._reclaim, runtime, consumer)
+            if self._table.stale_cleanup_due(runtime):
                 self._tg.start_soon(self._cleanup_stale, runtime)
         self._poke()
 
@@ -231,23 +228,22 @@ class WorkerRunner:
         if key is None:
             log.debug("notify from unknown sender", pid=message.pid)
             return
-        name, _, slot_text = key.rpartition("/")
-        runtime = self._agents.get(name)
-        worker = runtime.workers.get(int(slot_text)) if runtime is not None else None
-        if runtime is None or worker is None:
+        found = self._table.worker_by_key(key)
+        if found is None:
             return
+        runtime, worker = found
         now = anyio.current_time()
-        if message.status is not None:
-            worker.status_text = message.status
+        stats = None
         if message.stats is not None:
             with contextlib.suppress(ValueError, TypeError):
-                worker.stats = SubscriptionStats.from_dict(json.loads(message.stats))
-        if message.watchdog:
-            worker.lifecycle.on_heartbeat(now)
+                stats = SubscriptionStats.from_dict(json.loads(message.stats))
+        self._table.notified(
+            worker, now, status=message.status, stats=stats, heartbeat=message.watchdog
+        )
         if message.ready:
             self.mark_ready(runtime, worker, now)
         if message.stopping:
-            log.info("worker stopping", agent=name, worker=key, pid=worker.pid)
+            log.info("worker stopping", agent=runtime.name, worker=key, pid=worker.pid)
 
     # -- delivery ------------------------------------------------------------------------------
     async def _reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
@@ -257,10 +253,4 @@ class WorkerRunner:
     async def _cleanup_stale(self, runtime: AgentRuntime) -> None:
         if self._delivery is None:
             return
-        running = {
-            w.consumer
-            for rt in self._agents.values()
-            for w in rt.workers.values()
-            if w.consumer and w.lifecycle.running
-        }
-        await self._delivery.cleanup_stale(runtime, running)
+        await self._delivery.cleanup_stale(runtime, self._table.running_consumers())

@@ -1,273 +1,229 @@
-"""The daemon's worker table: per-agent and per-worker runtime state, and its snapshots.
+"""The worker table: the fleet's agents and workers, and its one writer.
 
-Plain data plus the pure conversion to :mod:`supervisor.fleet.snapshot` dataclasses;
-no I/O. The daemon mutates these objects from its event loop only.
+:class:`WorkerTable` is the only code that changes which agents and workers
+exist and what they are asked to be (desired replicas, enabled, rolling,
+retired), and the only code that records what happened to a worker (spawned,
+ready, heartbeat, exit, usage, orphaned consumers). The reconciler, the
+controller, rollout, reload, the runner and the delivery hooks all write
+through its methods; snapshots, readiness and metrics only read the records
+(:mod:`supervisor.runtime.records`). Everything runs on the daemon's event
+loop, so no locks.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
-
-import anyio
+from collections.abc import Iterator
 
 from core_bus.consume.stats import SubscriptionStats
-from supervisor.fleet.snapshot import AgentSnapshot, GroupSnapshot, WorkerSnapshot
-from supervisor.runtime.lifecycle import RestartPolicy, WorkerLifecycle, WorkerState
-from supervisor.runtime.logcapture import CaptureStats
-from supervisor.runtime.process import ChildProcess
+from supervisor.config.models import AgentConfig, FleetConfig
+from supervisor.config.plan import Plan, build_plan
+from supervisor.runtime.exits import record_exit, record_spawn_failure
+from supervisor.runtime.lifecycle import WorkerLifecycle, WorkerState
+from supervisor.runtime.process import ChildProcess, ExitStatus
+from supervisor.runtime.records import AgentRuntime, IncarnationIds, Worker
 from supervisor.runtime.resources import Usage
 
-
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
+__all__ = ["AgentRuntime", "IncarnationIds", "Worker", "WorkerTable"]
 
 
-class IncarnationIds:
-    """Unique across supervisor runs: base36 milliseconds + a counter."""
+class WorkerTable:
+    """Agents by name, their workers by slot, the plan they follow (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self._base = _base36(int(time.time() * 1000))
-        self._n = 0
+    def __init__(self, config: FleetConfig) -> None:
+        self.agents: dict[str, AgentRuntime] = {}
+        self.config = config
+        self.plan: Plan = build_plan(config)
+        self.layers: list[list[str]] = self.plan.start_order()
+        for agent in config.agents:
+            self.add_agent(agent)
 
-    def next(self) -> str:
-        self._n += 1
-        return f"{self._base}{_base36(self._n)}"
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, name: str) -> AgentRuntime | None:
+        return self.agents.get(name)
 
+    def runtimes(self) -> list[AgentRuntime]:
+        return list(self.agents.values())
 
-@dataclass
-class Worker:
-    """One worker slot of an agent and its current incarnation."""
+    def all_workers(self) -> list[Worker]:
+        return [w for rt in self.agents.values() for w in rt.workers.values()]
 
-    agent: str
-    slot: int
-    lifecycle: WorkerLifecycle
-    process: ChildProcess | None = None
-    consumer: str | None = None
-    started_wall: float | None = None
-    status_text: str | None = None
-    stats: SubscriptionStats | None = None
-    usage: Usage | None = None
-    kill_cause: str | None = None
-    retired: bool = False  # remove once stopped (scale down, replaced by a roll)
-    changed: anyio.Event = field(default_factory=anyio.Event)
-    capture: CaptureStats = field(default_factory=CaptureStats)
+    def in_layers(self) -> Iterator[tuple[int, AgentRuntime]]:
+        """Agents in start order with their layer index (agents not in the plan are skipped)."""
+        for index, layer in enumerate(self.layers):
+            for name in layer:
+                runtime = self.agents.get(name)
+                if runtime is not None:
+                    yield index, runtime
 
-    @property
-    def key(self) -> str:
-        return f"{self.agent}/{self.slot}"
+    def running_consumers(self) -> set[str]:
+        return {w.consumer for w in self.all_workers() if w.consumer and w.lifecycle.running}
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None and self.lifecycle.running else None
+    def worker_by_key(self, key: str) -> tuple[AgentRuntime, Worker] | None:
+        name, _, slot_text = key.rpartition("/")
+        runtime = self.agents.get(name)
+        if runtime is None or not slot_text.isdigit():
+            return None
+        worker = runtime.workers.get(int(slot_text))
+        return None if worker is None else (runtime, worker)
 
-    def notify_changed(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
+    # -- config and agents -------------------------------------------------------------------
+    def apply_config(self, config: FleetConfig) -> None:
+        """A new plan (reload); agents are added, changed and removed by the calls below."""
+        self.config = config
+        self.plan = build_plan(config)
+        self.layers = self.plan.start_order()
 
+    def add_agent(self, agent: AgentConfig) -> AgentRuntime:
+        runtime = AgentRuntime(agent, desired=agent.replicas)
+        self.agents[agent.name] = runtime
+        return runtime
 
-@dataclass
-class AgentRuntime:
-    """Observed and desired state of one agent."""
+    def remove_agent(self, name: str) -> None:
+        self.agents.pop(name, None)
 
-    config: Any  # supervisor.config.models.AgentConfig
-    desired: int
-    enabled: bool = True
-    gate_open: bool = False
-    rolling: bool = False
-    workers: dict[int, Worker] = field(default_factory=dict)
-    totals: SubscriptionStats = field(default_factory=SubscriptionStats)
-    exits_by_reason: Counter[str] = field(default_factory=Counter)
-    restarts_total: int = 0
-    orphans: list[str] = field(default_factory=list)
-    stale_cleaned: bool = False
-    last_sweep: float = 0.0
-    last_roll_error: str | None = None
-    #: The last spawn failure or exit before READY; cleared when a worker gets ready.
-    last_start_error: str | None = None
+    def set_agent_config(self, runtime: AgentRuntime, agent: AgentConfig) -> None:
+        runtime.config = agent
 
-    @property
-    def name(self) -> str:
-        return str(self.config.name)
+    def set_desired(self, runtime: AgentRuntime, replicas: int) -> None:
+        runtime.desired = replicas
 
-    @property
-    def policy(self) -> RestartPolicy:
-        return RestartPolicy.from_agent(self.config)
+    def set_enabled(self, runtime: AgentRuntime, enabled: bool) -> None:
+        runtime.enabled = enabled
 
-    def active(self) -> list[Worker]:
-        return [w for w in self.workers.values() if not w.retired]
+    def open_gate(self, runtime: AgentRuntime) -> None:
+        runtime.gate_open = True
 
-    def ready_workers(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.lifecycle.state == WorkerState.READY]
+    def begin_roll(self, runtime: AgentRuntime) -> None:
+        runtime.rolling = True
+        runtime.last_roll_error = None
 
-    def live_consumers(self, exclude: str | None = None) -> list[str]:
-        return [
-            w.consumer
-            for w in self.ready_workers()
-            if w.consumer is not None and w.consumer != exclude
-        ]
+    def end_roll(self, runtime: AgentRuntime, error: str | None = None) -> None:
+        runtime.rolling = False
+        if error is not None:
+            runtime.last_roll_error = error
 
+    def roll_failed(self, runtime: AgentRuntime, error: str) -> None:
+        runtime.last_roll_error = error
 
-def agent_state(runtime: AgentRuntime) -> str:
-    """running | starting | degraded | stopped | fatal, as /status and /readyz show it."""
-    if not runtime.enabled:
-        return "stopped"
-    if any(w.lifecycle.state == WorkerState.FATAL for w in runtime.workers.values()):
-        return "fatal"
-    ready = len(runtime.ready_workers())
-    if ready >= runtime.desired:
-        return "running" if runtime.desired else "stopped"
-    if not runtime.gate_open:
-        return "starting"
-    if any(w.lifecycle.restarts for w in runtime.workers.values()):
-        return "degraded"
-    return "starting"
+    # -- workers -----------------------------------------------------------------------------
+    def free_slots(self, runtime: AgentRuntime, count: int) -> list[int]:
+        """The ``count`` lowest slots not in use (contiguous once retired workers leave)."""
+        used = set(runtime.workers)
+        slots: list[int] = []
+        slot = 0
+        while len(slots) < count:
+            if slot not in used:
+                slots.append(slot)
+            slot += 1
+        return slots
 
+    def add_worker(self, runtime: AgentRuntime, slot: int, now: float) -> Worker:
+        lifecycle = WorkerLifecycle(runtime.policy)
+        lifecycle.request_start(now)
+        worker = Worker(runtime.name, slot, lifecycle)
+        runtime.workers[slot] = worker
+        return worker
 
-def dependencies_ready(agents: dict[str, AgentRuntime], runtime: AgentRuntime) -> bool:
-    """Every agent named in ``after`` has its desired ready workers.
+    def request_start(self, worker: Worker, now: float) -> None:
+        """Start (again) a worker that is not running: backoff, stopped or fatal."""
+        worker.lifecycle.request_start(now)
 
-    An agent scaled to 0 replicas (or removed) is satisfied: nothing of it will
-    ever become ready, and waiting for it would block dependents forever.
-    """
-    for dep in runtime.config.after:
-        other = agents.get(dep)
-        if other is None or other.desired == 0:
-            continue
-        if len(other.ready_workers()) < other.desired:
+    def retire(self, worker: Worker, retired: bool = True) -> None:
+        worker.retired = retired
+
+    def drop_worker(self, runtime: AgentRuntime, worker: Worker) -> None:
+        if runtime.workers.get(worker.slot) is worker:
+            del runtime.workers[worker.slot]
+
+    def prune_retired(self, runtime: AgentRuntime) -> None:
+        """Retired workers that stopped leave the table."""
+        for worker in list(runtime.workers.values()):
+            if worker.retired and not worker.lifecycle.running:
+                self.drop_worker(runtime, worker)
+
+    # -- what happened to a worker (the runner reports, the table records) -------------------
+    def spawning(self, runtime: AgentRuntime, worker: Worker, consumer: str, now: float) -> None:
+        worker.kill_cause = None
+        worker.consumer = consumer
+        worker.stats = None
+        worker.status_text = None
+        worker.usage = None
+        worker.lifecycle.policy = runtime.policy
+        worker.lifecycle.on_spawned(now)
+
+    def spawned(self, worker: Worker, process: ChildProcess, wall: float) -> None:
+        worker.process = process
+        worker.started_wall = wall
+
+    def spawn_failed(
+        self, runtime: AgentRuntime, worker: Worker, now: float, exc: OSError | ValueError
+    ) -> WorkerState:
+        return self._after_exit(runtime, record_spawn_failure(runtime, worker, now, exc))
+
+    def exited(
+        self,
+        runtime: AgentRuntime,
+        worker: Worker,
+        now: float,
+        status: ExitStatus,
+        reason: str,
+        pid: int | None,
+    ) -> WorkerState:
+        return self._after_exit(runtime, record_exit(runtime, worker, now, status, reason, pid))
+
+    def _after_exit(self, runtime: AgentRuntime, state: WorkerState) -> WorkerState:
+        if state == WorkerState.BACKOFF:
+            runtime.restarts_total += 1
+        return state
+
+    def kill_cause(self, worker: Worker, cause: str) -> None:
+        worker.kill_cause = cause
+
+    def ready(self, runtime: AgentRuntime, worker: Worker, now: float) -> bool:
+        """READY arrived (or start_seconds passed); False if the lifecycle ignores it."""
+        if not worker.lifecycle.on_ready(now):
             return False
-    return True
+        runtime.last_start_error = None
+        return True
 
+    def notified(
+        self,
+        worker: Worker,
+        now: float,
+        *,
+        status: str | None,
+        stats: SubscriptionStats | None,
+        heartbeat: bool,
+    ) -> None:
+        if status is not None:
+            worker.status_text = status
+        if stats is not None:
+            worker.stats = stats
+        if heartbeat:
+            worker.lifecycle.on_heartbeat(now)
 
-def blocked_by_fatal(
-    agents: dict[str, AgentRuntime], runtime: AgentRuntime, seen: set[str] | None = None
-) -> bool:
-    """True when an agent ``runtime`` waits on (directly or not) is fatal."""
-    seen = set() if seen is None else seen
-    for dep in runtime.config.after:
-        other = agents.get(dep)
-        if other is None or dep in seen:
-            continue
-        seen.add(dep)
-        if agent_state(other) == "fatal" or blocked_by_fatal(agents, other, seen):
-            return True
-    return False
+    def sampled(self, worker: Worker, usage: Usage | None) -> None:
+        worker.usage = usage
 
+    # -- delivery bookkeeping -----------------------------------------------------------------
+    def add_orphan(self, runtime: AgentRuntime, consumer: str) -> None:
+        """A dead consumer whose entries wait for the agent's next ready worker."""
+        if consumer not in runtime.orphans:
+            runtime.orphans.append(consumer)
 
-def plan_up(agents: dict[str, AgentRuntime]) -> bool:
-    """The plan is up: every enabled agent has its ready workers, or is as settled as
-    it gets (fatal, or waiting on a fatal agent)."""
-    for runtime in agents.values():
-        if not runtime.enabled:
-            continue
-        if not runtime.gate_open:
-            if blocked_by_fatal(agents, runtime):
-                continue
+    def take_orphans(self, runtime: AgentRuntime) -> list[str]:
+        orphans, runtime.orphans = runtime.orphans, []
+        return orphans
+
+    def stale_cleanup_due(self, runtime: AgentRuntime) -> bool:
+        """True once per agent (and again after a failed cleanup)."""
+        if runtime.stale_cleaned:
             return False
-        ready = len(runtime.ready_workers())
-        fatal = any(w.lifecycle.state == WorkerState.FATAL for w in runtime.workers.values())
-        if ready < runtime.desired and not fatal:
-            return False
-    return True
+        runtime.stale_cleaned = True
+        return True
 
+    def stale_cleanup_failed(self, runtime: AgentRuntime) -> None:
+        runtime.stale_cleaned = False
 
-def fleet_summary(agents: dict[str, AgentRuntime]) -> str:
-    """One line for systemd's STATUS=: ready/desired workers and fatal agents."""
-    total = sum(rt.desired for rt in agents.values())
-    ready = sum(len(rt.ready_workers()) for rt in agents.values())
-    fatal = [rt.name for rt in agents.values() if agent_state(rt) == "fatal"]
-    text = f"{ready}/{total} workers ready in {len(agents)} agents"
-    if fatal:
-        text += f"; fatal: {', '.join(sorted(fatal))}"
-    return text
-
-
-def worker_snapshot(runtime: AgentRuntime, worker: Worker, now: float) -> WorkerSnapshot:
-    """One worker as the HTTP API shows it (``now``: the loop's monotonic clock)."""
-    lc = worker.lifecycle
-    running = lc.running
-    stats = worker.stats
-    heartbeat_age = None
-    if running and lc.last_heartbeat is not None:
-        heartbeat_age = max(0.0, now - lc.last_heartbeat)
-    return WorkerSnapshot(
-        agent=runtime.name,
-        slot=worker.slot,
-        worker_id=worker.key,
-        state=str(lc.state),
-        pid=worker.pid,
-        consumer=worker.consumer if running else None,
-        restarts=lc.restarts,
-        last_exit=lc.last_exit.reason if lc.last_exit is not None else None,
-        started_at=worker.started_wall if running else None,
-        uptime_seconds=(now - lc.started_at) if running and lc.started_at is not None else None,
-        last_heartbeat_age_seconds=heartbeat_age,
-        rss_bytes=worker.usage.rss_bytes if running and worker.usage else None,
-        cpu_percent=worker.usage.cpu_percent if running and worker.usage else None,
-        in_flight=stats.in_flight if stats is not None and running else 0,
-        status_text=lc.fatal_reason if lc.state == WorkerState.FATAL else worker.status_text,
-    )
-
-
-def agent_snapshot(runtime: AgentRuntime, now: float, counters: Any = None) -> AgentSnapshot:
-    """One agent with its workers; message totals span every incarnation.
-
-    ``counters`` are the rebalancer's counters for the agent (reclaims, dead
-    letters written by the supervisor, deleted consumers), when there is one.
-    """
-    messages = SubscriptionStats()
-    messages.merge(runtime.totals)
-    for worker in runtime.workers.values():
-        if worker.stats is not None:
-            messages.merge(worker.stats)
-    if counters is not None:
-        messages.dead_lettered += int(getattr(counters, "dead_lettered", 0))
-    return AgentSnapshot(
-        name=runtime.name,
-        group=runtime.config.group,
-        streams=list(runtime.config.read_streams),
-        desired_replicas=runtime.desired if runtime.enabled else 0,
-        ready_replicas=len(runtime.ready_workers()),
-        state=agent_state(runtime),
-        workers=[
-            worker_snapshot(runtime, w, now)
-            for w in sorted(runtime.workers.values(), key=lambda w: w.slot)
-        ],
-        restarts_total=runtime.restarts_total,
-        exits_by_reason=dict(runtime.exits_by_reason),
-        messages=messages,
-        reclaimed_by_reason=dict(getattr(counters, "reclaimed_by_reason", {}) or {}),
-        deleted_consumers_total=int(getattr(counters, "deleted_consumers", 0)),
-        rolling=runtime.rolling,
-        last_error=agent_error(runtime),
-    )
-
-
-def agent_error(runtime: AgentRuntime) -> str | None:
-    """The most pressing reason the agent is not as asked: fatal, failed roll, failed start."""
-    for worker in sorted(runtime.workers.values(), key=lambda w: w.slot):
-        if worker.lifecycle.state == WorkerState.FATAL:
-            return f"{worker.key} fatal: {worker.lifecycle.fatal_reason}"
-    return runtime.last_roll_error or runtime.last_start_error
-
-
-def group_snapshot(stat: Any, group: str) -> GroupSnapshot:
-    lag = getattr(stat, "lag", None)
-    if isinstance(lag, float) and math.isnan(lag):
-        lag = None
-    return GroupSnapshot(
-        stream=str(getattr(stat, "stream", "")),
-        group=str(getattr(stat, "group", group)),
-        pending=getattr(stat, "pending", None),
-        lag=lag,
-        consumers=getattr(stat, "consumers", None),
-    )
+    def swept(self, runtime: AgentRuntime, now: float) -> None:
+        runtime.last_sweep = now
