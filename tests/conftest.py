@@ -6,8 +6,12 @@ run against an existing server instead of starting one.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
+import resource
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +24,100 @@ from supervisor.redis.server import RedisServerError, RedisServerProcess, find_r
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: A callback (one step of a task) that blocks the event loop longer than this fails
+#: its test: it either burned that much CPU or slept in the kernel (a blocking call).
+#: Time the thread merely lost to other processes (the 2-core machine's scheduler,
+#: with worker processes and Redis competing for the CPU) does not count.
+SLOW_CALLBACK_SECONDS = 0.1
+
+
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """asyncio in debug mode: never-awaited coroutines and unclosed resources are reported."""
+    return ("asyncio", {"debug": True})
+
+
+class _GcClock:
+    """Seconds spent in the cyclic garbage collector: a full collection of the test
+    process's heap can take 100 ms, which is not a blocking call of the product."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
+_GC = _GcClock()
+
+
+class _LoopWatch:
+    """Times every callback the event loop runs; keeps those that blocked it.
+
+    Wall time alone would also count preemption; ``getrusage(RUSAGE_THREAD)``
+    separates the two: CPU time, and voluntary context switches (the thread
+    waited in a system call, i.e. a blocking call on the loop).
+    """
+
+    def __init__(self) -> None:
+        self.reports: list[str] = []
+        self._original = asyncio.events.Handle._run
+        self.active = False
+
+    def install(self) -> None:
+        watch, original = self, self._original
+
+        def timed_run(handle: asyncio.events.Handle) -> None:
+            if not watch.active:
+                original(handle)
+                return
+            wall0, gc0 = time.perf_counter(), _GC.seconds
+            use0 = resource.getrusage(resource.RUSAGE_THREAD)
+            original(handle)
+            collecting = _GC.seconds - gc0
+            wall = time.perf_counter() - wall0 - collecting
+            if wall <= SLOW_CALLBACK_SECONDS:
+                return
+            use1 = resource.getrusage(resource.RUSAGE_THREAD)
+            cpu = (use1.ru_utime + use1.ru_stime) - (use0.ru_utime + use0.ru_stime) - collecting
+            waited = use1.ru_nvcsw - use0.ru_nvcsw
+            if cpu > SLOW_CALLBACK_SECONDS or (waited and wall - cpu > SLOW_CALLBACK_SECONDS):
+                what = _describe(handle)
+                if "_run_tests_and_fixtures" in what or "_call_in_runner_task" in what:
+                    return  # the test body itself (a blocking subprocess.run of a CLI)
+                watch.reports.append(f"{what[:300]} took {wall:.3f}s (cpu {cpu:.3f}s)")
+
+        asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
+
+
+def _describe(handle: asyncio.events.Handle) -> str:
+    """The task a callback steps (its coroutine says where), else the callback."""
+    task = getattr(getattr(handle, "_callback", None), "__self__", None)
+    if isinstance(task, asyncio.Task):
+        return f"task {task.get_name()!r} {task.get_coro()!r}"
+    return repr(handle)
+
+
+_WATCH = _LoopWatch()
+_WATCH.install()
+
+
+@pytest.fixture(autouse=True)
+def _no_slow_callbacks() -> Iterator[None]:
+    """Fail a test whose event loop was blocked > SLOW_CALLBACK_SECONDS by the product."""
+    _WATCH.reports.clear()
+    _WATCH.active = True
+    try:
+        yield
+    finally:
+        _WATCH.active = False
+    if _WATCH.reports:
+        pytest.fail("event loop blocked: " + "; ".join(_WATCH.reports[:3]), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -247,5 +247,7 @@ async def test_sigkilled_owner_leaves_no_server_and_a_restart_keeps_the_data(
         if owner.poll() is None:
             owner.kill()
             owner.wait(10)
+        if owner.stdout is not None:
+            owner.stdout.close()
         if redis_pid and not _gone(redis_pid):
             os.kill(redis_pid, signal.SIGKILL)

@@ -198,6 +198,8 @@ def test_shell_agent_speaks_sd_notify_and_stops_on_sigterm(tmp_path: Path, redis
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
         sock.close()
     assert "shell-agent/0: ready" in output
     assert f"shell-agent/0: alive, {stream} holds" in output

@@ -108,11 +108,19 @@ async def test_sweep_runs_at_the_agents_interval(
     async with running(tmp_path, toml) as daemon:
         await eventually(lambda: agent(daemon, "hold").ready_replicas == 2, timeout=30)
         pids = sorted(w.pid or 0 for w in agent(daemon, "hold").workers)
-        await publish_many(redis, INBOX, [Envelope(role="user", content=i) for i in range(10)])
-        await eventually(lambda: _group_pending_is(redis, 10), timeout=15)
+        hung = worker(daemon, "hold", 0).consumer or ""
+        # READY comes before a worker's first read, so one batch may all go to worker 1:
+        # publish until the worker that stays hung holds some (blocked readers take turns).
+        total = 0
+        while total < 50 and not await _pending_of(redis, hung):
+            batch = [Envelope(role="user", content=total + i) for i in range(10)]
+            await publish_many(redis, INBOX, batch)
+            total += 10
+            await eventually(lambda n=total: _group_pending_is(redis, n), timeout=15)
+        assert await _pending_of(redis, hung), "the hung worker never took an entry"
         (tmp_path / "hang-hold-1").unlink()  # worker 1 recovers; worker 0 stays hung
         await eventually(
-            lambda: _scard_is(redis, "reclaim:seen", 10),
+            lambda: _scard_is(redis, "reclaim:seen", total),
             timeout=30,
             message="the hung worker's entries processed by its sibling",
         )

@@ -1,10 +1,10 @@
 """The shipped systemd units: `systemd-analyze verify` clean, and the directives we promise.
 
 verify runs on a copy whose ExecStart points at the installed console script
-(``.venv/bin/ag1-fleet``, resolved), because /usr/local/bin/ag1-fleet does not
-exist on a build machine. ``User=ag1-fleet`` is kept: systemd 252's verify does
-not check that the user exists (the negative-control test below shows verify
-does report real mistakes, so a clean run means something).
+(``ag1-fleet`` next to the interpreter running the tests, resolved), because
+/usr/local/bin/ag1-fleet does not exist on a build machine. ``User=ag1-fleet`` is
+kept: systemd 252's verify does not check that the user exists (the negative-control
+test below shows verify does report real mistakes, so a clean run means something).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import configparser
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from supervisor.config.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
-SCRIPT = ROOT / ".venv" / "bin" / "ag1-fleet"
+SCRIPT = Path(sys.executable).parent / "ag1-fleet"  # the venv the tests run in
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 INSTALLED_PATH = "/usr/local/bin/ag1-fleet"
 
@@ -76,7 +77,7 @@ def service_section(name: str) -> dict[str, list[str]]:
 )
 def test_units_verify_clean(tmp_path: Path, name: str, instance: str | None) -> None:
     """`systemd-analyze verify` accepts both units with no warning at all."""
-    assert SCRIPT.exists(), "install the project first (.venv/bin/ag1-fleet)"
+    assert SCRIPT.exists(), f"install the project first ({SCRIPT} is missing)"
     result = verify(unit_copy(tmp_path, name, instance))
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr

@@ -73,7 +73,10 @@ def tail_proc(redis_url: str, python_exe: str) -> Iterator[Any]:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.mark.timeout(40)
@@ -216,4 +219,7 @@ async def test_tail_survives_redis_restart(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         await client.aclose()

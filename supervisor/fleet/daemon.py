@@ -39,6 +39,7 @@ from supervisor.fleet.sampling import RedisHealth, sample_workers
 from supervisor.fleet.systemd_status import SystemdStatus, watchdog_interval
 from supervisor.runtime.lifecycle import CAUSE_MEMORY
 from supervisor.runtime.notify import NotifyServer
+from supervisor.runtime.process import probe_spawn_tools
 from supervisor.runtime.resources import ResourceSampler
 from supervisor.runtime.runner import WorkerRunner
 from supervisor.runtime.sdnotify import Notifier
@@ -162,6 +163,8 @@ class FleetDaemon:
                                 self.control,
                                 self.config.http,
                             )
+                        # setpriv is probed with a subprocess: never on the loop.
+                        await anyio.to_thread.run_sync(probe_spawn_tools)
                         tg.start_soon(notify_server.serve, self._runner.on_notify)
                         tg.start_soon(self._signal_loop, signals, tg)
                         tg.start_soon(self._reconciler.run)
@@ -185,6 +188,7 @@ class FleetDaemon:
                 finally:
                     self._notify = None
                     self._runner.unbind()
+        self._systemd.notifier.close()
         log.info("supervisor stopped", supervisor=facts.supervisor_name)
 
     @asynccontextmanager

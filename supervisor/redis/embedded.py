@@ -9,21 +9,18 @@ port and data dir, so clients simply reconnect. Cancellation stops it with
 SIGTERM (Redis flushes the AOF), SIGKILL after a timeout.
 
 The binary lookup and command line come from :mod:`supervisor.redis.server`.
-The process is spawned with :mod:`asyncio` subprocesses (the supervisor runs on
-anyio's asyncio backend) because a parent-death signal needs ``preexec_fn``.
+The server runs on the same child-process and lifecycle code as the workers:
+:class:`~supervisor.runtime.process.ChildProcess` (own process group,
+parent-death signal armed before exec, pidfd exit notice, reaped on every exit
+path) and :class:`~supervisor.runtime.lifecycle.WorkerLifecycle` (restart with
+jittered backoff, a start limit that ends in an error instead of a restart loop).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,14 @@ from supervisor.redis.server import (
     pick_free_port,
     port_is_free,
 )
+from supervisor.runtime.lifecycle import (
+    CAUSE_STOP,
+    ExitInfo,
+    RestartPolicy,
+    WorkerLifecycle,
+    WorkerState,
+)
+from supervisor.runtime.process import ChildProcess, ExitStatus
 
 URL_FILE = "redis.url"
 PORT_FILE = "redis.port"
@@ -51,13 +56,6 @@ def _log() -> Any:
     # Looked up per event (rare here): a module-level bound logger would freeze
     # the structlog configuration of import time.
     return get_logger("supervisor.redis.embedded")
-
-
-_PR_SET_PDEATHSIG = 1
-_libc: ctypes.CDLL | None = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError):
-        _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class EmbeddedRedisError(RedisServerError):
@@ -76,31 +74,6 @@ def read_embedded_url(state_dir: Path) -> str | None:
     except OSError:
         return None
     return value or None
-
-
-def _death_signal_setter(parent_pid: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` giving the child SIGTERM when its parent dies (Linux only)."""
-    libc = _libc
-    if libc is None:
-        return None
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"
 
 
 def _log_tail(data_dir: Path, lines: int = 3, width: int = 200) -> str:
@@ -182,8 +155,18 @@ class EmbeddedRedis:
         self.stable_after = stable_after
         self.restarts = 0
         self._fixed_port = port != 0
-        self._proc: asyncio.subprocess.Process | None = None
-        self._started_at = 0.0
+        self._process: ChildProcess | None = None
+        self._lifecycle = WorkerLifecycle(
+            RestartPolicy(
+                restart="always",
+                backoff_initial=backoff_initial,
+                backoff_max=backoff_max,
+                backoff_reset_after=stable_after,
+                start_limit=max_failed_starts,
+                start_limit_window=max(60.0, stable_after * max_failed_starts),
+                start_timeout=start_timeout,
+            )
+        )
 
     @property
     def url(self) -> str:
@@ -192,10 +175,10 @@ class EmbeddedRedis:
     @property
     def pid(self) -> int | None:
         """Pid of the live server process (None between a crash and its restart)."""
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
+        process = self._process
+        if process is None or process.poll() is not None:
             return None
-        return proc.pid
+        return process.pid
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
@@ -242,6 +225,7 @@ class EmbeddedRedis:
         await self._wait_for_stale_server()
         for port in self._candidate_ports():
             self.port = port
+            self._lifecycle.request_start(anyio.current_time())  # a port clash is no crash
             if await self._start_once():
                 _write_atomic(self.state_dir / PORT_FILE, f"{port}\n")
                 return
@@ -276,27 +260,33 @@ class EmbeddedRedis:
             binary=self.binary,
             extra_args=["--pidfile", str(self.data_dir / PID_FILE)],
         ).command()
-        self._proc = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_death_signal_setter(os.getpid()),
-        )
-        self._started_at = time.monotonic()
-        if await self._wait_ready():
+        lifecycle = self._lifecycle
+        lifecycle.on_spawned(anyio.current_time())
+        try:
+            process = ChildProcess.spawn(
+                command, env=os.environ, capture_output=False, pdeathsig=True
+            )
+        except (OSError, ValueError) as exc:
+            reason = f"spawn failed: {exc}"
+            lifecycle.on_exit(anyio.current_time(), ExitInfo(code=127, reason=reason))
+            _log().warning("embedded_redis_start_failed", port=self.port, reason=reason)
+            return False
+        self._process = process
+        if await self._wait_ready(process):
+            lifecycle.on_ready(anyio.current_time())
             _log().info(
                 "embedded_redis_started",
                 url=self.url,
-                pid=self._proc.pid,
+                pid=process.pid,
                 version=".".join(map(str, self.version)),
                 binary=str(self.binary),
                 data_dir=str(self.data_dir),
             )
             return True
-        reason = _describe_exit(self._proc.returncode)
-        await self._kill()
+        status = process.poll()
+        reason = status.describe(we_sent_kill=False) if status is not None else "start timeout"
+        await process.aclose()
+        self._record_exit(process.poll(), reason)
         _log().warning(
             "embedded_redis_start_failed",
             port=self.port,
@@ -305,73 +295,73 @@ class EmbeddedRedis:
         )
         return False
 
-    async def _wait_ready(self) -> bool:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.returncode is not None:
+    async def _wait_ready(self, process: ChildProcess) -> bool:
+        deadline = anyio.current_time() + self.start_timeout
+        while anyio.current_time() < deadline:
+            if process.poll() is not None:
                 return False
             if await _answers_ping(self.port):
                 return True
-            await anyio.sleep(0.02)
+            with anyio.move_on_after(0.02):  # or at once when it exits
+                await process.wait()
         return False
+
+    def _record_exit(self, status: ExitStatus | None, reason: str) -> WorkerState:
+        code, sig = (status.code, status.signal) if status is not None else (None, None)
+        return self._lifecycle.on_exit(anyio.current_time(), ExitInfo(code, sig, None, reason))
 
     # -- supervise ---------------------------------------------------------------
     async def _keep_running(self) -> None:
-        """Wait for the server to exit; restart it on the same port with backoff."""
-        failed = 0
+        """Wait for the server to exit; restart it on the same port as the lifecycle says."""
+        lifecycle = self._lifecycle
         while True:
-            assert self._proc is not None
-            returncode = await self._proc.wait()
-            uptime = time.monotonic() - self._started_at
-            _log().error(
-                "embedded_redis_exited",
-                pid=self._proc.pid,
-                reason=_describe_exit(returncode),
-                uptime=round(uptime, 3),
-                log_tail=_log_tail(self.data_dir),
-            )
-            if uptime >= self.stable_after:
-                failed = 0
-            while True:
-                delay = min(self.backoff_max, self.backoff_initial * 2**failed)
-                await anyio.sleep(delay)
-                failed += 1
-                if await self._start_once():
-                    self.restarts += 1
-                    _log().info("embedded_redis_restarted", url=self.url, restarts=self.restarts)
-                    break
-                if failed >= self.max_failed_starts:
-                    raise EmbeddedRedisError(
-                        f"embedded redis-server failed to restart {failed} times on "
-                        f"127.0.0.1:{self.port}: {_log_tail(self.data_dir) or 'no log'}"
-                    )
+            process = self._process
+            assert process is not None
+            if process.poll() is None:
+                status = await process.wait()
+                await process.aclose()
+                reason = status.describe(we_sent_kill=process.sent_kill)
+                uptime = anyio.current_time() - (lifecycle.started_at or 0.0)
+                _log().error(
+                    "embedded_redis_exited",
+                    pid=process.pid,
+                    reason=reason,
+                    uptime=round(uptime, 3),
+                    log_tail=_log_tail(self.data_dir),
+                )
+                self._record_exit(status, reason)
+            if lifecycle.state == WorkerState.FATAL:
+                raise EmbeddedRedisError(
+                    f"embedded redis-server keeps failing on 127.0.0.1:{self.port} "
+                    f"({lifecycle.fatal_reason}): {_log_tail(self.data_dir) or 'no log'}"
+                )
+            deadline = lifecycle.next_deadline()
+            if deadline is not None:
+                await anyio.sleep(max(0.0, deadline - anyio.current_time()))
+            action = lifecycle.tick(anyio.current_time())
+            if action is not None and action.kind == "spawn" and await self._start_once():
+                self.restarts += 1
+                _log().info("embedded_redis_restarted", url=self.url, restarts=self.restarts)
 
     # -- stop --------------------------------------------------------------------
     async def _stop(self) -> None:
         """SIGTERM (AOF is flushed), SIGKILL to its process group after the timeout."""
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
+        process = self._process
+        if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(self.stop_timeout):
-            await proc.wait()
+        if process.poll() is None:
+            self._lifecycle.on_stop_requested(CAUSE_STOP)
+            status = await process.stop(self.stop_timeout, signal.SIGTERM)
+            if process.sent_kill:
+                _log().warning(
+                    "embedded_redis_stop_timeout", pid=process.pid, timeout=self.stop_timeout
+                )
             _log().info(
-                "embedded_redis_stopped", pid=proc.pid, reason=_describe_exit(proc.returncode)
+                "embedded_redis_stopped",
+                pid=process.pid,
+                reason=status.describe(we_sent_kill=process.sent_kill),
             )
-            return
-        _log().warning("embedded_redis_stop_timeout", pid=proc.pid, timeout=self.stop_timeout)
-        await self._kill()
-
-    async def _kill(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await process.aclose()
 
     def _remove_url_file(self) -> None:
         path = url_file(self.state_dir)

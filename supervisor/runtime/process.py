@@ -60,6 +60,12 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in out else None
 
 
+def probe_spawn_tools() -> None:
+    """Look up setpriv now (it runs ``setpriv --help``): call it in a worker thread
+    before the first spawn, so the event loop never waits for that subprocess."""
+    _setpriv()
+
+
 def _pdeathsig_mode(pdeathsig: bool | str) -> str:
     if sys.platform != "linux" or pdeathsig is False:
         return "off"
