@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
+
 from core_bus.consume.handlers import Handler
 from core_bus.consume.subscription import ensure_group, subscribe
 from core_bus.discovery import BusSubscriptions, start_bus_subscriptions
@@ -49,7 +51,7 @@ async def get_redis() -> Any:
 
 
 async def discover_and_subscribe(
-    redis: Any,
+    redis: AsyncRedis,
     pattern: str | Sequence[str],
     group: str,
     handler: Handler,

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.consume.handle import SubscriptionHandle
 from core_bus.consume.handlers import Handler, handler_arity
@@ -49,7 +50,7 @@ class BusSubscriptions(SubscriptionHandle):
 
     def __init__(
         self,
-        redis: Any,
+        redis: AsyncRedis,
         patterns: list[str],
         group: str,
         handler: Handler,
@@ -223,7 +224,7 @@ class BusSubscriptions(SubscriptionHandle):
 
 
 async def start_bus_subscriptions(
-    redis: Any,
+    redis: AsyncRedis,
     patterns: str | Sequence[str],
     group: str | None = DEFAULT_GROUP,
     handler: Handler | None = None,
@@ -252,7 +253,7 @@ async def start_bus_subscriptions(
 
 
 def bus_subscriptions(
-    redis: Any,
+    redis: AsyncRedis,
     patterns: str | Sequence[str],
     group: str | None = DEFAULT_GROUP,
     handler: Handler | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
+
 from core_bus.envelope import Envelope
 from core_bus.errors import EnvelopeTooLarge
 from core_bus.keys import StreamKeyBuilder
@@ -63,7 +65,7 @@ def _settle_notice(stream: str, result: Any) -> None:
 
 
 async def publish_envelope(
-    redis: Any,
+    redis: AsyncRedis,
     stream: str,
     env: Envelope,
     *,
@@ -92,7 +94,7 @@ async def publish_envelope(
 
 
 async def publish_many(
-    redis: Any,
+    redis: AsyncRedis,
     stream: str,
     envelopes: Iterable[Envelope],
     *,

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.envelope import Envelope
 from core_bus.errors import RpcTimeout
@@ -76,7 +77,7 @@ class _Waiter:
 class _ReplyReader:
     """Demultiplexes one reply stream (read with XREAD, no group) by correlation id."""
 
-    def __init__(self, redis: Any, stream: str, *, private: bool) -> None:
+    def __init__(self, redis: AsyncRedis, stream: str, *, private: bool) -> None:
         self.redis = redis
         self.stream = stream
         self.private = private
@@ -172,7 +173,7 @@ _readers: dict[tuple[int, str], _ReplyReader] = {}
 _private_streams: dict[int, str] = {}
 
 
-def _acquire(redis: Any, stream: str, *, private: bool) -> _ReplyReader:
+def _acquire(redis: AsyncRedis, stream: str, *, private: bool) -> _ReplyReader:
     key = (id(redis), stream)
     reader = _readers.get(key)
     if reader is None:
@@ -202,7 +203,7 @@ async def _release(reader: _ReplyReader, correlation_id: str) -> None:
             log.warning("rpc_reply_stream_cleanup_failed", stream=reader.stream, error=str(exc))
 
 
-def _reply_stream_for(redis: Any, request_env: Envelope) -> tuple[str, bool]:
+def _reply_stream_for(redis: AsyncRedis, request_env: Envelope) -> tuple[str, bool]:
     if request_env.reply_to:
         return request_env.reply_to, _is_private(request_env.reply_to)
     stream = _private_streams.get(id(redis))
@@ -213,7 +214,7 @@ def _reply_stream_for(redis: Any, request_env: Envelope) -> tuple[str, bool]:
 
 
 async def _start_call(
-    redis: Any, target_stream: str, request_env: Envelope
+    redis: AsyncRedis, target_stream: str, request_env: Envelope
 ) -> tuple[_ReplyReader, str, _Waiter]:
     """Register the waiter, fix the read position, then publish the request."""
     if not request_env.correlation_id:
@@ -237,7 +238,7 @@ async def _start_call(
 
 
 async def bus_rpc_call(
-    redis: Any,
+    redis: AsyncRedis,
     target_stream: str,
     request_env: Envelope,
     timeout: float = 10.0,  # noqa: ASYNC109
@@ -266,7 +267,7 @@ async def bus_rpc_call(
 
 
 async def bus_rpc_envelope(
-    redis: Any,
+    redis: AsyncRedis,
     target_inbox: str,
     request_envelope: Envelope,
     timeout: float = 10.0,  # noqa: ASYNC109
@@ -279,7 +280,7 @@ async def bus_rpc_envelope(
 
 
 async def bus_rpc_stream(
-    redis: Any,
+    redis: AsyncRedis,
     target_stream: str,
     request_env: Envelope,
     timeout: float = 5.0,  # noqa: ASYNC109 (prototype API; also an idle timeout)
@@ -322,7 +323,7 @@ def rpc_request(
     )
 
 
-async def rpc_reply(redis: Any, request_env: Envelope, reply_env: Envelope) -> str:
+async def rpc_reply(redis: AsyncRedis, request_env: Envelope, reply_env: Envelope) -> str:
     """Serving side: send ``reply_env`` to ``request_env.reply_to`` and return its entry id.
 
     The reply gets the request's ``correlation_id``. Private reply streams get a

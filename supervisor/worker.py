@@ -19,6 +19,8 @@ import os
 import signal
 import sys
 
+from redis.asyncio import Redis as AsyncRedis
+
 #: Exit code when the supervisor that spawned us is already gone at start.
 EXIT_ORPHANED = 4
 
@@ -166,7 +168,7 @@ def heartbeat_interval(watchdog_seconds: float | None) -> float:
     return max(0.01, min(watchdog_seconds / 2, 1.0))
 
 
-async def _subscribe(redis: Any, env: WorkerEnv, handler: Callable[..., Any]) -> Any:
+async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., Any]) -> Any:
     if env.ordered:
         from core_bus.ordered.subscription import subscribe_ordered
 

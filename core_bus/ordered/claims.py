@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
+
 from core_bus.streams.pending import fetch_entries, pending_counts
 from core_bus.streams.replies import text
 
@@ -19,14 +21,14 @@ BACKLOG_PAGE = 200
 ShardEntry = tuple[str, Any, int]
 
 
-async def claim_backlog(redis: Any, stream: str, group: str, me: str) -> None:
+async def claim_backlog(redis: AsyncRedis, stream: str, group: str, me: str) -> None:
     """XCLAIM every pending entry of the shard held by someone else (a claim = a delivery)."""
     start = "-"
     while True:
         rows = await redis.xpending_range(stream, group, start, "+", BACKLOG_PAGE)
         if not rows:
             return
-        ids = [text(r["message_id"]) for r in rows if text(r["consumer"]) != me]
+        ids: list[Any] = [text(r["message_id"]) for r in rows if text(r["consumer"]) != me]
         if ids:
             await redis.xclaim(stream, group, me, 0, ids)
         if len(rows) < BACKLOG_PAGE:
@@ -34,7 +36,7 @@ async def claim_backlog(redis: Any, stream: str, group: str, me: str) -> None:
         start = f"({text(rows[-1]['message_id'])}"
 
 
-async def own_pending(redis: Any, stream: str, group: str, me: str) -> list[ShardEntry]:
+async def own_pending(redis: AsyncRedis, stream: str, group: str, me: str) -> list[ShardEntry]:
     """Our pending entries of the shard in id order, without bumping their counters."""
     reply = await redis.xpending_range(stream, group, "-", "+", READ_COUNT, me)
     rows = pending_counts(reply)
@@ -45,7 +47,7 @@ async def own_pending(redis: Any, stream: str, group: str, me: str) -> list[Shar
     ]
 
 
-async def redeliver(redis: Any, stream: str, group: str, me: str, entry_id: str) -> int:
+async def redeliver(redis: AsyncRedis, stream: str, group: str, me: str, entry_id: str) -> int:
     """XCLAIM the entry to ourselves again (bumps the counter); 0 when it is gone."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xclaim(stream, group, me, 0, [entry_id])

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.consume.decode import Malformed, decode_payload, payload_of
 from core_bus.consume.handlers import Handler, handler_arity
@@ -28,7 +29,7 @@ class ShardEntryHandler:
 
     def __init__(
         self,
-        redis: Any,
+        redis: AsyncRedis,
         handler: Handler,
         *,
         group: str,

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
+
 from core_bus.keys import StreamKeyBuilder
 from core_bus.streams.deadletter import DLQ_MAXLEN
 
@@ -97,13 +99,13 @@ def assigned(units: Sequence[ShardUnit], members: Sequence[str], me: str) -> set
     return {u for k, u in enumerate(units) if k % len(ordered) == mine}
 
 
-async def heartbeat(redis: Any, key: str, me: str, ttl_ms: int) -> list[Any]:
+async def heartbeat(redis: AsyncRedis, key: str, me: str, ttl_ms: int) -> list[Any]:
     """Refresh ``me`` in the membership set, drop expired members; the live members (raw)."""
     return list(await redis.eval(_HEARTBEAT, 1, key, me, ttl_ms))
 
 
 async def set_leases(
-    redis: Any, units: Sequence[ShardUnit], me: str, ttl_ms: int, mode: str
+    redis: AsyncRedis, units: Sequence[ShardUnit], me: str, ttl_ms: int, mode: str
 ) -> list[bool]:
     """Acquire, renew or release (``mode``) the leases of ``units``; True where it held."""
     keys = [u.lease for u in units]
@@ -112,7 +114,7 @@ async def set_leases(
 
 
 async def evict_consumer(
-    redis: Any,
+    redis: AsyncRedis,
     keys: StreamKeyBuilder,
     group: str,
     base_streams: Sequence[str],
@@ -130,14 +132,16 @@ async def evict_consumer(
     return sum(await set_leases(redis, units, consumer, 1, "release"))
 
 
-async def fenced_ack(redis: Any, unit: ShardUnit, me: str, group: str, entry_id: str) -> bool:
+async def fenced_ack(
+    redis: AsyncRedis, unit: ShardUnit, me: str, group: str, entry_id: str
+) -> bool:
     """XACK the entry if ``me`` still holds the shard's lease; False when it does not."""
     result = await redis.eval(_FENCED_ACK, 2, unit.lease, unit.stream, me, group, entry_id)
     return int(result) >= 0
 
 
 async def fenced_dead_letter(
-    redis: Any,
+    redis: AsyncRedis,
     unit: ShardUnit,
     dlq_stream: str,
     me: str,

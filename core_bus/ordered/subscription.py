@@ -42,10 +42,10 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import anyio.abc
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from core_bus.consume.handle import SubscriptionHandle
@@ -111,7 +111,7 @@ class OrderedSubscription(SubscriptionHandle):
 
     def __init__(
         self,
-        redis: Any,
+        redis: AsyncRedis,
         base_streams: Sequence[str],
         shards: int,
         handler: Handler,
@@ -386,7 +386,7 @@ class OrderedSubscription(SubscriptionHandle):
 
 
 async def subscribe_ordered(
-    redis: Any,
+    redis: AsyncRedis,
     base_streams: Sequence[str],
     shards: int,
     handler: Handler,

@@ -7,13 +7,13 @@ every idle read would look like a lost connection.
 
 from __future__ import annotations
 
-from typing import Any
+from redis.asyncio import Redis as AsyncRedis
 
 #: Fraction of the socket timeout a BLOCK may use (room for the reply to arrive).
 SOCKET_TIMEOUT_SHARE = 0.5
 
 
-def blocking_ms(redis: Any, wanted_seconds: float) -> int:
+def blocking_ms(redis: AsyncRedis, wanted_seconds: float) -> int:
     """BLOCK milliseconds for ``wanted_seconds``, capped below ``redis``'s socket timeout."""
     wanted_ms = max(1, int(wanted_seconds * 1000))
     pool = getattr(redis, "connection_pool", None)

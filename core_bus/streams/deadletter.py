@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
+
 from core_bus.streams.replies import Fields, text
 
 DLQ_MAXLEN = 100_000
@@ -92,7 +94,7 @@ def queue_dead_letter(
 
 
 async def dead_letter_entry(
-    redis: Any,
+    redis: AsyncRedis,
     dlq_stream: str,
     *,
     stream: str,

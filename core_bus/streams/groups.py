@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from core_bus.errors import BusError
@@ -56,7 +57,7 @@ def _int_or_none(value: Any) -> int | None:
     return int(text(value))
 
 
-async def ensure_group(redis: Any, stream: str, group: str, start_id: str = "0") -> None:
+async def ensure_group(redis: AsyncRedis, stream: str, group: str, start_id: str = "0") -> None:
     """Create ``group`` on ``stream`` (and the stream), tolerating BUSYGROUP."""
     try:
         await redis.xgroup_create(stream, group, id=start_id, mkstream=True)
@@ -65,7 +66,7 @@ async def ensure_group(redis: Any, stream: str, group: str, start_id: str = "0")
             raise
 
 
-async def ensure_stream(redis: Any, stream: str) -> None:
+async def ensure_stream(redis: AsyncRedis, stream: str) -> None:
     """:raises UnknownStream: ``stream`` is missing or of another type."""
     kind = text(await redis.type(stream))
     if kind == "none":
@@ -74,7 +75,9 @@ async def ensure_stream(redis: Any, stream: str) -> None:
         raise UnknownStream(f"{stream} is a {kind}, not a stream")
 
 
-async def group_infos(redis: Any, stream: str, *, with_consumers: bool = True) -> list[GroupInfo]:
+async def group_infos(
+    redis: AsyncRedis, stream: str, *, with_consumers: bool = True
+) -> list[GroupInfo]:
     """Every consumer group of ``stream`` with its consumers (one round trip per group).
 
     :raises UnknownStream: ``stream`` is missing or not a stream.

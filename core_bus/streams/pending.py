@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
+
 from core_bus.streams.replies import stream_pairs, text
 
 #: Entry fields (raw redis-py mapping) or ``None`` for an entry that no longer exists.
@@ -61,7 +63,7 @@ def entry_fields(raw: Any) -> RawFields:
 
 
 async def history_page(
-    redis: Any, stream: str, group: str, consumer: str, after: str, count: int
+    redis: AsyncRedis, stream: str, group: str, consumer: str, after: str, count: int
 ) -> tuple[dict[str, int], list[tuple[str, RawFields]]]:
     """Next page of our own pending entries after ``after`` (``"0"`` = from the start).
 
@@ -85,7 +87,7 @@ async def history_page(
 
 
 async def own_pending(
-    redis: Any, streams: Sequence[str], group: str, consumer: str, page: int = 1000
+    redis: AsyncRedis, streams: Sequence[str], group: str, consumer: str, page: int = 1000
 ) -> dict[str, list[tuple[str, int]]]:
     """Every pending entry of ``consumer`` per stream, with its delivery counter.
 
@@ -111,7 +113,7 @@ async def own_pending(
 
 
 async def fetch_entries(
-    redis: Any, wanted: Sequence[tuple[str, str]]
+    redis: AsyncRedis, wanted: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str, RawFields]]:
     """Payloads of ``(stream, id)`` pairs by XRANGE (pipelined; counters untouched)."""
     if not wanted:
@@ -128,7 +130,7 @@ async def fetch_entries(
 
 
 async def reclaim_for_retry(
-    redis: Any,
+    redis: AsyncRedis,
     group: str,
     consumer: str,
     items: Sequence[tuple[str, str, int]],

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.envelope import Envelope
 from core_bus.errors import BusError
@@ -196,7 +197,7 @@ def _err(line: str) -> None:
     sys.stderr.flush()
 
 
-async def cmd_tail(redis: Any, args: argparse.Namespace) -> int:
+async def cmd_tail(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.tools.tail import Tailer, TailOptions
 
     if args.last is not None and args.last < 0:
@@ -249,7 +250,7 @@ def _envelope(args: argparse.Namespace, content: Any) -> Envelope:
     )
 
 
-async def cmd_publish(redis: Any, args: argparse.Namespace) -> int:
+async def cmd_publish(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.publish import publish_envelope, publish_many
 
     content = _read_content(args)
@@ -276,7 +277,7 @@ async def cmd_publish(redis: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_groups(redis: Any, args: argparse.Namespace) -> int:
+async def cmd_groups(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.streams.groups import format_groups_table, group_infos
 
     infos = await group_infos(redis, args.stream)
@@ -304,7 +305,7 @@ def _letter_json(dlq: str, letter: Any) -> dict[str, Any]:
     }
 
 
-async def cmd_dlq_list(redis: Any, args: argparse.Namespace) -> int:
+async def cmd_dlq_list(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.tools.dlq import list_dead_letters, resolve_target
 
     target = await resolve_target(redis, args.target)
@@ -329,7 +330,7 @@ async def cmd_dlq_list(redis: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_dlq_replay(redis: Any, args: argparse.Namespace) -> int:
+async def cmd_dlq_replay(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.tools.dlq import replay_dead_letters, resolve_target
 
     target = await resolve_target(redis, args.target)
@@ -351,7 +352,7 @@ def _confirm(question: str) -> bool:
     return answer in ("y", "yes")
 
 
-async def cmd_dlq_purge(redis: Any, args: argparse.Namespace) -> int:
+async def cmd_dlq_purge(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.tools.dlq import list_dead_letters, purge_dead_letters, resolve_target
 
     target = await resolve_target(redis, args.target)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.envelope import Envelope
 from core_bus.keys import StreamKeyBuilder
@@ -68,11 +69,11 @@ def _keys() -> StreamKeyBuilder:
     return StreamKeyBuilder(get_settings().bus_namespace)
 
 
-async def _is_stream(redis: Any, key: str) -> bool:
+async def _is_stream(redis: AsyncRedis, key: str) -> bool:
     return text(await redis.type(key)) == "stream"
 
 
-async def resolve_target(redis: Any, target: str) -> DlqTarget:
+async def resolve_target(redis: AsyncRedis, target: str) -> DlqTarget:
     """Map a dead-letter stream, group/agent name or source stream to dead-letter streams.
 
     :raises UnknownStream: none of the three readings names anything that exists.
@@ -100,7 +101,7 @@ async def resolve_target(redis: Any, target: str) -> DlqTarget:
     )
 
 
-async def _all_dead_letter_streams(redis: Any) -> list[str]:
+async def _all_dead_letter_streams(redis: AsyncRedis) -> list[str]:
     found = [
         text(key)
         async for key in redis.scan_iter(
@@ -110,7 +111,7 @@ async def _all_dead_letter_streams(redis: Any) -> list[str]:
     return sorted(found)
 
 
-async def _read_all(redis: Any, stream: str) -> list[DeadLetter]:
+async def _read_all(redis: AsyncRedis, stream: str) -> list[DeadLetter]:
     out: list[DeadLetter] = []
     start = "-"
     while True:
@@ -123,7 +124,7 @@ async def _read_all(redis: Any, stream: str) -> list[DeadLetter]:
         start = "(" + page[-1][0]
 
 
-async def list_dead_letters(redis: Any, target: DlqTarget) -> list[tuple[str, DeadLetter]]:
+async def list_dead_letters(redis: AsyncRedis, target: DlqTarget) -> list[tuple[str, DeadLetter]]:
     """Every dead letter of ``target`` as ``(dead-letter stream, record)``, oldest first."""
     result: list[tuple[str, DeadLetter]] = []
     for stream in target.streams:
@@ -149,7 +150,7 @@ def replay_payload(letter: DeadLetter) -> bytes:
 
 
 async def replay_dead_letters(
-    redis: Any, target: DlqTarget, ids: list[str] | None = None
+    redis: AsyncRedis, target: DlqTarget, ids: list[str] | None = None
 ) -> ReplayResult:
     """Re-add dead letters (all of them, or those with ``ids``) to their source streams."""
     script = redis.register_script(_REPLAY_LUA)
@@ -190,7 +191,9 @@ async def replay_dead_letters(
     return result
 
 
-async def purge_dead_letters(redis: Any, target: DlqTarget, ids: list[str] | None = None) -> int:
+async def purge_dead_letters(
+    redis: AsyncRedis, target: DlqTarget, ids: list[str] | None = None
+) -> int:
     """Delete dead letters (the target's, or only those with ``ids``); returns how many.
 
     Deletes by id (XDEL), never the whole key: a dead letter that arrives while an

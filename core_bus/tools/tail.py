@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.envelope import Envelope
 from core_bus.errors import BusError
@@ -163,7 +164,7 @@ class Tailer:
 
     def __init__(
         self,
-        redis: Any,
+        redis: AsyncRedis,
         options: TailOptions,
         emit: Callable[[str], None],
         flush: Callable[[], None] | None = None,
@@ -233,7 +234,7 @@ class Tailer:
         backlog: list[tuple[str, str, Fields | None]] = []
         for stream in self.positions:
             newest = await self.redis.xrevrange(stream, count=max(last, 1))
-            entries = [(text(i), f) for i, f in newest]
+            entries = [(text(i), f) for i, f in newest or ()]
             if entries:
                 self.positions[stream] = entries[0][0]
             backlog.extend((stream, i, fields_of(f)) for i, f in entries[:last])
@@ -257,9 +258,9 @@ class Tailer:
         if not query:
             await anyio.sleep(BLOCK_SECONDS)
             return
-        reply = await self.redis.xread(
-            query, count=READ_COUNT, block=blocking_ms(self.redis, BLOCK_SECONDS)
-        )
+        spec: dict[Any, Any] = query
+        block = blocking_ms(self.redis, BLOCK_SECONDS)
+        reply = await self.redis.xread(spec, count=READ_COUNT, block=block)
         for stream, entries in streams_of(reply):
             if not entries:
                 continue

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from core_bus.consume.decode import payload_of
@@ -36,7 +37,7 @@ def claimed_entries(raw: Any) -> tuple[list[Entry], int]:
     return entries, nils
 
 
-async def xrange_each(redis: Any, stream: str, ids: Sequence[str]) -> list[Any]:
+async def xrange_each(redis: AsyncRedis, stream: str, ids: Sequence[str]) -> list[Any]:
     """One XRANGE reply per id, in one round trip; an empty reply means the entry is gone."""
     pipe = redis.pipeline(transaction=False)
     for entry_id in ids:
@@ -45,7 +46,7 @@ async def xrange_each(redis: Any, stream: str, ids: Sequence[str]) -> list[Any]:
 
 
 async def fetch_or_ack(
-    redis: Any, stream: str, group: str, ids: Sequence[str]
+    redis: AsyncRedis, stream: str, group: str, ids: Sequence[str]
 ) -> tuple[dict[str, Entry], list[str]]:
     """Look each id up (one round trip) and XACK those whose entry is gone.
 
@@ -66,7 +67,7 @@ async def fetch_or_ack(
 
 
 async def ack_vanished_between(
-    redis: Any, stream: str, group: str, consumer: str, start: str, end: str, *, count: int
+    redis: AsyncRedis, stream: str, group: str, consumer: str, start: str, end: str, *, count: int
 ) -> None:
     """Ack ``consumer``'s pending ids in ``[start, end)`` whose entry is gone ("0-0": no end).
 
@@ -83,7 +84,7 @@ async def ack_vanished_between(
 
 
 async def claim_to(
-    redis: Any, stream: str, group: str, plan: Mapping[str, Sequence[str]], min_idle_ms: int
+    redis: AsyncRedis, stream: str, group: str, plan: Mapping[str, Sequence[str]], min_idle_ms: int
 ) -> dict[str, set[str]]:
     """XCLAIM ``plan[receiver]`` ids to each receiver in one round trip; ids each one got.
 
@@ -112,11 +113,17 @@ class AutoclaimPage:
 
 
 async def autoclaim(
-    redis: Any, stream: str, group: str, receiver: str, min_idle_ms: int, cursor: str, count: int
+    redis: AsyncRedis,
+    stream: str,
+    group: str,
+    receiver: str,
+    min_idle_ms: int,
+    cursor: str,
+    count: int,
 ) -> AutoclaimPage | None:
     """One XAUTOCLAIM batch to ``receiver``; None when the stream or group is missing."""
     try:
-        reply = await redis.execute_command(
+        reply = await redis.execute_command(  # type: ignore[no-untyped-call]
             "XAUTOCLAIM", stream, group, receiver, min_idle_ms, cursor, "COUNT", count
         )
     except ResponseError as exc:
@@ -129,7 +136,7 @@ async def autoclaim(
 
 
 async def dead_letter_poison(
-    redis: Any,
+    redis: AsyncRedis,
     dlq_stream: str,
     stream: str,
     group: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from core_bus.streams.replies import text
@@ -87,7 +88,7 @@ def _pending_row(row: Any) -> PendingEntry:
 
 
 async def pending_entries(
-    redis: Any,
+    redis: AsyncRedis,
     stream: str,
     group: str,
     *,
@@ -109,7 +110,7 @@ async def pending_entries(
     return [_pending_row(row) for row in rows or ()]
 
 
-async def pending_summary(redis: Any, stream: str, group: str) -> dict[str, int]:
+async def pending_summary(redis: AsyncRedis, stream: str, group: str) -> dict[str, int]:
     """Pending entries per consumer (XPENDING summary form); ``{}`` when the group is missing."""
     try:
         info = await redis.xpending(stream, group)
@@ -122,7 +123,7 @@ async def pending_summary(redis: Any, stream: str, group: str) -> dict[str, int]
 
 
 async def pending_of_ids(
-    redis: Any, stream: str, group: str, ids: list[str]
+    redis: AsyncRedis, stream: str, group: str, ids: list[str]
 ) -> dict[str, PendingEntry]:
     """The pending-list rows of ``ids`` (one pipelined XPENDING per id); absent ids are left out."""
     if not ids:
@@ -140,7 +141,7 @@ async def pending_of_ids(
     return out
 
 
-async def consumers_of(redis: Any, stream: str, group: str) -> list[ConsumerInfo]:
+async def consumers_of(redis: AsyncRedis, stream: str, group: str) -> list[ConsumerInfo]:
     """XINFO CONSUMERS, or ``[]`` when the stream or group does not exist."""
     try:
         rows = await redis.xinfo_consumers(stream, group)
@@ -177,7 +178,7 @@ def _group_row(stream: str, group: str, rows: Any) -> GroupStats | None:
     return None
 
 
-async def group_stats(redis: Any, streams: list[str], group: str) -> list[GroupStats]:
+async def group_stats(redis: AsyncRedis, streams: list[str], group: str) -> list[GroupStats]:
     """XINFO GROUPS row of ``group`` per stream (one pipeline); missing streams/groups left out."""
     if not streams:
         return []
@@ -200,7 +201,7 @@ async def group_stats(redis: Any, streams: list[str], group: str) -> list[GroupS
 class ConsumerDeleter:
     """``XGROUP DELCONSUMER`` only when the consumer's pending list is empty, atomically."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: AsyncRedis) -> None:
         self._script = redis.register_script(_DELETE_IF_EMPTY)
 
     async def delete_if_empty(self, stream: str, group: str, consumer: str) -> int:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import anyio
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
@@ -74,7 +74,7 @@ class Rebalancer:
     deleted by a Lua script that re-checks the pending list in the same step.
     """
 
-    def __init__(self, redis: Any, keys: StreamKeyBuilder, supervisor_name: str) -> None:
+    def __init__(self, redis: AsyncRedis, keys: StreamKeyBuilder, supervisor_name: str) -> None:
         self.redis = redis
         self.keys = keys
         self.supervisor_name = supervisor_name

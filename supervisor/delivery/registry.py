@@ -13,7 +13,8 @@ of consumer name -> agent name.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.keys import StreamKeyBuilder
 from core_bus.streams.replies import text
@@ -22,7 +23,7 @@ from core_bus.streams.replies import text
 class ConsumerRegistry:
     """Record, list and forget this supervisor's consumer names."""
 
-    def __init__(self, redis: Any, keys: StreamKeyBuilder, supervisor_name: str) -> None:
+    def __init__(self, redis: AsyncRedis, keys: StreamKeyBuilder, supervisor_name: str) -> None:
         self._r = redis
         self.key = keys.supervisor_registry(supervisor_name)
 

@@ -147,7 +147,7 @@ async def stop_agent_workers(
     runner.poke()
 
 
-def _section_digest(config: Any, section: str) -> str:
+def _section_digest(config: FleetConfig, section: str) -> str:
     """SHA-256 of one section *with* its secrets.
 
     ``model_dump(mode="json")`` masks SecretStr values, so a changed Redis
@@ -163,7 +163,7 @@ def _section_digest(config: Any, section: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def restart_sections_changed(old: Any, new: Any) -> list[str]:
+def restart_sections_changed(old: FleetConfig, new: FleetConfig) -> list[str]:
     """Sections a reload cannot apply (they need a supervisor restart), when they changed."""
     return [
         section
@@ -172,7 +172,7 @@ def restart_sections_changed(old: Any, new: Any) -> list[str]:
     ]
 
 
-def keep_restart_sections(old: Any, new: Any) -> Any:
+def keep_restart_sections(old: FleetConfig, new: FleetConfig) -> FleetConfig:
     """The new agents with the running supervisor/redis/http sections (those need a restart)."""
     try:
         return new.model_copy(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
+from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.log import get_logger
 from supervisor.delivery.hooks import DeliveryHooks
@@ -67,7 +67,7 @@ class RedisHealth:
 
     async def probe(
         self,
-        redis: Any,
+        redis: AsyncRedis,
         delivery: DeliveryHooks | None,
         agents: Iterable[AgentRuntime],
         time_limit: float,

@@ -22,7 +22,10 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from supervisor.config.models import AgentConfig
 
 #: Inherited variables that belong to *our* service manager, never to children.
 SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -44,12 +47,12 @@ class FleetContext:
     config_dir: Any  # default working directory: the directory holding fleet.toml
 
 
-def working_dir(agent: Any, fleet: FleetContext) -> Any:
+def working_dir(agent: AgentConfig, fleet: FleetContext) -> Path:
     return agent.working_dir or fleet.config_dir
 
 
 def worker_environment(
-    agent: Any, fleet: FleetContext, worker_key: str, consumer: str
+    agent: AgentConfig, fleet: FleetContext, worker_key: str, consumer: str
 ) -> dict[str, str]:
     """The environment of one worker incarnation (see the module docstring)."""
     env = dict(fleet.base_env)
@@ -70,7 +73,7 @@ def worker_environment(
     )
     if agent.watchdog:
         env["AG1_WATCHDOG_USEC"] = str(int(agent.watchdog * 1e6))
-    if agent.kind == "handler":
+    if agent.handler is not None:
         env.update(
             {
                 "AG1_HANDLER": agent.handler,
@@ -94,8 +97,8 @@ def worker_environment(
     return env
 
 
-def worker_argv(agent: Any) -> list[str]:
+def worker_argv(agent: AgentConfig) -> list[str]:
     """Handler agents run the built-in worker; command agents their own program."""
-    if agent.kind == "handler":
+    if agent.command is None:  # a handler agent
         return [sys.executable, "-m", "supervisor.worker"]
     return list(agent.command)
