@@ -21,7 +21,7 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.keys import StreamKeyBuilder, shard_for
-from core_bus.ordered.subscription import (
+from core_bus.ordered import (
     OrderedSubscription,
     assigned,
     evict_consumer,
@@ -45,7 +45,7 @@ KEY_NAMES = [f"acct-{i}" for i in range(12)]
 WORKER = """
 import asyncio, sys
 import redis.asyncio as R
-from core_bus.ordered.subscription import subscribe_ordered
+from core_bus.ordered import subscribe_ordered
 
 url, base, shards, group, consumer, ttl = sys.argv[1:7]
 

@@ -54,7 +54,6 @@ from core_bus.consume.stats import SubscriptionStats
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.ordered.claims import (
-    BACKLOG_PAGE,
     READ_COUNT,
     ShardEntry,
     claim_backlog,
@@ -64,7 +63,6 @@ from core_bus.ordered.entries import ShardEntryHandler
 from core_bus.ordered.leases import (
     ShardUnit,
     assigned,
-    evict_consumer,
     heartbeat,
     members_key,
     set_leases,
@@ -427,15 +425,3 @@ async def subscribe_ordered(
     sub._start_background()
     return sub
 
-
-__all__ = [
-    "BACKLOG_PAGE",
-    "READ_COUNT",
-    "OrderedSubscription",
-    "ShardUnit",
-    "assigned",
-    "evict_consumer",
-    "members_key",
-    "shard_units",
-    "subscribe_ordered",
-]

@@ -26,7 +26,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
-from core_bus.ordered.subscription import assigned, evict_consumer, shard_units
+from core_bus.ordered import assigned, evict_consumer, shard_units
 from core_bus.streams.deadletter import REASON_POISON
 from core_bus.streams.replies import Entry
 from supervisor.delivery.claims import (
