@@ -15,6 +15,10 @@ A nudge (:meth:`Subscription.check_pending`, the worker's SIGUSR1) wakes a
 blocked read with ``CLIENT UNBLOCK`` from another connection, so the reader
 keeps its connection (cancelling the read would make redis-py drop it); only
 when that is not possible is the read cancelled.
+
+One job in one file (over ~400 lines on purpose): the reader's steps (history,
+``>`` batches, own-pending checks, nudges, reconnects) share the read position,
+the held set and the cancel scopes of one loop.
 """
 
 from __future__ import annotations

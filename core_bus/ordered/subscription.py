@@ -33,6 +33,10 @@ counts as a delivery; a handler failure is retried in place (the entry blocks
 its shard, as order requires) after an XCLAIM to ourselves bumps the counter;
 at ``max_deliveries`` the entry is dead-lettered and acked atomically.
 Requires a non-cluster Redis (scripts touch the lease and the stream together).
+
+One job in one file (over ~400 lines on purpose): the ownership round and the
+per-shard loop share the runner records and their local lease bound; apart, they
+would hand the same state back and forth.
 """
 
 from __future__ import annotations
@@ -424,4 +428,3 @@ async def subscribe_ordered(
     )
     sub._start_background()
     return sub
-

@@ -4,6 +4,10 @@ Every failure a user can cause or meet (Redis down, unknown stream, bad JSON,
 missing file) is one line on stderr and a non-zero exit, never a traceback.
 Exit codes: 0 ok (also Ctrl-C during ``tail``), 1 runtime error, 2 usage error,
 130 interrupted.
+
+One job in one file (over ~400 lines on purpose): the argument tree of every
+``ag1-bus`` command with its one-line error handling; each command's body is
+short and calls :mod:`core_bus.tools.tail` or :mod:`core_bus.tools.dlq`.
 """
 
 from __future__ import annotations

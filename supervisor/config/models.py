@@ -9,6 +9,10 @@ can know on its own.
 Validation context (``model_validate(..., context=...)``) used by the loader:
 ``config_dir`` (Path: resolves relative paths, default working dir and state
 dir) and ``namespace`` (str: default agent streams and dead-letter keys).
+
+One job in one file (over ~400 lines on purpose): the models reference each
+other (``[defaults]`` into ``[[agents]]`` into the fleet) and are read as one
+schema (docs/CONFIG.md is checked against them).
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ next delivery. Receivers must therefore fetch claimed entries without bumping
 it again (XPENDING + XRANGE, not XREADGROUP ``0``). An entry whose counter
 already reached ``max_deliveries`` is not handed out again: it goes to the
 dead-letter stream and is acked in one MULTI/EXEC.
+
+One job in one file (over ~400 lines on purpose): reclaim, sweep and cleanup
+share the round-robin offsets, sweep cursors, the consumers waiting to be
+deleted and the counters; the stateless steps are in :mod:`supervisor.delivery.claims`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ loop, so it must never stall it:
 
 Control endpoints need ``Authorization: Bearer <token>`` when a token is set;
 binding a non-loopback address without one is refused.
+
+One job in one file (just over ~400 lines): the route table and its handlers;
+limits are :mod:`supervisor.http.control`, auth rules :mod:`supervisor.http.security`.
 """
 
 from __future__ import annotations
