@@ -1,8 +1,9 @@
 """Ordered shard consumption: one live owner per shard stream, per-key order kept.
 
-``subscription`` is the ownership round and the per-shard read loop, ``leases``
-the Redis scripts (membership, leases, fenced ack and dead-letter), ``claims``
-the hand-over claims, ``entries`` one entry's handling to its end.
+``subscription`` is the ownership round and the per-shard read loop,
+``options`` the frozen settings, ``leases`` the Redis scripts (membership,
+leases, fenced ack and dead-letter), ``claims`` the hand-over claims,
+``entries`` one entry's handling to its end.
 """
 
 from core_bus.ordered.claims import BACKLOG_PAGE, READ_COUNT

@@ -20,6 +20,7 @@ from core_bus.consume.handlers import Handler, handler_arity
 from core_bus.consume.stats import SubscriptionStats
 from core_bus.ordered.claims import redeliver
 from core_bus.ordered.leases import ShardUnit, fenced_ack, fenced_dead_letter
+from core_bus.ordered.options import OrderedOptions
 from core_bus.streams.backoff import Backoff
 from core_bus.streams.deadletter import REASON_POISON, dead_letter_fields
 
@@ -31,26 +32,21 @@ class ShardEntryHandler:
         self,
         redis: AsyncRedis,
         handler: Handler,
+        options: OrderedOptions,
         *,
-        group: str,
-        consumer: str,
-        dlq_stream: str,
-        max_deliveries: int,
-        retry: Backoff,
-        limit: int,
         stats: SubscriptionStats,
         log: Any,
     ) -> None:
         self.redis = redis
-        self.group = group
-        self.consumer = consumer
-        self.dlq_stream = dlq_stream
+        self.group = options.group
+        self.consumer = options.consumer
+        self.dlq_stream = options.dlq_stream
         self.stats = stats
         self._handler = handler
         self._pass_redis = handler_arity(handler) == 2
-        self._max_deliveries = max_deliveries
-        self._retry = retry
-        self._limit = limit
+        self._max_deliveries = options.max_deliveries
+        self._retry = Backoff(options.retry_backoff, options.retry_backoff_max)
+        self._limit = options.max_envelope_bytes
         self._log = log
 
     async def handle(

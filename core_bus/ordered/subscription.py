@@ -72,8 +72,9 @@ from core_bus.ordered.leases import (
     set_leases,
     shard_units,
 )
+from core_bus.ordered.options import OrderedOptions
 from core_bus.settings import get_settings
-from core_bus.streams.backoff import RECONNECT_BACKOFF, Backoff
+from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
 from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup, is_transient
 from core_bus.streams.groups import ensure_group
@@ -115,54 +116,32 @@ class OrderedSubscription(SubscriptionHandle):
         self,
         redis: AsyncRedis,
         base_streams: Sequence[str],
-        shards: int,
         handler: Handler,
-        *,
-        group: str,
-        consumer: str,
-        lease_ttl: float,
-        max_deliveries: int,
-        dlq_stream: str,
+        options: OrderedOptions,
         keys: StreamKeyBuilder,
-        retry_backoff: float,
-        retry_backoff_max: float,
-        tick: float | None,
     ) -> None:
-        if shards < 1 or max_deliveries < 1 or lease_ttl <= 0:
-            raise ValueError("shards and max_deliveries must be >= 1, lease_ttl > 0")
         super().__init__()
+        self.options = options
         self.redis = redis
-        self.group = group
-        self.consumer = consumer
+        self.group = options.group
+        self.consumer = options.consumer
         self.stats = SubscriptionStats()
-        self.dlq_stream = dlq_stream
-        self.units = shard_units(keys, group, base_streams, shards)
+        self.dlq_stream = options.dlq_stream
+        self.units = shard_units(keys, options.group, base_streams, options.shards)
         self.streams = [u.stream for u in self.units]
-        self._members_key = members_key(keys, group)
-        self._ttl_ms = max(1, int(lease_ttl * 1000))
-        self._ttl = lease_ttl
+        self._members_key = members_key(keys, options.group)
+        self._ttl_ms = max(1, int(options.lease_ttl * 1000))
+        self._ttl = options.lease_ttl
         # Start a handler only with at least this much of the lease left (see _fresh).
-        self._lease_margin = lease_ttl / 4
-        self._tick = tick if tick is not None else min(1.0, lease_ttl / 4)
+        self._lease_margin = options.lease_ttl / 4
+        self._tick = options.round_interval
         # Blocking reads stay short (and far below the client's socket timeout)
         # whatever the ownership tick is.
         self._block_ms = max(1, int(min(self._tick, 1.0) * 1000))
-        self._retry = Backoff(retry_backoff, retry_backoff_max)
         self._runners: dict[ShardUnit, _Runner] = {}
-        self._log = get_logger("core_bus.ordered", group=group, consumer=consumer)
+        self._log = get_logger("core_bus.ordered", group=self.group, consumer=self.consumer)
         self._watch = ConnectionWatch(self._log, self.stats)
-        self._entries = ShardEntryHandler(
-            redis,
-            handler,
-            group=group,
-            consumer=consumer,
-            dlq_stream=dlq_stream,
-            max_deliveries=max_deliveries,
-            retry=self._retry,
-            limit=get_settings().bus_max_envelope_bytes,
-            stats=self.stats,
-            log=self._log,
-        )
+        self._entries = ShardEntryHandler(redis, handler, options, stats=self.stats, log=self._log)
         self._wake = asyncio.Event()
 
     # -- public handle (see core_bus.consume.handle) --------------------------------
@@ -411,20 +390,18 @@ async def subscribe_ordered(
     The handler is ``async def h(env)`` or ``async def h(env, redis)``.
     """
     keys = keys or StreamKeyBuilder(get_settings().bus_namespace)
-    sub = OrderedSubscription(
-        redis,
-        [text(b) for b in base_streams],
-        shards,
-        handler,
+    options = OrderedOptions(
         group=group,
         consumer=consumer,
+        dlq_stream=dlq_stream or keys.dead_letter(group),
+        shards=shards,
         lease_ttl=lease_ttl,
         max_deliveries=max_deliveries,
-        dlq_stream=dlq_stream or keys.dead_letter(group),
-        keys=keys,
         retry_backoff=retry_backoff,
         retry_backoff_max=retry_backoff_max,
         tick=tick,
+        max_envelope_bytes=get_settings().bus_max_envelope_bytes,
     )
+    sub = OrderedSubscription(redis, [text(b) for b in base_streams], handler, options, keys)
     sub._start_background()
     return sub
