@@ -10,7 +10,7 @@ receiver look at its own pending list at once. The Redis work itself is
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
@@ -136,6 +136,13 @@ class DeliveryHooks:
             return
         if moved:
             self.nudge(runtime, moved)
+
+    async def sweep_loop(self, base_interval: Callable[[], float]) -> None:
+        """Sweep forever, each agent at its own ``sweep_interval`` (default ``base_interval()``)."""
+        while True:
+            base = base_interval()
+            await anyio.sleep(self.sweep_period(self._table.runtimes(), base))
+            await self.sweep_due(self._table.runtimes(), anyio.current_time(), base)
 
     @staticmethod
     def sweep_period(agents: Iterable[AgentRuntime], base: float) -> float:

@@ -100,6 +100,9 @@ class FleetDaemon:
     def http_address(self) -> tuple[str, int] | None:
         return self.control.facts.http_address
 
+    def _sweep_interval(self) -> float:
+        return float(self.config.supervisor.sweep_interval)
+
     def _poke(self) -> None:
         self._reconciler.poke()
 
@@ -169,7 +172,7 @@ class FleetDaemon:
                         tg.start_soon(self._signal_loop, signals, tg)
                         tg.start_soon(self._reconciler.run)
                         tg.start_soon(self._sample_loop, delivery)
-                        tg.start_soon(self._sweep_loop, delivery)
+                        tg.start_soon(delivery.sweep_loop, self._sweep_interval)
                         if self._watchdog_interval is not None:
                             tg.start_soon(self._systemd.watchdog_loop, self._watchdog_interval)
                         log.info(
@@ -227,13 +230,8 @@ class FleetDaemon:
             log.error("reload failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     # -- periodic work -----------------------------------------------------------------------
-    async def _sweep_loop(self, delivery: DeliveryHooks) -> None:
-        while True:
-            base = float(self.config.supervisor.sweep_interval)
-            await anyio.sleep(delivery.sweep_period(self.table.runtimes(), base))
-            await delivery.sweep_due(self.table.runtimes(), anyio.current_time(), base)
-
     async def _sample_loop(self, delivery: DeliveryHooks) -> None:
+        """RSS/CPU against memory limits, Redis health and group stats, every interval."""
         while True:
             for worker in await sample_workers(self._sampler, self.table):
                 self._runner.stop(worker, CAUSE_MEMORY)
