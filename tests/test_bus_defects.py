@@ -260,3 +260,44 @@ async def test_structured_forms_and_error_reaches_the_owner(redis: Any) -> None:
         await background.started()
     with pytest.raises(Exception, match="WRONGTYPE"):
         await background.wait()
+
+
+async def test_nothing_stays_held_after_retries_dead_letters_and_stop(redis: Any) -> None:
+    """Every path out of a subscription's hands releases the entry: acks, retries,
+    dead letters, deleted entries and a stop that leaves running handlers behind."""
+    stream, group = "AG1:agent:held:inbox", "held"
+    failed: set[int] = set()
+    slow = anyio.Event()
+
+    async def handler(e: Envelope) -> None:
+        n = e.content["n"]
+        if n == -1:
+            await slow.wait()  # never set: still running when the subscription stops
+        if n % 5 == 0 and n not in failed:
+            failed.add(n)
+            raise RuntimeError("once")
+        if n % 7 == 0:
+            raise RuntimeError("always")
+
+    sub = await subscribe(
+        redis,
+        stream,
+        handler,
+        group,
+        "c",
+        max_deliveries=2,
+        retry_backoff=0.01,
+        retry_backoff_max=0.02,
+    )
+    try:
+        await sub.started()
+        ids = [await publish_envelope(redis, stream, env(n)) for n in range(1, 41)]
+        await redis.xdel(stream, ids[-1])
+        await eventually(lambda: nothing_pending(redis, stream, group), 15, message="settled")
+        assert len(sub.held) == 0
+        assert await dlq_len(redis, group) == 5  # 7, 14, 21, 28, 35
+        await publish_envelope(redis, stream, env(-1))
+        await eventually(lambda: sub.stats.in_flight == 1, 5)
+    finally:
+        await sub.stop(0.2)
+    assert len(sub.held) == 0

@@ -4,9 +4,9 @@ An entry is *held* from the moment this process took it (a read, a claim, a
 pending-list check) until it is acked, dead-lettered, or dropped (on stop, or
 when it turned out to be no longer ours); meanwhile no check of our own
 pending list hands it out a second time. :class:`HeldEntries` is the only
-owner of that set: every hold and release goes through it, and
-:meth:`HeldEntries.releasing` makes a release that a timeout or an exception
-cannot skip.
+owner of that set: every hold and release goes through it. Paths that can
+time out or fail release in ``finally``/``except`` blocks or keep the entry
+held on purpose while a retry is pending (dead letters waiting for Redis).
 
 The lock is held while our pending list in Redis is compared with the set
 and while acks or dead letters remove entries from both, so a check never
@@ -16,8 +16,7 @@ sees an entry that is acked in Redis but still in its XPENDING reply.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 
 class HeldEntries:
@@ -31,9 +30,6 @@ class HeldEntries:
 
     def __len__(self) -> int:
         return sum(map(len, self._by_stream.values()))
-
-    def holds(self, stream: str, entry_id: str) -> bool:
-        return entry_id in self._by_stream[stream]
 
     def hold(self, stream: str, entry_id: str) -> bool:
         """Take one entry; False when it is held already (then it must not be queued again)."""
@@ -56,15 +52,9 @@ class HeldEntries:
     def release_many(self, stream: str, entry_ids: Iterable[str]) -> None:
         self._by_stream[stream].difference_update(entry_ids)
 
-    @contextmanager
-    def releasing(self, pairs: Iterable[tuple[str, str]]) -> Iterator[None]:
-        """Release ``(stream, id)`` pairs when the block ends, however it ends."""
-        try:
-            yield
-        finally:
-            for stream, entry_id in pairs:
-                self._by_stream[stream].discard(entry_id)
-
-    def snapshot(self) -> dict[str, set[str]]:
-        """A copy of what is held (tests and diagnostics)."""
-        return {stream: set(ids) for stream, ids in self._by_stream.items()}
+    def release_all(self) -> int:
+        """The subscription ended: what was not acked stays pending in Redis only."""
+        count = len(self)
+        for ids in self._by_stream.values():
+            ids.clear()
+        return count

@@ -170,6 +170,9 @@ class Subscription(SubscriptionHandle):
             finally:
                 await self._acks.final_flush(self._log)
                 self._runner.dead_letters.give_up()
+                left = self.held.release_all()  # handlers cut off by the drain timeout
+                if left:
+                    self._log.info("left_pending", entries=left)
                 with anyio.CancelScope(shield=True):
                     await self._close_reader()
         except anyio.get_cancelled_exc_class():
