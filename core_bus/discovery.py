@@ -149,14 +149,8 @@ class BusSubscriptions(SubscriptionHandle):
     async def _stop_children(self) -> None:
         async with anyio.create_task_group() as tg:
             for sub in list(self.subscriptions.values()):
-                tg.start_soon(self._stop_one, sub, self._drain_timeout)
+                tg.start_soon(sub._stop_quietly, self._drain_timeout)
         self._log.info("bus_subscriptions_stopped", streams=len(self.subscriptions))
-
-    async def _stop_one(self, sub: Subscription, drain_timeout: float) -> None:
-        try:
-            await sub.stop(drain_timeout)
-        except Exception as exc:
-            self._log.warning("subscription_stop_error", stream=sub.streams, error=repr(exc))
 
     async def _add(self, stream: str) -> bool:
         if stream in self.subscriptions or stream in self._failed or not self.matches(stream):
@@ -179,7 +173,7 @@ class BusSubscriptions(SubscriptionHandle):
             # Owned by our task group; its error stays on its handle (one stream's
             # failure never ends the others).
             sub._claim()
-            self._children.start_soon(sub._run_owned)
+            self._children.start_soon(sub._serve_to_end)
             self.subscriptions[stream] = sub
         self._log.info("stream_discovered", stream=stream, consumer=self.consumer)
         return True

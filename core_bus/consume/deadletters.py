@@ -105,6 +105,7 @@ class DeadLetterWriter:
             self._log.warning("dead_letters_not_written", entries=len(jobs))
 
     async def _attempt(self, jobs: list[DeadLetterJob]) -> bool:
+        failure: BaseException = TimeoutError("dead-letter write not answered")
         written = False
         with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT):
             async with self._held.lock:
@@ -112,12 +113,12 @@ class DeadLetterWriter:
                     await self._execute(jobs)
                     written = True
                 except TRANSIENT_ERRORS as exc:
-                    self._watch.lost(exc, "dead_letter")
+                    failure = exc
                 if written:
                     for entry, _reason, _error in jobs:
                         self._held.release(entry.stream, entry.entry_id)
         if not written:
-            self._watch.lost(TimeoutError("dead-letter write not answered"), "dead_letter")
+            self._watch.lost(failure, "dead_letter")
             return False
         self._watch.restored()
         for entry, reason, error in jobs:

@@ -109,19 +109,10 @@ class SubscriptionHandle:
     ) -> None:
         """Run in the caller's task: ``await tg.start(sub.run)``. Raises a fatal error."""
         self._claim()
-        registry().add(self)
         self._task_status = task_status
-        try:
-            await self._serve()
-        except BaseException as exc:
-            if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                self._error = _unwrap(exc)
-                self._log_failure(self._error)
-                raise self._error from None
-            raise
-        finally:
-            self._started_event.set()
-            self._done_event.set()
+        await self._serve_to_end()
+        if self._error is not None:
+            raise self._error
 
     async def __aenter__(self) -> Self:
         if self._claimed:  # already running (a handle-returning call started it)
@@ -172,8 +163,8 @@ class SubscriptionHandle:
         self._claim()
         _host().submit(self)
 
-    async def _run_owned(self) -> None:
-        """The background host's view of :meth:`run`: the error stays on the handle."""
+    async def _serve_to_end(self) -> None:
+        """Run the body; a fatal error is logged once and kept on the handle."""
         registry().add(self)
         try:
             await self._serve()
@@ -186,9 +177,9 @@ class SubscriptionHandle:
             self._started_event.set()
             self._done_event.set()
 
-    async def _stop_quietly(self) -> None:
+    async def _stop_quietly(self, drain_timeout: float | None = None) -> None:
         with contextlib.suppress(Exception):  # the error stays on the handle
-            await self.stop()
+            await self.stop(drain_timeout)
 
 
 class _BackgroundHost:
@@ -216,7 +207,7 @@ class _BackgroundHost:
 
     async def _run_one(self, handle: SubscriptionHandle) -> None:
         try:
-            await handle._run_owned()
+            await handle._serve_to_end()
         finally:
             self.handles.discard(handle)
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.consume.acks import AckBatcher
-from core_bus.consume.deadletters import DeadLetterJob, DeadLetterWriter
+from core_bus.consume.deadletters import DeadLetterWriter
 from core_bus.consume.decode import decode_payload, payload_of
 from core_bus.consume.handlers import Handler, handler_arity
 from core_bus.consume.held import HeldEntries
@@ -185,10 +185,10 @@ class HandlerRunner:
             return env
         self._stats.malformed += 1
         item = HeldEntry(stream, entry_id, fields, deliveries)
-        await self._busy_with(self.dead_letter_many([(item, env.reason, env.error)]))
+        await self._busy_with(self.dead_letters.write([(item, env.reason, env.error)]))
         return None
 
-    async def _busy_with(self, step: Awaitable[None]) -> None:
+    async def _busy_with(self, step: Awaitable[object]) -> None:
         """Await bookkeeping for an entry; drain waits for it like for a handler."""
         self._busy += 1
         try:
@@ -201,7 +201,7 @@ class HandlerRunner:
     async def _handler_failed(self, item: HeldEntry, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
         if item.deliveries >= self._max_deliveries:
-            await self.dead_letter_many([(item, REASON_POISON, error)])
+            await self.dead_letters.write([(item, REASON_POISON, error)])
             return
         item.retry_delay = self._retry.delay(item.deliveries)
         self._log.warning(
@@ -225,7 +225,3 @@ class HandlerRunner:
             deliveries = claimed.deliveries or item.deliveries + 1
             hop = hop_label(self._group)
             self._work.put((item.stream, item.entry_id, claimed.fields, deliveries, hop))
-
-    async def dead_letter_many(self, jobs: list[DeadLetterJob]) -> None:
-        """Dead-letter and ack atomically; if Redis is away the writer retries them."""
-        await self.dead_letters.write(jobs)

@@ -23,7 +23,6 @@ the held set and the cancel scopes of one loop.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -122,7 +121,7 @@ class Subscription(SubscriptionHandle):
             watch=self._watch,
             log=self._log,
         )
-        self._dead_letter_many = self._runner.dead_letter_many
+        self._dead_letters = dead_letters
         self._check_requested = False
         self._blocked_read = False  # the reader waits in XREADGROUP BLOCK right now
         self._nudge = anyio.Event()
@@ -363,7 +362,7 @@ class Subscription(SubscriptionHandle):
                         self._work.put((stream, entry_id, fields, before + 1, self._hop()))
                         recovered += 1
                 if poison:
-                    await self._dead_letter_many(poison)
+                    await self._dead_letters.write(poison)
         if recovered:
             self._log.info("pending_recovered", entries=recovered)
 
@@ -402,7 +401,7 @@ class Subscription(SubscriptionHandle):
                 self._work.put((stream, entry_id, fields, delivered, self._hop()))
         self._log.info("pending_claimed", entries=len(wanted))
         if poison:
-            await self._dead_letter_many(poison)
+            await self._dead_letters.write(poison)
 
     def _hop(self) -> str:
         """The receive hop ``env.add_hop(group)`` would append, for entries read now."""
@@ -515,9 +514,4 @@ async def stop_all(drain_timeout: float = 10.0) -> None:
     """Stop every running subscription of this event loop concurrently (worker shutdown)."""
     async with anyio.create_task_group() as tg:
         for handle in running_handles():
-            tg.start_soon(_stop_quietly, handle, drain_timeout)
-
-
-async def _stop_quietly(handle: SubscriptionHandle, drain_timeout: float) -> None:
-    with contextlib.suppress(Exception):  # the error stays on the handle
-        await handle.stop(drain_timeout)
+            tg.start_soon(handle._stop_quietly, drain_timeout)

@@ -30,13 +30,7 @@ class Claimed:
 
 def pending_counts(reply: Any) -> list[tuple[str, int]]:
     """``[(id, times_delivered)]`` from an XPENDING range reply (dict or list rows)."""
-    out: list[tuple[str, int]] = []
-    for row in reply or ():
-        if isinstance(row, Mapping):
-            out.append((text(row["message_id"]), int(row["times_delivered"])))
-        else:
-            out.append((text(row[0]), int(row[3])))
-    return out
+    return [(entry_id, delivered) for entry_id, _consumer, delivered in pending_rows(reply)]
 
 
 def pending_rows(reply: Any) -> list[tuple[str, str, int]]:

@@ -86,7 +86,6 @@ class FleetDaemon:
         self._sampler = ResourceSampler()
         self._stop_requested = anyio.Event()
         self._notify: NotifyServer | None = None
-        self._redis: Any = None
 
     @property
     def config(self) -> FleetConfig:
@@ -171,7 +170,7 @@ class FleetDaemon:
                         tg.start_soon(notify_server.serve, self._runner.on_notify)
                         tg.start_soon(self._signal_loop, signals, tg)
                         tg.start_soon(self._reconciler.run)
-                        tg.start_soon(self._sample_loop, delivery)
+                        tg.start_soon(self._sample_loop, redis, delivery)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
                         if self._watchdog_interval is not None:
                             tg.start_soon(self._systemd.watchdog_loop, self._watchdog_interval)
@@ -196,12 +195,12 @@ class FleetDaemon:
 
     @asynccontextmanager
     async def _redis_client(self) -> AsyncIterator[Any]:
-        self._redis = connect(self.control.facts.redis_url, socket_timeout=REDIS_TIMEOUT)
+        redis = connect(self.control.facts.redis_url, socket_timeout=REDIS_TIMEOUT)
         try:
-            yield self._redis
+            yield redis
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self._redis.aclose()
+                await redis.aclose()
 
     def request_stop(self, force: bool = False) -> None:
         """Graceful stop (what SIGTERM does); a second call or ``force`` kills at once."""
@@ -230,12 +229,12 @@ class FleetDaemon:
             log.error("reload failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     # -- periodic work -----------------------------------------------------------------------
-    async def _sample_loop(self, delivery: DeliveryHooks) -> None:
+    async def _sample_loop(self, redis: Any, delivery: DeliveryHooks) -> None:
         """RSS/CPU against memory limits, Redis health and group stats, every interval."""
         while True:
             for worker in await sample_workers(self._sampler, self.table):
                 self._runner.stop(worker, CAUSE_MEMORY)
-            await self._health.probe(self._redis, delivery, self.table.runtimes(), REDIS_TIMEOUT)
+            await self._health.probe(redis, delivery, self.table.runtimes(), REDIS_TIMEOUT)
             self._systemd.update(self.table.agents)
             await anyio.sleep(self.sample_interval)
 
