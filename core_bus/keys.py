@@ -175,6 +175,14 @@ class StreamKeyBuilder:
         """Hash of the consumer names a supervisor handed out (name -> agent), across runs."""
         return f"{self.ns}:fleet:consumers:{supervisor_name}"
 
+    def supervisor_groups(self, supervisor_name: str) -> str:
+        """Hash of the consumer groups a supervisor's plan reads (group -> agent); a group
+        of the namespace in no supervisor's hash is an orphan (``ag1-bus groups``)."""
+        return f"{self.ns}:fleet:groups:{supervisor_name}"
+
+    def supervisor_groups_pattern(self) -> str:
+        return f"{self.ns}:fleet:groups:*"
+
     def supervisor_lock(self, name: str) -> str:
         """Short-lived lock (always with a TTL) for supervisor bookkeeping."""
         return f"{self.ns}:fleet:lock:{name}"

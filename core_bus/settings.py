@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,17 +84,38 @@ def build_redis_url(
 
 
 def redact_url(url: str) -> str:
-    """Replace the password in a URL with ``***`` so it can be logged."""
+    """Replace the password in a URL with ``***`` so it can be logged.
+
+    Both places redis-py reads a password from are covered: the userinfo
+    (``redis://:pw@host``, ``unix://:pw@/path/redis.sock``) and the query
+    (``unix:///path/redis.sock?password=pw``).
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = netloc.rpartition("@")[2]  # as written: keeps IPv6 brackets and the port
+        netloc = f"{user}:***@{host}"
+    query = _redact_query(parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]  # as written: keeps IPv6 brackets and the port
-    netloc = f"{user}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    # by hand: urlunsplit drops the empty authority of unix:///path
+    tail = (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{parts.scheme}://{netloc}{parts.path}{tail}"
+
+
+def _redact_query(query: str) -> str:
+    """``password=...`` query parameters replaced by ``password=***``."""
+    if "password" not in query.lower():
+        return query
+    pairs = []
+    for pair in query.split("&"):
+        name, sep, _value = pair.partition("=")
+        pairs.append(f"{name}=***" if sep and name.lower() == "password" else pair)
+    return "&".join(pairs)
 
 
 def connect(url: str | None = None, **kwargs: Any) -> Any:

@@ -5,7 +5,8 @@
 # AG1_STREAMS (comma separated), REDIS_URL and NOTIFY_SOCKET in its environment.
 # It reports READY=1 and then WATCHDOG=1 heartbeats with systemd-notify (without
 # systemd-notify the supervisor counts it ready after the agent's start_seconds),
-# logs one line every few seconds (the supervisor re-emits it as a log event),
+# logs its stream's backlog when it changes (the supervisor re-emits each line as a
+# log event; without redis-cli it says once that it cannot, in its STATUS= too),
 # and exits 0 promptly on SIGTERM.
 #
 #   fleet.toml:  command = ["sh", "examples/shell_agent.sh"]
@@ -35,19 +36,39 @@ notify() {
 }
 
 backlog() {
-    if [ -n "${REDIS_URL:-}" ] && [ -n "$stream" ] && command -v redis-cli >/dev/null 2>&1; then
-        redis-cli -u "$REDIS_URL" XLEN "$stream" 2>/dev/null || echo "?"
-    else
-        echo "n/a"
-    fi
+    redis-cli -u "$REDIS_URL" XLEN "$stream" 2>/dev/null || echo "?"
 }
 
-notify --ready --status="watching ${stream:-nothing}"
-echo "$worker: ready (pid $$, stream ${stream:-none})"
+# Its job is to watch its stream's backlog; it needs redis-cli for that (the
+# no-Redis quickstart has none). Without it, it says so once, in the log and in
+# its STATUS= (shown by `ag1-fleet status`), instead of logging "n/a" forever.
+problem=""
+if [ -z "$stream" ]; then
+    problem="degraded: no stream in AG1_STREAMS to watch"
+elif ! command -v redis-cli >/dev/null 2>&1; then
+    problem="degraded: redis-cli not found, cannot count the backlog of $stream"
+fi
 
+if [ -n "$problem" ]; then
+    notify --ready --status="$problem"
+    echo "$worker: ready (pid $$), $problem" >&2
+else
+    notify --ready --status="watching $stream"
+    echo "$worker: ready (pid $$, stream $stream)"
+fi
+
+# One log line when the backlog changes, not one per heartbeat.
+last=""
 while [ "$running" = 1 ]; do
     notify WATCHDOG=1
-    echo "$worker: alive, ${stream:-no stream} holds $(backlog) entries"
+    if [ -z "$problem" ]; then
+        now="$(backlog)"
+        if [ "$now" != "$last" ]; then
+            echo "$worker: $stream holds $now entries"
+            notify --status="watching $stream: $now entries"
+            last="$now"
+        fi
+    fi
     sleep "$interval" &
     sleeper=$!
     wait "$sleeper" 2>/dev/null

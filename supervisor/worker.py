@@ -240,8 +240,8 @@ async def run_worker(env: WorkerEnv, handler: Callable[..., Any]) -> int:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(env.drain_timeout):
                     await sub.stop(env.drain_timeout)
                 return 0
+            # No "worker ready" line here: the supervisor logs it when READY arrives.
             notifier.send("READY=1", f"STATUS=consuming {','.join(env.streams)}")
-            _log().info("worker ready", agent=env.agent, worker=env.worker, consumer=env.consumer)
             interval = heartbeat_interval(env.watchdog_seconds)
             drained = False
             async with anyio.create_task_group() as tg:

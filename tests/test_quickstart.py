@@ -93,7 +93,7 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_second() -> None:
     assert len(blocks) == 1
     commands = [line for line in blocks[0].splitlines() if line.strip()]
     assert commands == [
-        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
+        "python3 -m venv .venv && .venv/bin/pip install -e . && "
         ".venv/bin/ag1-fleet run -c fleet.example.toml",
         "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
     ]

@@ -1,7 +1,9 @@
 """Consumer groups of a stream: the one ``ensure_group``, and their state (XINFO).
 
 The XINFO readers are read-only. ``lag`` may be NULL in Redis (a group created
-at an arbitrary id, or entries deleted since): it is ``None`` here and shown as "unknown", never 0.
+at an arbitrary id, or entries deleted since) or missing (Redis < 7.0): then it is
+counted instead (:func:`counted_lag`: the entries after the group's last-delivered
+id, up to :data:`LAG_COUNT_CAP`) and ``lag_note`` says why; never a silent 0.
 ``idle`` of a consumer is the last *attempted* interaction on Redis >= 7.2, so a
 blocked reader does not look idle; before 7.2 it does — do not judge liveness by it.
 """
@@ -39,6 +41,7 @@ class GroupInfo:
     entries_read: int | None
     lag: int | None
     consumer_list: list[ConsumerInfo] = field(default_factory=list)
+    lag_note: str | None = None  # why Redis gave no lag and how it was counted instead
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +58,41 @@ def _int_or_none(value: Any) -> int | None:
     if value is None:
         return None
     return int(text(value))
+
+
+#: The most entries :func:`counted_lag` counts (server side, in one Lua call).
+LAG_COUNT_CAP = 10_000
+#: Entries after an id, counted in Redis (no payload crosses the network); 6.2 has ``(``.
+_COUNT_AFTER = """
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+return #entries
+"""
+LAG_NOTE_MISSING = "Redis < 7.0 reports no lag"
+LAG_NOTE_NULL = (
+    "Redis reports lag NULL (entries deleted or trimmed after the group's position, "
+    "or the group was created at an arbitrary id)"
+)
+
+
+async def counted_lag(
+    redis: AsyncRedis, stream: str, last_delivered_id: str, *, reported: bool
+) -> tuple[int | None, str]:
+    """The lag Redis did not give: entries after ``last_delivered_id`` (at most
+    :data:`LAG_COUNT_CAP`), and the note shown with it. ``reported``: the reply had a
+    ``lag`` field (NULL) rather than none at all (Redis < 7.0)."""
+    why = LAG_NOTE_NULL if reported else LAG_NOTE_MISSING
+    if not last_delivered_id:
+        return None, why
+    count = int(await redis.eval(_COUNT_AFTER, 1, stream, last_delivered_id, LAG_COUNT_CAP))
+    if count >= LAG_COUNT_CAP:
+        return count, f"{why}; counted at least {count} entries after {last_delivered_id}"
+    return count, f"{why}; counted the entries after {last_delivered_id}"
+
+
+def lag_field(info: Any) -> tuple[int | None, bool]:
+    """XINFO GROUPS ``lag`` of one group row, and whether the field was there at all."""
+    present = "lag" in info or b"lag" in info
+    return _int_or_none(_get(info, "lag")), present
 
 
 async def ensure_group(redis: AsyncRedis, stream: str, group: str, start_id: str = "0") -> None:
@@ -95,6 +133,11 @@ async def group_infos(
             consumers_by_group = await pipe.execute()
     groups: list[GroupInfo] = []
     for index, g in enumerate(raw_groups):
+        last_delivered = text(_get(g, "last-delivered-id") or "")
+        lag, present = lag_field(g)
+        note = None
+        if lag is None:
+            lag, note = await counted_lag(redis, stream, last_delivered, reported=present)
         consumers = [
             ConsumerInfo(
                 name=text(_get(c, "name")),
@@ -109,10 +152,11 @@ async def group_infos(
                 name=text(_get(g, "name")),
                 consumers=int(_get(g, "consumers") or 0),
                 pending=int(_get(g, "pending") or 0),
-                last_delivered_id=text(_get(g, "last-delivered-id") or ""),
+                last_delivered_id=last_delivered,
                 entries_read=_int_or_none(_get(g, "entries-read")),
-                lag=_int_or_none(_get(g, "lag")),
+                lag=lag,
                 consumer_list=consumers,
+                lag_note=note,
             )
         )
     return groups
@@ -138,7 +182,7 @@ def format_groups_table(stream: str, groups: list[GroupInfo]) -> str:
         return f"{stream}: no consumer groups"
     lines = [f"{'GROUP':<24} {'CONSUMERS':>9} {'PENDING':>8} {'LAG':>8}  LAST-DELIVERED"]
     for g in groups:
-        lag = "unknown" if g.lag is None else str(g.lag)
+        lag = "unknown" if g.lag is None else str(g.lag) + ("*" if g.lag_note else "")
         lines.append(
             f"{g.name:<24} {g.consumers:>9} {g.pending:>8} {lag:>8}  {g.last_delivered_id}"
         )
@@ -148,4 +192,5 @@ def format_groups_table(stream: str, groups: list[GroupInfo]) -> str:
                 f"  - {c.name:<40} pending={c.pending:<6} idle={format_duration_ms(c.idle_ms)}"
                 f" inactive={inactive}"
             )
-    return "\n".join(lines)
+    notes = [f"* {g.name}: {g.lag_note}" for g in groups if g.lag_note]
+    return "\n".join(lines + notes)

@@ -20,53 +20,23 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-from redis.asyncio import Redis as AsyncRedis
+if TYPE_CHECKING:
+    from redis.asyncio import Redis as AsyncRedis
 
-from core_bus.envelope import Envelope
-from core_bus.errors import BusError
-from core_bus.log import configure_logging
-from core_bus.settings import connect, get_settings, redact_url
+    from core_bus.envelope import Envelope
+
+# Everything heavier (redis, anyio, pydantic, structlog) is imported once the arguments
+# are parsed: `ag1-bus --help` and a usage error answer at once.
 
 PROG = "ag1-bus"
-STATE_URL_FILE = "redis.url"
-DEFAULT_STATE_DIR = ".ag1"
 LOAD_BATCH = 500
 PROGRESS_SECONDS = 0.5
 
 
 class UsageError(Exception):
     """Bad arguments or input (exit 2)."""
-
-
-# -- connection ---------------------------------------------------------------------
-
-
-def resolve_redis_url(redis_url: str | None, state_dir: str | None) -> str:
-    """``--redis-url``, else ``--state-dir``/redis.url, else the environment (``REDIS_URL``
-    or ``REDIS_HOST``...), else ``./.ag1/redis.url`` when present, else local Redis.
-    """
-    if redis_url:
-        return redis_url
-    if state_dir:
-        path = Path(state_dir) / STATE_URL_FILE
-        try:
-            return path.read_text().strip()
-        except OSError as exc:
-            raise UsageError(
-                f"cannot read {path}: {exc.strerror or exc} "
-                "(is the supervisor running with an embedded Redis?)"
-            ) from exc
-    env_names = ("REDIS_URL", "REDIS_HOST", "REDIS_PORT")
-    if not any(os.environ.get(n) for n in env_names):
-        local = Path(DEFAULT_STATE_DIR) / STATE_URL_FILE
-        if local.is_file():
-            url = local.read_text().strip()
-            if url:
-                return url
-    return get_settings().url()
 
 
 # -- argument parsing ---------------------------------------------------------------
@@ -78,14 +48,22 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--redis-url",
         default=default,
         metavar="URL",
-        help="Redis to use (default: $REDIS_URL / $REDIS_HOST..., else ./.ag1/redis.url, "
-        "else redis://127.0.0.1:6379/0)",
+        help="Redis to use (default: $REDIS_URL / $REDIS_HOST..., else ./.ag1/redis.url of a "
+        "fleet started here, else redis://127.0.0.1:6379/0, which dlq replay/purge and "
+        "groups --destroy refuse)",
     )
     parser.add_argument(
         "--state-dir",
         default=default,
         metavar="DIR",
-        help="read the Redis URL from DIR/redis.url (written by the supervisor)",
+        help="read the Redis URL from DIR/redis.url (written by a running supervisor)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="do not say which Redis is used, nor warn about streams nobody reads",
     )
 
 
@@ -105,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tools for the AG1 bus: watch streams, publish, inspect groups and "
-        "dead letters.",
+        "dead letters. Each command says on stderr which Redis it uses (-q to silence).",
         epilog="examples:\n  ag1-bus tail 'AG1:agent:*:inbox'\n"
-        "  ag1-bus dlq list echo\n\nrun 'ag1-bus COMMAND --help' for each command",
+        "  ag1-bus publish AG1:agent:echo:inbox --content '{\"hello\": \"world\"}'\n"
+        "  ag1-bus dlq list echo\n  ag1-bus groups            # every group, orphans marked\n"
+        "\nrun 'ag1-bus COMMAND --help' for each command",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(parser, suppress=False)
@@ -119,39 +99,66 @@ def build_parser() -> argparse.ArgumentParser:
         "show a stream's backlog, then live entries (XREAD only: no group, no ack)",
         "ag1-bus tail AG1:agent:echo:inbox --last 20   # or a pattern: 'AG1:agent:*:inbox'",
     )
-    tail.add_argument("streams", nargs="+", metavar="STREAM", help="stream name or glob pattern")
+    tail.add_argument(
+        "streams", nargs="+", metavar="STREAM", help="stream name or glob pattern (several ok)"
+    )
     start = tail.add_mutually_exclusive_group()
     start.add_argument("--from-start", action="store_true", help="show the whole backlog")
-    start.add_argument("--last", type=int, default=10, metavar="N", help="backlog entries (10)")
-    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    start.add_argument(
+        "--last", type=int, default=10, metavar="N", help="show the last N backlog entries (10)"
+    )
+    tail.add_argument("--json", action="store_true", help="one JSON object per entry")
+    tail.add_argument(
+        "--full", action="store_true", help="show each entry's content whole, not cut short"
+    )
     tail.add_argument("--count", type=int, metavar="N", help="exit after N entries")
 
     pub = _sub(
         commands,
         "publish",
         "publish envelopes (with --count: a load generator reporting the rate achieved)",
-        'ag1-bus publish AG1:agent:echo:inbox --content \'{"text": "hi"}\' --count 10000',
+        'ag1-bus publish AG1:agent:echo:inbox --content \'{"text": "hi"}\' '
+        "--reply-to AG1:user:me:inbox",
     )
-    pub.add_argument("stream", metavar="STREAM")
+    pub.add_argument("stream", metavar="STREAM", help="the stream to XADD to")
     pub.add_argument("--role", default="user", help="envelope role (user)")
     content = pub.add_mutually_exclusive_group()
     content.add_argument(
         "--content", metavar="JSON|@FILE", help="content as JSON, @file, or @- for stdin"
     )
     content.add_argument("--text", metavar="STR", help="content as a plain string")
-    pub.add_argument("--reply-to", metavar="STREAM")
-    pub.add_argument("--agent-name", metavar="NAME")
-    pub.add_argument("--correlation-id", metavar="ID")
-    pub.add_argument("--count", type=int, metavar="N", help="publish N envelopes (load test)")
+    pub.add_argument(
+        "--reply-to", metavar="STREAM", help="stream the receiver should answer on (reply_to)"
+    )
+    pub.add_argument("--agent-name", metavar="NAME", help="sender name put in the envelope")
+    pub.add_argument(
+        "--correlation-id", metavar="ID", help="correlation id (default: a new one)"
+    )
+    pub.add_argument(
+        "--count", type=int, metavar="N", help="publish N envelopes and report the rate"
+    )
 
     groups = _sub(
         commands,
         "groups",
-        "consumer groups of a stream: consumers, pending, lag, idle (XINFO)",
-        "ag1-bus groups AG1:agent:echo:inbox --json",
+        "consumer groups of a stream (consumers, pending, lag, idle), or without STREAM "
+        "every group of the namespace with orphans (groups no fleet reads) marked",
+        "ag1-bus groups AG1:agent:echo:inbox --json\n"
+        "  ag1-bus groups AG1:agent:old:inbox --destroy old   # remove an orphan group",
     )
-    groups.add_argument("stream", metavar="STREAM")
-    groups.add_argument("--json", action="store_true")
+    groups.add_argument(
+        "stream", metavar="STREAM", nargs="?", help="the stream (default: every stream)"
+    )
+    groups.add_argument("--json", action="store_true", help="print JSON")
+    groups.add_argument(
+        "--destroy",
+        metavar="GROUP",
+        help="remove GROUP from STREAM (XGROUP DESTROY): refused when a fleet records the "
+        "group or it has pending entries, unless --force",
+    )
+    groups.add_argument(
+        "--force", action="store_true", help="with --destroy: remove it even so"
+    )
 
     dlq = _sub(
         commands,
@@ -165,26 +172,39 @@ def build_parser() -> argparse.ArgumentParser:
         dlq_commands, "list", "list dead letters", "ag1-bus dlq list AG1:agent:echo:inbox"
     )
     dlq_list.add_argument("target", metavar="TARGET", help=target_help)
-    dlq_list.add_argument("--json", action="store_true")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object per letter")
     dlq_list.add_argument("--limit", type=int, default=100, metavar="N", help="show N (100)")
     replay = _sub(
         dlq_commands,
         "replay",
-        "re-add dead letters to their source streams, then remove them from the DLQ",
+        "re-add dead letters to their source streams, then remove them from the DLQ "
+        "(refuses the implicit default Redis)",
         "ag1-bus dlq replay echo --id 1732540000000-0",
     )
     replay.add_argument("target", metavar="TARGET", help=target_help)
     which = replay.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", action="append", dest="ids", metavar="ID")
-    which.add_argument("--all", action="store_true")
+    which.add_argument(
+        "--id",
+        action="append",
+        dest="ids",
+        metavar="ID",
+        help="a dead letter's id (from dlq list); repeat for several",
+    )
+    which.add_argument("--all", action="store_true", help="every dead letter of TARGET")
     purge = _sub(
         dlq_commands,
         "purge",
-        "delete dead letters (asks first unless --yes)",
+        "delete dead letters (asks first unless --yes; refuses the implicit default Redis)",
         "ag1-bus dlq purge echo --yes",
     )
     purge.add_argument("target", metavar="TARGET", help=target_help)
-    purge.add_argument("--id", action="append", dest="ids", metavar="ID")
+    purge.add_argument(
+        "--id",
+        action="append",
+        dest="ids",
+        metavar="ID",
+        help="only this dead letter (repeat for several; default: all of TARGET)",
+    )
     purge.add_argument("--yes", action="store_true", help="do not ask")
     return parser
 
@@ -211,6 +231,7 @@ async def cmd_tail(redis: AsyncRedis, args: argparse.Namespace) -> int:
         last=None if args.from_start else args.last,
         count=args.count,
         as_json=args.json,
+        full=args.full,
     )
     tailer = Tailer(
         redis, options, _out, flush=sys.stdout.flush, notify=lambda m: _err(f"{PROG}: {m}")
@@ -245,6 +266,8 @@ def _read_content(args: argparse.Namespace) -> Any:
 
 
 def _envelope(args: argparse.Namespace, content: Any) -> Envelope:
+    from core_bus.envelope import Envelope
+
     return Envelope(
         role=args.role,
         content=content,
@@ -258,6 +281,9 @@ async def cmd_publish(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.publish import publish_envelope, publish_many
 
     content = _read_content(args)
+    if not args.quiet:
+        for warning in await publish_warnings(redis, args.stream):
+            _err(f"{PROG}: warning: {warning} (-q to silence)")
     if args.count is None:
         _out(await publish_envelope(redis, args.stream, _envelope(args, content)))
         return 0
@@ -281,9 +307,45 @@ async def cmd_publish(redis: AsyncRedis, args: argparse.Namespace) -> int:
     return 0
 
 
+async def publish_warnings(redis: AsyncRedis, stream: str) -> list[str]:
+    """Why an entry published to ``stream`` may never be read: outside the namespace,
+    or no consumer group on it (the entry just sits there)."""
+    from core_bus.settings import get_settings
+    from core_bus.streams.groups import UnknownStream, group_infos
+
+    namespace = get_settings().bus_namespace
+    warnings = []
+    if not stream.startswith(f"{namespace}:"):
+        warnings.append(
+            f"{stream} is outside the namespace {namespace!r} (agents read "
+            f"{namespace}:agent:NAME:inbox; $BUS_NAMESPACE sets the namespace)"
+        )
+    try:
+        infos = await group_infos(redis, stream, with_consumers=False)
+    except UnknownStream:
+        infos = []
+    if not infos:
+        warnings.append(
+            f"no consumer group reads {stream}: nobody will process this entry "
+            f"(ag1-bus groups lists the groups; is the agent running?)"
+        )
+    return warnings
+
+
 async def cmd_groups(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.streams.groups import format_groups_table, group_infos
+    from core_bus.tools.connection import require_explicit
+    from core_bus.tools.groups import destroy_group, namespace_table
 
+    if args.destroy is not None:
+        if args.stream is None:
+            raise UsageError("--destroy GROUP needs the STREAM it is on")
+        require_explicit(args.redis_choice, f"destroy group {args.destroy}")
+        _out(await destroy_group(redis, args.stream, args.destroy, force=args.force))
+        return 0
+    if args.stream is None:
+        _out(await namespace_table(redis, as_json=args.json))
+        return 0
     infos = await group_infos(redis, args.stream)
     if args.json:
         _out(json.dumps({"stream": args.stream, "groups": [g.to_dict() for g in infos]}))
@@ -335,8 +397,10 @@ async def cmd_dlq_list(redis: AsyncRedis, args: argparse.Namespace) -> int:
 
 
 async def cmd_dlq_replay(redis: AsyncRedis, args: argparse.Namespace) -> int:
+    from core_bus.tools.connection import require_explicit
     from core_bus.tools.dlq import replay_dead_letters, resolve_target
 
+    require_explicit(args.redis_choice, "replay dead letters")
     target = await resolve_target(redis, args.target)
     result = await replay_dead_letters(redis, target, None if args.all else args.ids)
     for dlq, entry_id, new_id in result.replayed:
@@ -357,8 +421,10 @@ def _confirm(question: str) -> bool:
 
 
 async def cmd_dlq_purge(redis: AsyncRedis, args: argparse.Namespace) -> int:
+    from core_bus.tools.connection import require_explicit
     from core_bus.tools.dlq import list_dead_letters, purge_dead_letters, resolve_target
 
+    require_explicit(args.redis_choice, "purge dead letters")
     target = await resolve_target(redis, args.target)
     letters = await list_dead_letters(redis, target)
     ids = [letter.id for _dlq, letter in letters]
@@ -392,6 +458,10 @@ COMMANDS: dict[str, Command] = {
 
 async def _run(command: Command, args: argparse.Namespace, url: str) -> int:
     """Run ``command``; SIGINT/SIGTERM cancel it (exit 0 for tail, 130 otherwise)."""
+    import anyio
+
+    from core_bus.settings import connect
+
     redis = connect(url)
     interrupted = False
     result = 0
@@ -437,17 +507,27 @@ def _command_key(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ag1-bus`` console script."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    import anyio
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from core_bus.errors import BusError
+    from core_bus.log import configure_logging
+    from core_bus.settings import redact_url
+    from core_bus.tools.connection import RedisChoiceError, resolve_redis
+
     configure_logging(level=os.environ.get("AG1_LOG_LEVEL") or "WARNING")
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     url = ""
     try:
-        url = resolve_redis_url(args.redis_url, args.state_dir)
+        choice = resolve_redis(args.redis_url, args.state_dir)
+        url = choice.url
+        args.redis_choice = choice
+        if not args.quiet:
+            _err(f"{PROG}: {choice.describe()}")
         return anyio.run(_run, COMMANDS[_command_key(args)], args, url)
-    except UsageError as exc:
+    except (UsageError, RedisChoiceError) as exc:
         _err(f"{PROG}: {exc}")
         return 2
     except (RedisConnectionError, RedisTimeoutError) as exc:

@@ -49,6 +49,7 @@ class TailOptions:
     last: int | None = 10
     count: int | None = None
     as_json: bool = False
+    full: bool = False  # the whole content, not a preview cut at PREVIEW_CHARS
 
 
 # -- formatting -------------------------------------------------------------------
@@ -64,14 +65,14 @@ def entry_time(entry_id: str) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
-def _preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+def _preview(value: Any, limit: int | None = PREVIEW_CHARS) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
         shown = json.dumps(value, ensure_ascii=False)
     else:
         shown = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-    if len(shown) > limit:
+    if limit is not None and len(shown) > limit:
         shown = shown[: limit - 1] + "…"
     return shown
 
@@ -115,8 +116,12 @@ def _extra_fields(fields: Fields) -> str:
     return (" | " + " ".join(shown)) if shown else ""
 
 
-def format_entry(stream: str, entry_id: str, fields: Fields | None, *, show_stream: bool) -> str:
-    """One line a person can scan: time, [stream,] id, role, agent, cid, content, trace."""
+def format_entry(
+    stream: str, entry_id: str, fields: Fields | None, *, show_stream: bool, full: bool = False
+) -> str:
+    """One line a person can scan: time, [stream,] id, role, agent, cid, content, trace
+    (content cut at PREVIEW_CHARS unless ``full``)."""
+    limit = None if full else PREVIEW_CHARS
     head = f"{entry_time(entry_id)} " + (f"{stream} " if show_stream else "") + entry_id
     env, problem = parse_entry(fields)
     if env is None:
@@ -124,11 +129,12 @@ def format_entry(stream: str, entry_id: str, fields: Fields | None, *, show_stre
             return f"{head} MALFORMED({problem})"
         raw = fields.get(DATA_FIELD, fields.get(ALT_DATA_FIELD))
         if raw is not None:
-            return f"{head} MALFORMED({problem}) {_preview(raw)}"
+            return f"{head} MALFORMED({problem}) {_preview(raw, limit)}"
         listed = " ".join(f"{k}={_preview(v, 40)}" for k, v in fields.items())
         return f"{head} MALFORMED({problem}) {listed}"
     cid = (env.correlation_id or "-")[:8]
-    line = f"{head} {env.role:<9} agent={env.agent_name or '-'} cid={cid} {_preview(env.content)}"
+    line = f"{head} {env.role:<9} agent={env.agent_name or '-'} cid={cid} "
+    line += _preview(env.content, limit)
     if env.trace:
         line += f" trace={_trace(env)}"
     if fields is not None:
@@ -192,7 +198,11 @@ class Tailer:
         if self.options.as_json:
             self.emit(entry_json(stream, entry_id, fields))
         else:
-            self.emit(format_entry(stream, entry_id, fields, show_stream=self.show_stream))
+            self.emit(
+                format_entry(
+                    stream, entry_id, fields, show_stream=self.show_stream, full=self.options.full
+                )
+            )
         self.shown += 1
 
     async def _scan(self, pattern: str) -> list[str]:

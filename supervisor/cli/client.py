@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supervisor.config.listen import parse_listen
+from supervisor.config.units import parse_duration
+
 DEFAULT_LISTEN = "127.0.0.1:8765"
+DEFAULT_REQUEST_TIMEOUT = "5s"  # [http] request_timeout's default
 TOKEN_ENV = "AG1_CONTROL_TOKEN"
 #: Longer than the server's request_timeout, so a slow call comes back as 202, not a timeout.
 DEFAULT_TIMEOUT = 30.0
@@ -42,8 +46,6 @@ def url_from_listen(listen: str) -> str:
 
     Wildcard binds (``0.0.0.0``, ``::``) are reached over loopback.
     """
-    from supervisor.config.models import parse_listen
-
     host, port = parse_listen(listen)
     if port == 0:
         raise ControlClientError(
@@ -62,32 +64,31 @@ def url_from_listen(listen: str) -> str:
 
 
 def listen_from_config(path: str | Path) -> tuple[str, float | None]:
-    """``[http] listen`` and ``request_timeout`` of the fleet config (env overrides included).
+    """``[http] listen`` and ``request_timeout`` of the fleet config, ``AG1_HTTP__*``
+    overrides included.
 
-    A config the supervisor would reject still yields its address when the
-    ``[http]`` table itself is readable, so ``ag1-fleet reload`` can report the
-    supervisor's own rejection of a broken file (the timeout is then unknown).
+    Read from the TOML alone (no pydantic, no validation of the rest): a control
+    command starts fast, and a config the supervisor would reject still yields its
+    address, so ``ag1-fleet reload`` can report the supervisor's own rejection of
+    a broken file. A timeout that does not parse is unknown (``None``).
     """
-    from supervisor.config.load import ConfigError, load_config
-
-    try:
-        http = load_config(path, check_imports=False).http
-        return http.listen, float(http.request_timeout)
-    except ConfigError as exc:
-        problems = exc.problems
-    env_listen = os.environ.get("AG1_HTTP__LISTEN")
-    if env_listen:
-        return env_listen, None
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        first = problems[0] if problems else f"{path}: unreadable"
-        raise ControlClientError(f"cannot find the control API address: {first}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ControlClientError(f"cannot find the control API address in {path}: {exc}") from None
     section = raw.get("http", {})
-    listen = section.get("listen", DEFAULT_LISTEN) if isinstance(section, dict) else DEFAULT_LISTEN
+    section = section if isinstance(section, dict) else {}
+    listen = os.environ.get("AG1_HTTP__LISTEN") or section.get("listen", DEFAULT_LISTEN)
     if not isinstance(listen, str):
         raise ControlClientError(f"{path}: http.listen must be a string like '127.0.0.1:8765'")
-    return listen, None
+    timeout_value = os.environ.get("AG1_HTTP__REQUEST_TIMEOUT") or section.get(
+        "request_timeout", DEFAULT_REQUEST_TIMEOUT
+    )
+    try:
+        timeout: float | None = parse_duration(timeout_value)
+    except ValueError:
+        timeout = None
+    return listen, timeout
 
 
 def resolve_target(config: str | None, url: str | None) -> tuple[str, float]:

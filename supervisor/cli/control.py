@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from supervisor.cli.client import (
@@ -46,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _control(client: ControlClient, args: argparse.Namespace) -> int:
+    if args.command == "reload" and getattr(args, "config_named", False):
+        _same_config_or_refuse(client, args.config)
     path, body = _request_for(args)
     reply = client.post(path, body)
     if reply.status in (200, 202):
@@ -62,6 +65,26 @@ def _control(client: ControlClient, args: argparse.Namespace) -> int:
         for problem in problems:  # the first line said "rejected"; list each problem
             print(f"  {problem}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _same_config_or_refuse(client: ControlClient, config: str) -> None:
+    """``reload -c FILE``: the supervisor re-reads its own file, so FILE must be it.
+
+    :raises ControlClientError: the supervisor runs another file (nothing is reloaded).
+    """
+    reply = client.get("/status")
+    if reply.status != 200:
+        return  # the reload request itself reports what is wrong
+    running = str(reply.body.get("config_file") or "")
+    if not running:
+        return  # an older supervisor: it does not say which file it runs
+    given = Path(config).resolve()
+    if given != Path(running).resolve():
+        raise ControlClientError(
+            f"refusing: the supervisor at {client.base_url} runs {running}, not {given}; "
+            "reload re-reads the supervisor's own file, so edit that one (or restart the "
+            f"supervisor with -c {config} to run this one). Nothing was reloaded."
+        )
 
 
 def _request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -148,7 +171,16 @@ def format_status(status: dict[str, Any]) -> str:
     lines += [
         "",
         *_table(
-            ["AGENT", "STATE", "READY", "RESTARTS", "PROCESSED", "FAILED", "DLQ"],
+            [
+                "AGENT",
+                "STATE",
+                "READY",
+                "RESTARTS",
+                "PROCESSED",
+                "FAILED",
+                "DEAD-LETTERED SINCE START",
+                "DLQ",
+            ],
             [
                 [
                     a["name"],
@@ -158,10 +190,12 @@ def format_status(status: dict[str, Any]) -> str:
                     a.get("messages", {}).get("processed", 0),
                     a.get("messages", {}).get("failed", 0),
                     a.get("messages", {}).get("dead_lettered", 0),
+                    _or_q(a.get("dlq_length")),
                 ]
                 for a in agents
             ],
         ),
+        "(DLQ: entries in the agent's dead-letter stream now; ag1-bus dlq list AGENT)",
         *[f"{a['name']}: last error: {a['last_error']}" for a in agents if a.get("last_error")],
     ]
     workers = [w for a in agents for w in a.get("workers", [])]
@@ -179,6 +213,7 @@ def format_status(status: dict[str, Any]) -> str:
                     "CPU",
                     "IN-FLIGHT",
                     "LAST EXIT",
+                    "STATUS",
                 ],
                 [
                     [
@@ -191,6 +226,7 @@ def format_status(status: dict[str, Any]) -> str:
                         _percent(w.get("cpu_percent")),
                         w.get("in_flight", 0),
                         _or_dash(w.get("last_exit")),
+                        _worker_says(w),
                     ]
                     for w in workers
                 ],
@@ -207,14 +243,52 @@ def format_status(status: dict[str, Any]) -> str:
                         g["stream"],
                         g["group"],
                         _or_q(g.get("pending")),
-                        _or_q(g.get("lag")),
+                        _lag(g),
                         _or_q(g.get("consumers")),
                     ]
                     for g in groups
                 ],
             ),
+            *[
+                f"* {g['stream']} {g['group']}: {g['lag_note']}"
+                for g in groups
+                if g.get("lag_note")
+            ],
+        ]
+    orphans = status.get("orphan_groups", [])
+    if orphans:
+        lines += [
+            "",
+            f"orphan groups (no fleet reads them; remove one with "
+            f"ag1-bus groups {orphans[0]['stream']} --destroy {orphans[0]['group']}):",
+            *_table(
+                ["STREAM", "GROUP", "PENDING", "CONSUMERS"],
+                [
+                    [g["stream"], g["group"], _or_q(g.get("pending")), _or_q(g.get("consumers"))]
+                    for g in orphans
+                ],
+            ),
         ]
     return "\n".join(lines)
+
+
+STATUS_CHARS = 60
+
+
+def _worker_says(worker: dict[str, Any]) -> str:
+    """The worker's own STATUS= text, else its last error line; cut to fit a row."""
+    text = worker.get("status_text") or (
+        f"stderr: {worker['last_error']}" if worker.get("last_error") else "-"
+    )
+    return text if len(text) <= STATUS_CHARS else text[: STATUS_CHARS - 1] + "…"
+
+
+def _lag(group: dict[str, Any]) -> str:
+    """The lag; ``*`` marks one counted by the supervisor because Redis gave none."""
+    lag = group.get("lag")
+    if lag is None:
+        return "unknown"
+    return f"{lag}*" if group.get("lag_note") else str(lag)
 
 
 def _header(status: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
+from core_bus.streams.groups import counted_lag, lag_field
 from core_bus.streams.replies import text
 
 # Atomically: delete the consumer only when it owns no pending entry (closes the
@@ -68,6 +69,7 @@ class GroupStats:
     pending: int
     lag: int | None
     consumers: int
+    lag_note: str | None = None  # Redis gave no lag: why, and that it was counted
 
 
 def is_missing(exc: ResponseError) -> bool:
@@ -162,19 +164,21 @@ async def consumers_of(redis: AsyncRedis, stream: str, group: str) -> list[Consu
     return out
 
 
-def _group_row(stream: str, group: str, rows: Any) -> GroupStats | None:
+def _group_row(stream: str, group: str, rows: Any) -> tuple[GroupStats, str, bool] | None:
+    """The group's row, its last-delivered id and whether XINFO had a lag field at all."""
     for row in rows or ():
         fields = {text(k): v for k, v in row.items()}
         if text(fields.get("name", "")) != group:
             continue
-        lag = fields.get("lag")
-        return GroupStats(
+        lag, present = lag_field(fields)
+        stats = GroupStats(
             stream=stream,
             group=group,
             pending=int(fields.get("pending", 0)),
-            lag=None if lag is None else int(lag),
+            lag=lag,
             consumers=int(fields.get("consumers", 0)),
         )
+        return stats, text(fields.get("last-delivered-id") or ""), present
     return None
 
 
@@ -186,7 +190,7 @@ async def group_stats(redis: AsyncRedis, streams: list[str], group: str) -> list
     for stream in streams:
         pipe.xinfo_groups(stream)
     replies = await pipe.execute(raise_on_error=False)
-    out: list[GroupStats] = []
+    out: list[tuple[GroupStats, str, bool]] = []
     for stream, reply in zip(streams, replies, strict=True):
         if isinstance(reply, ResponseError) and is_missing(reply):
             continue
@@ -195,7 +199,16 @@ async def group_stats(redis: AsyncRedis, streams: list[str], group: str) -> list
         row = _group_row(stream, group, reply)
         if row is not None:
             out.append(row)
-    return out
+    return [await _with_counted_lag(redis, row) for row in out]
+
+
+async def _with_counted_lag(redis: AsyncRedis, row: tuple[GroupStats, str, bool]) -> GroupStats:
+    """Where XINFO has no lag (NULL after XDEL/trim, or Redis < 7.0), count it instead."""
+    stats, last_delivered, present = row
+    if stats.lag is not None:
+        return stats
+    lag, note = await counted_lag(redis, stats.stream, last_delivered, reported=present)
+    return GroupStats(stats.stream, stats.group, stats.pending, lag, stats.consumers, note)
 
 
 class ConsumerDeleter:

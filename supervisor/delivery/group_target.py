@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REASON_CRASH = "crash"
+#: The worker exited 0 (a drain: rolling restart, scale down, stop): what it left is moved
+#: the same way, but it did not crash.
+REASON_EXIT = "exit"
 REASON_IDLE = "idle"
 REASON_STARTUP = "startup"
 
@@ -36,7 +39,12 @@ class RebalanceCounters:
     """Cumulative counts for one agent (metrics hooks)."""
 
     reclaimed_by_reason: dict[str, int] = field(
-        default_factory=lambda: {REASON_CRASH: 0, REASON_IDLE: 0, REASON_STARTUP: 0}
+        default_factory=lambda: {
+            REASON_CRASH: 0,
+            REASON_EXIT: 0,
+            REASON_IDLE: 0,
+            REASON_STARTUP: 0,
+        }
     )
     dead_lettered: int = 0
     deleted_consumers: int = 0

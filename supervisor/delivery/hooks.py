@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 
 from core_bus.log import get_logger
+from supervisor.delivery.group_target import REASON_CRASH
 from supervisor.delivery.rebalance import GroupTarget, Rebalancer
 from supervisor.fleet.snapshot import GroupSnapshot, group_snapshot
 from supervisor.runtime.table import AgentRuntime, WorkerTable
@@ -89,7 +90,9 @@ class DeliveryHooks:
             if worker.consumer in receivers and receivers[worker.consumer] and worker.process:
                 worker.process.signal_child(signal.SIGUSR1)
 
-    async def reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
+    async def reclaim(
+        self, runtime: AgentRuntime, dead_consumer: str, reason: str = REASON_CRASH
+    ) -> None:
         """Hand a dead consumer's pending entries to live siblings (shielded from cancellation).
 
         With no live sibling, or when Redis fails, the consumer waits in the
@@ -104,7 +107,7 @@ class DeliveryHooks:
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
                 moved = await self.rebalancer.reclaim_dead(
-                    self.target(runtime), dead_consumer, live
+                    self.target(runtime), dead_consumer, live, reason=reason
                 )
         except Exception as exc:
             log.warning(

@@ -85,7 +85,8 @@ class FleetController:
             counters = None
             if self.delivery is not None:
                 counters = self.delivery.counters_for(runtime.name)
-            agents.append(agent_snapshot(runtime, now, counters))
+            dlq_length = self._health.dlq_lengths.get(runtime.name)
+            agents.append(agent_snapshot(runtime, now, counters, dlq_length))
         config = self._table.config
         facts = self.facts
         return FleetSnapshot(
@@ -94,12 +95,14 @@ class FleetController:
             started_at=facts.started_at,
             uptime_seconds=time.time() - facts.started_at,
             config_path=str(config.path),
+            config_file=str(Path(config.config_dir) / Path(config.path).name),
             config_hash=str(config.hash),
             redis_url=redact_url(facts.redis_url or str(config.redis.url)),
             redis_up=self._health.up,
             redis_error=self._health.error,
             agents=agents,
             groups=list(self._health.groups),
+            orphan_groups=list(self._health.orphan_groups),
             last_reload_error=self.last_reload_error,
             last_reload_at=self.last_reload_at,
             ready=self.ready,

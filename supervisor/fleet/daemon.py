@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -120,6 +121,21 @@ class FleetDaemon:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run until SIGTERM/SIGINT (or :meth:`request_stop`); stop workers and return."""
+        sockets: list[socket.socket] = []
+        if self.config.http.enabled:
+            from supervisor.http.listen import bind_http
+
+            # First of all: a port in use must fail before the embedded Redis starts.
+            sockets = bind_http(self.config.http, _secret(self.config))
+        try:
+            await self._run_with_redis(sockets, task_status)
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    async def _run_with_redis(
+        self, sockets: list[socket.socket], task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
         async with anyio.create_task_group() as outer:
             redis = self.config.redis
             if redis.embedded:
@@ -132,11 +148,13 @@ class FleetDaemon:
             else:
                 self.control.facts.redis_url = redis.effective_url()
             try:
-                await self._run_fleet(task_status)
+                await self._run_fleet(task_status, sockets)
             finally:
                 outer.cancel_scope.cancel()
 
-    async def _run_fleet(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _run_fleet(
+        self, task_status: anyio.abc.TaskStatus[None], sockets: list[socket.socket]
+    ) -> None:
         facts = self.control.facts
         async with self._redis_client() as redis:
             delivery = DeliveryHooks(
@@ -161,7 +179,9 @@ class FleetDaemon:
                             from supervisor.http.server import run_http_server
 
                             facts.http_address = await tg.start(
-                                partial(run_http_server, token=_secret(self.config)),
+                                partial(
+                                    run_http_server, token=_secret(self.config), sockets=sockets
+                                ),
                                 self.control,
                                 self.config.http,
                             )

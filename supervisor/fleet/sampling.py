@@ -13,6 +13,7 @@ import anyio
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.log import get_logger
+from core_bus.streams.orphans import namespace_groups, orphans, record_groups
 from supervisor.delivery.hooks import DeliveryHooks
 from supervisor.fleet.snapshot import GroupSnapshot
 from supervisor.runtime.lifecycle import WorkerState
@@ -20,6 +21,9 @@ from supervisor.runtime.resources import ResourceSampler
 from supervisor.runtime.table import AgentRuntime, Worker, WorkerTable
 
 log = get_logger("supervisor.fleet.sampling")
+
+#: Orphan groups are looked for this often (a SCAN of the namespace, not every sample).
+ORPHAN_SCAN_INTERVAL = 60.0
 
 
 async def sample_workers(sampler: ResourceSampler, table: WorkerTable) -> list[Worker]:
@@ -59,11 +63,20 @@ async def sample_workers(sampler: ResourceSampler, table: WorkerTable) -> list[W
 
 @dataclass
 class RedisHealth:
-    """Last Redis probe: reachable or why not, and the groups' pending/lag."""
+    """Last Redis probe: reachable or why not, the groups' pending/lag, each agent's
+    dead-letter stream length, and the namespace's orphan groups (no fleet reads them).
+
+    Each probe also records the plan's groups in Redis when they changed (start,
+    reload), so ``ag1-bus groups`` can tell orphans too.
+    """
 
     up: bool = False
     error: str | None = None
     groups: list[GroupSnapshot] = field(default_factory=list)
+    dlq_lengths: dict[str, int] = field(default_factory=dict)  # agent -> XLEN of its DLQ
+    orphan_groups: list[GroupSnapshot] = field(default_factory=list)
+    _recorded: dict[str, str] | None = None
+    _orphans_at: float | None = None
 
     async def probe(
         self,
@@ -74,12 +87,16 @@ class RedisHealth:
     ) -> None:
         """PING and collect group stats; on failure keep the last groups, record why."""
         groups: list[GroupSnapshot] = []
+        runtimes = list(agents)
         try:
             with anyio.fail_after(time_limit):
                 await redis.ping()
                 if delivery is not None:
-                    for runtime in list(agents):
+                    for runtime in runtimes:
                         groups.extend(await delivery.group_stats(runtime))
+                dlq_lengths = await _dlq_lengths(redis, runtimes)
+                if delivery is not None:
+                    await self._bookkeep_groups(redis, delivery, runtimes)
         except Exception as exc:
             self.up = False
             self.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -87,3 +104,42 @@ class RedisHealth:
         self.up = True
         self.error = None
         self.groups = groups
+        self.dlq_lengths = dlq_lengths
+
+    async def _bookkeep_groups(
+        self, redis: AsyncRedis, delivery: DeliveryHooks, runtimes: list[AgentRuntime]
+    ) -> None:
+        """Record the plan's groups when they changed; look for orphans now and then."""
+        rebalancer = delivery.rebalancer
+        plan = {rt.config.group: rt.name for rt in runtimes}
+        if plan != self._recorded:
+            await record_groups(redis, rebalancer.keys, rebalancer.supervisor_name, plan)
+            self._recorded = plan
+            self._orphans_at = None  # a reload may have just orphaned a group: look now
+        now = anyio.current_time()
+        if self._orphans_at is not None and now - self._orphans_at < ORPHAN_SCAN_INTERVAL:
+            return
+        found, _recorded = await namespace_groups(redis, rebalancer.keys)
+        self._orphans_at = now
+        self.orphan_groups = [
+            GroupSnapshot(
+                stream=g.stream,
+                group=g.info.name,
+                pending=g.info.pending,
+                lag=g.info.lag,
+                consumers=g.info.consumers,
+                lag_note=g.info.lag_note,
+            )
+            for g in orphans(found)
+        ]
+
+
+async def _dlq_lengths(redis: AsyncRedis, runtimes: list[AgentRuntime]) -> dict[str, int]:
+    """XLEN of every agent's dead-letter stream (what is in it now, whoever wrote it)."""
+    if not runtimes:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for runtime in runtimes:
+            pipe.xlen(runtime.config.dlq_stream)
+        replies = await pipe.execute()
+    return {rt.name: int(n) for rt, n in zip(runtimes, replies, strict=True)}

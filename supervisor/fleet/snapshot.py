@@ -34,6 +34,7 @@ class WorkerSnapshot:
     cpu_percent: float | None = None
     in_flight: int = 0
     status_text: str | None = None  # last STATUS= from the child
+    last_error: str | None = None  # its last error line (stderr or an error-level event)
 
 
 @dataclass
@@ -41,8 +42,9 @@ class GroupSnapshot:
     stream: str
     group: str
     pending: int | None = None
-    lag: int | None = None  # None = unknown (XINFO GROUPS lag can be NULL)
+    lag: int | None = None  # None = unknown; counted when XINFO GROUPS lag is NULL/missing
     consumers: int | None = None
+    lag_note: str | None = None  # why Redis gave no lag, and that it was counted instead
 
 
 @dataclass
@@ -64,6 +66,10 @@ class AgentSnapshot:
     # Why the agent is not as asked: a fatal worker's reason, a failed rolling
     # restart (the API answered 202 before it ran), or the last failed start.
     last_error: str | None = None
+    dlq_stream: str = ""
+    # Entries in the dead-letter stream now (XLEN at the last sample); None = not sampled.
+    # ``messages.dead_lettered`` counts only those written since this supervisor started.
+    dlq_length: int | None = None
 
 
 @dataclass
@@ -77,8 +83,11 @@ class FleetSnapshot:
     redis_url: str  # always redacted
     redis_up: bool
     redis_error: str | None = None
+    config_file: str = ""  # config_path made absolute: what `ag1-fleet reload -c` compares
     agents: list[AgentSnapshot] = field(default_factory=list)
     groups: list[GroupSnapshot] = field(default_factory=list)
+    # Groups of the namespace no supervisor's plan reads (a removed agent's group).
+    orphan_groups: list[GroupSnapshot] = field(default_factory=list)
     last_reload_error: str | None = None
     last_reload_at: float | None = None
     ready: bool = False  # the first plan is up
@@ -151,10 +160,13 @@ def worker_snapshot(runtime: AgentRuntime, worker: Worker, now: float) -> Worker
         cpu_percent=worker.usage.cpu_percent if running and worker.usage else None,
         in_flight=stats.in_flight if stats is not None and running else 0,
         status_text=lc.fatal_reason if lc.state == WorkerState.FATAL else worker.status_text,
+        last_error=worker.capture.last_error,
     )
 
 
-def agent_snapshot(runtime: AgentRuntime, now: float, counters: Any = None) -> AgentSnapshot:
+def agent_snapshot(
+    runtime: AgentRuntime, now: float, counters: Any = None, dlq_length: int | None = None
+) -> AgentSnapshot:
     """One agent with its workers; message totals span every incarnation.
 
     ``counters`` are the rebalancer's counters for the agent (reclaims, dead
@@ -185,6 +197,8 @@ def agent_snapshot(runtime: AgentRuntime, now: float, counters: Any = None) -> A
         deleted_consumers_total=int(getattr(counters, "deleted_consumers", 0)),
         rolling=runtime.rolling,
         last_error=agent_error(runtime),
+        dlq_stream=runtime.config.dlq_stream,
+        dlq_length=dlq_length,
     )
 
 
@@ -192,7 +206,10 @@ def agent_error(runtime: AgentRuntime) -> str | None:
     """The most pressing reason the agent is not as asked: fatal, failed roll, failed start."""
     for worker in sorted(runtime.workers.values(), key=lambda w: w.slot):
         if worker.lifecycle.state == WorkerState.FATAL:
-            return f"{worker.key} fatal: {worker.lifecycle.fatal_reason}"
+            text = f"{worker.key} fatal: {worker.lifecycle.fatal_reason}"
+            if runtime.last_start_error:  # "6 starts within 60s" alone does not say why
+                text += f"; last: {runtime.last_start_error}"
+            return text
     return runtime.last_roll_error or runtime.last_start_error
 
 
@@ -206,4 +223,5 @@ def group_snapshot(stat: Any, group: str) -> GroupSnapshot:
         pending=getattr(stat, "pending", None),
         lag=lag,
         consumers=getattr(stat, "consumers", None),
+        lag_note=getattr(stat, "lag_note", None),
     )

@@ -17,7 +17,7 @@ import time
 import anyio
 
 from core_bus.log import get_logger
-from supervisor.runtime.readiness import fleet_summary, plan_up
+from supervisor.runtime.readiness import agent_state, fleet_summary, plan_up
 from supervisor.runtime.records import AgentRuntime
 from supervisor.runtime.sdnotify import Notifier
 
@@ -38,7 +38,16 @@ class SystemdStatus:
             if not plan_up(agents):
                 return
             self.ready = True
-            log.info("fleet ready", agents=len(agents))
+            fatal = sorted(rt.name for rt in agents.values() if agent_state(rt) == "fatal")
+            if fatal:  # settled, but not ready: never say "ready" over a fatal agent
+                log.error(
+                    "fleet started with fatal agents",
+                    agents=len(agents),
+                    fatal=fatal,
+                    status=fleet_summary(agents),
+                )
+            else:
+                log.info("fleet ready", agents=len(agents))
             self._status_line = fleet_summary(agents)
             self.notifier.send("READY=1", f"STATUS={self._status_line}")
             return

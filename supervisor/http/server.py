@@ -22,7 +22,7 @@ limits are :mod:`supervisor.http.control`, auth rules :mod:`supervisor.http.secu
 from __future__ import annotations
 
 import json
-import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -48,6 +48,7 @@ from supervisor.http.control import (
     no_extra,
     read_json_object,
 )
+from supervisor.http.listen import bind_http
 from supervisor.http.metrics import build_registry, render
 from supervisor.http.security import (
     SECRET_KEYS,
@@ -345,18 +346,22 @@ async def run_http_server(
     http: HttpSettings,
     *,
     token: str | None,
+    sockets: list[socket.socket] | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int] | None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; reports the bound ``(host, port)`` through ``task_status``.
 
-    Raises :class:`ControlError` before binding when a non-loopback address
+    ``sockets`` are already bound (:func:`~supervisor.http.listen.bind_http`, which
+    the daemon calls before it starts anything); without them they are bound here.
+    Raises :class:`ControlError` before listening when a non-loopback address
     would serve the control API without a token, or when the address cannot
     be bound. With ``http.enabled`` false it reports ``None`` and returns.
     """
     if not http.enabled:
         task_status.started(None)
         return
-    check_bind_allowed(http.host, token)
+    if sockets is None:
+        sockets = bind_http(http, token)
     operations = Operations()
     app = build_app(
         control,
@@ -374,12 +379,8 @@ async def run_http_server(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ControlError(f"cannot listen on {http.host}:{http.port}: {reason}") from exc
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
         host, port = runner.addresses[0][:2]
         log.info("http_listening", host=host, port=port, auth=bool(token))
         async with anyio.create_task_group() as tg:

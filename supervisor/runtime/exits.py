@@ -68,6 +68,9 @@ def record_exit(
     )
     if not was_ready and not expected:
         runtime.last_start_error = f"{worker.key} failed to start: {reason}"
+        if worker.capture.last_error:  # the exception line, not only "exit 3"
+            runtime.last_start_error += f": {worker.capture.last_error}"
+            fields["error"] = worker.capture.last_error
         log.warning("worker failed to start", **fields)
     elif expected:
         log.info("worker exited", **fields)

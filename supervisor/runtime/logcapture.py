@@ -23,11 +23,24 @@ READS_PER_WAKE = 8
 _LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
 
 
+#: The longest error line kept for ``/status`` (a failed start's reason).
+LAST_ERROR_CHARS = 300
+
+
 @dataclass
 class CaptureStats:
     lines: int = 0
     dropped: int = 0
     truncated: int = 0
+    # The child's last error line: an error-level structured event (``event: error``)
+    # or a plain stderr line. A failed start's reason in /status (the import error
+    # behind "exit 3" is otherwise only in the log). Reset at each spawn.
+    last_error: str | None = None
+
+    def saw_error(self, line: str) -> None:
+        line = line.strip()
+        if line:
+            self.last_error = line[:LAST_ERROR_CHARS]
 
 
 class TokenBucket:
@@ -97,6 +110,18 @@ class LineCapture:
         finally:
             self._report_drops(force=True)
 
+    def drain_now(self) -> None:
+        """Read what the pipe holds right now, without waiting (the child has exited and
+        its last words, say an import error, must be seen before its exit is judged)."""
+        for _ in range(READS_PER_WAKE):
+            try:
+                chunk = os.read(self.fd, READ_SIZE)
+            except OSError:  # BlockingIOError: nothing more yet; EOF is left to run()
+                return
+            if not chunk:
+                return
+            self.feed(chunk)
+
     def feed(self, chunk: bytes) -> None:
         """Split ``chunk`` into lines and emit (or count as dropped) each whole one."""
         self.bucket.refill(time.monotonic())
@@ -134,12 +159,14 @@ class LineCapture:
         truncated = self._partial_truncated
         self._partial.clear()
         self._partial_truncated = False
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if self.stream == "stderr" and not text.startswith("{"):
+            self.stats.saw_error(text)
         if not self.bucket.take():
             self.stats.dropped += 1
             self._pending_drops += 1
             return
         self.stats.lines += 1
-        text = line.decode("utf-8", "replace").rstrip("\r")
         if truncated:
             self.stats.truncated += 1
             self.log.info("output", stream=self.stream, line=text, truncated=True, **self.fields)
@@ -160,6 +187,9 @@ class LineCapture:
             return False
         event = data.pop("event")
         level = str(data.pop("level", "info")).lower()
+        if level in ("error", "critical"):
+            error = data.get("error")
+            self.stats.saw_error(f"{event}: {error}" if error else event)
         data.pop("timestamp", None)  # ours is added again; the child's is seconds older at most
         if "logger_name" in data:
             data["child_logger"] = data.pop("logger_name")

@@ -26,6 +26,7 @@ import anyio.abc
 from core_bus.consume.stats import SubscriptionStats
 from core_bus.keys import WorkerConsumer
 from core_bus.log import get_logger
+from supervisor.delivery.group_target import REASON_CRASH, REASON_EXIT
 from supervisor.delivery.hooks import DeliveryHooks
 from supervisor.runtime.exits import exit_reason
 from supervisor.runtime.lifecycle import (
@@ -158,13 +159,17 @@ class WorkerRunner:
         """Own one child: capture its output, notice its exit at once, reap it."""
         fields: dict[str, Any] = {"agent": runtime.name, "worker": worker.key, "pid": process.pid}
         bucket = TokenBucket(rate=200.0, burst=1000.0)
+        captures: list[LineCapture] = []
         async with process, anyio.create_task_group() as tg:
             for fd, stream in ((process.stdout_fd, "stdout"), (process.stderr_fd, "stderr")):
                 if fd is not None:
                     capture = LineCapture(fd, stream, bucket, worker.capture, fields=fields)
+                    captures.append(capture)
                     tg.start_soon(capture.run)
             status = await process.wait()
             process.kill_leftovers()
+            for capture in captures:  # its last words decide the failed start's reason
+                capture.drain_now()
             self._on_exit(runtime, worker, process, status)
             tg.cancel_scope.deadline = anyio.current_time() + OUTPUT_GRACE
 
@@ -176,7 +181,8 @@ class WorkerRunner:
         self._table.exited(runtime, worker, anyio.current_time(), status, reason, process.pid)
         dead = worker.consumer
         if dead is not None and self._tg is not None:
-            self._tg.start_soon(self._reclaim, runtime, dead)
+            why = REASON_EXIT if status.code == 0 else REASON_CRASH  # a drain is no crash
+            self._tg.start_soon(self._reclaim, runtime, dead, why)
         self._after_exit_state(worker)
 
     def _after_exit_state(self, worker: Worker) -> None:
@@ -246,9 +252,11 @@ class WorkerRunner:
             log.info("worker stopping", agent=runtime.name, worker=key, pid=worker.pid)
 
     # -- delivery ------------------------------------------------------------------------------
-    async def _reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
+    async def _reclaim(
+        self, runtime: AgentRuntime, dead_consumer: str, reason: str = REASON_CRASH
+    ) -> None:
         if self._delivery is not None:
-            await self._delivery.reclaim(runtime, dead_consumer)
+            await self._delivery.reclaim(runtime, dead_consumer, reason)
 
     async def _cleanup_stale(self, runtime: AgentRuntime) -> None:
         if self._delivery is None:

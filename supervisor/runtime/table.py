@@ -148,6 +148,7 @@ class WorkerTable:
         worker.stats = None
         worker.status_text = None
         worker.usage = None
+        worker.capture.last_error = None
         worker.lifecycle.policy = runtime.policy
         worker.lifecycle.on_spawned(now)
 
