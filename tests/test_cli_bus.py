@@ -24,7 +24,8 @@ INBOX = KB.agent_inbox("cli")
 
 @pytest.fixture
 def bus(redis_url: str, python_exe: str, tmp_path: Path) -> Any:
-    """Run ``python -m core_bus.tools.cli ARGS`` in ``tmp_path``; returns the CompletedProcess."""
+    """Run ``python -m core_bus.tools.cli -q ARGS`` in ``tmp_path`` (-q: errors are the only
+    stderr lines; the Redis line is tested in test_newcomer); returns the CompletedProcess."""
 
     def run(
         *args: str,
@@ -35,7 +36,7 @@ def bus(redis_url: str, python_exe: str, tmp_path: Path) -> Any:
         base = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
         base["REDIS_URL"] = redis_url
         return subprocess.run(
-            [python_exe, "-m", "core_bus.tools.cli", *args],
+            [python_exe, "-m", "core_bus.tools.cli", "-q", *args],
             capture_output=True,
             text=True,
             env={**base, **(env or {})},
@@ -85,8 +86,9 @@ async def test_publish_bad_input_is_one_line(bus: Any) -> None:
 
 
 async def test_groups_table_json_and_unknown_lag(redis: Any, bus: Any) -> None:
-    """groups lists each group with consumers, pending and lag (NULL lag shown as
-    "unknown" / null, never 0); an unknown stream is a one-line error."""
+    """groups lists each group with consumers, pending and lag (a NULL lag is counted
+    instead, marked and explained, never a silent 0); an unknown stream is a one-line
+    error."""
     for i in range(3):
         await redis.xadd(
             INBOX, {DATA_FIELD: Envelope(role="user", content=i).to_json()}, id=f"{i + 1}-0"
@@ -99,12 +101,13 @@ async def test_groups_table_json_and_unknown_lag(redis: Any, bus: Any) -> None:
     assert table.returncode == 0, table.stderr
     assert "workers" in table.stdout and "- w1" in table.stdout and "pending=2" in table.stdout
     odd_line = next(line for line in table.stdout.splitlines() if line.startswith("odd"))
-    assert "unknown" in odd_line
+    assert odd_line.split()[3] == "1*"  # 3-0 is after the group's 1-0 (2-0 was deleted)
+    assert "* odd: Redis reports lag NULL" in table.stdout
     data = json.loads(bus("groups", INBOX, "--json").stdout)
     by_name = {g["name"]: g for g in data["groups"]}
     assert by_name["workers"]["pending"] == 2 and by_name["workers"]["consumers"] == 1
     assert by_name["workers"]["consumer_list"][0]["name"] == "w1"
-    assert by_name["odd"]["lag"] is None
+    assert by_name["odd"]["lag"] == 1 and "counted" in by_name["odd"]["lag_note"]
     assert_one_line_error(bus("groups", "AG1:no:such"), 1, "no such stream")
 
 

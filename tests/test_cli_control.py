@@ -130,7 +130,7 @@ def test_status_table_and_json(fake_server: Server, python_exe: str) -> None:
     worker_line = next(line for line in out.splitlines() if line.startswith("echo/0"))
     assert worker_line.split()[:6] == ["echo/0", "ready", "4000", "0", "1m00s", "47.7MiB"]
     group_line = next(line for line in out.splitlines() if line.startswith("AG1:agent:echo"))
-    assert group_line.split() == ["AG1:agent:echo:inbox", "echo-group", "3", "?", "2"]
+    assert group_line.split() == ["AG1:agent:echo:inbox", "echo-group", "3", "unknown", "2"]
 
     result = cli(python_exe, "status", "--json", "--url", url)
     assert result.returncode == 0

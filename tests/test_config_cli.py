@@ -47,7 +47,9 @@ def test_missing_file_exit_2(python_exe: str) -> None:
     """A missing config is one line and exit 2 (the default path is ./fleet.toml)."""
     result = run_check(python_exe, "-c", "does/not/exist.toml")
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "does/not/exist.toml: file not found\n"
+    assert result.stderr == (
+        "does/not/exist.toml: file not found (pass the file with -c PATH or set AG1_CONFIG)\n"
+    )
 
 
 def test_valid_file_prints_readable_plan(python_exe: str) -> None:

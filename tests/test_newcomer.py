@@ -111,6 +111,19 @@ def test_bus_says_where_its_redis_came_from(redis_url: str, tmp_path: Path) -> N
     assert "pw2x" not in query.stderr and "password=***" in query.stderr
 
 
+def test_redact_url_covers_unix_sockets_and_query_passwords() -> None:
+    """The state dir's redis.url may be a unix socket with a password (either form)."""
+    from core_bus.settings import redact_url
+
+    assert redact_url("unix://:pw@/run/ag1/redis.sock") == "unix://:***@/run/ag1/redis.sock"
+    assert (
+        redact_url("unix:///run/ag1/redis.sock?db=0&password=pw")
+        == "unix:///run/ag1/redis.sock?db=0&password=***"
+    )
+    assert redact_url("unix:///run/ag1/redis.sock") == "unix:///run/ag1/redis.sock"
+    assert redact_url("redis://u:pw@[::1]:6390/0") == "redis://u:***@[::1]:6390/0"
+
+
 # ----------------------------------------------------------------------------- 7: publish warns
 
 

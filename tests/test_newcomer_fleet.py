@@ -160,6 +160,7 @@ async def test_status_shows_dlq_length_lag_orphans_and_a_degraded_agent(
             if line.startswith("ag1_group_lag{") and 'group="idle"' in line
         ]
         assert len(lags) == 1 and float(lags[0].rsplit(" ", 1)[1]) == 4, lags
+        assert 'ag1_dlq_entries{agent="work"} 3.0' in get_text(url + "/metrics")
 
 
 def test_shell_agent_says_once_it_cannot_work(redis_url: str, tmp_path: Path) -> None:
@@ -191,8 +192,8 @@ def test_shell_agent_says_once_it_cannot_work(redis_url: str, tmp_path: Path) ->
 def test_worker_ready_once_and_a_drain_is_no_crash(
     redis_url: str, tmp_path: Path
 ) -> None:
-    """Each worker logs "worker ready" once; after a rolling restart (old workers drain
-    and exit 0) their consumers are reclaimed with reason "exit", never "crash"."""
+    """Each worker logs "worker ready" once; after a rolling restart or a stop (workers
+    drain and exit 0) their consumers are reclaimed with reason "exit", never "crash"."""
     (tmp_path / "nc_agent.py").write_text(HANDLER)
     bin_dir = _bin_without_redis_cli(tmp_path)
     with listening_fleet(tmp_path, _fleet_toml(redis_url, bin_dir)) as fleet:
@@ -207,6 +208,15 @@ def test_worker_ready_once_and_a_drain_is_no_crash(
             lambda: len(fleet.find("consumer_reclaimed", agent="work", reason="exit")) >= 2,
             timeout=30,
             message="both old consumers reclaimed as drained",
+        )
+        # stopped together, neither has a live sibling: they wait as orphans and are
+        # reclaimed when the agent starts again, still as "exit"
+        assert control("stop", "work", "--url", url, cwd=tmp_path).returncode == 0
+        assert control("start", "work", "--url", url, cwd=tmp_path).returncode == 0
+        eventually_sync(
+            lambda: len(fleet.find("consumer_reclaimed", agent="work", reason="exit")) >= 4,
+            timeout=40,
+            message="the stopped consumers reclaimed as drained",
         )
         assert fleet.find("consumer_reclaimed", agent="work", reason="crash") == []
 

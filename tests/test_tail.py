@@ -173,6 +173,8 @@ async def test_tail_waits_for_a_stream_that_does_not_exist_yet(redis: Any, tail_
     """Tailing a missing stream says so on stderr and shows its first entry once created."""
     proc, reader = tail_proc("AG1:agent:notyet:inbox")
     assert proc.stderr is not None
+    which = await anyio.to_thread.run_sync(proc.stderr.readline)
+    assert which.startswith("ag1-bus: Redis ") and "(from $REDIS_URL)" in which
     note = await anyio.to_thread.run_sync(proc.stderr.readline)
     assert "does not exist yet" in note
     await publish_envelope(redis, "AG1:agent:notyet:inbox", Envelope(role="user", content="hi"))
@@ -194,7 +196,7 @@ async def test_tail_survives_redis_restart(
     client = redis_asyncio.Redis.from_url(server.url)
     env = {**os.environ, "REDIS_URL": server.url, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [python_exe, "-m", "core_bus.tail", STREAM, "--from-start"],
+        [python_exe, "-m", "core_bus.tail", STREAM, "--from-start", "--quiet"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -40,6 +40,9 @@ class DeliveryHooks:
     def __init__(self, rebalancer: Rebalancer, table: WorkerTable) -> None:
         self.rebalancer = rebalancer
         self._table = table
+        # why each consumer waiting in an orphan list left (crash or a clean exit),
+        # so its reclaim, when a worker gets ready, is logged and counted truthfully
+        self._orphan_reasons: dict[str, str] = {}
 
     async def record_consumer(self, runtime: AgentRuntime, consumer: str) -> None:
         """Remember a consumer name handed to a worker of a bus agent (see the registry)."""
@@ -91,7 +94,7 @@ class DeliveryHooks:
                 worker.process.signal_child(signal.SIGUSR1)
 
     async def reclaim(
-        self, runtime: AgentRuntime, dead_consumer: str, reason: str = REASON_CRASH
+        self, runtime: AgentRuntime, dead_consumer: str, reason: str | None = None
     ) -> None:
         """Hand a dead consumer's pending entries to live siblings (shielded from cancellation).
 
@@ -100,10 +103,14 @@ class DeliveryHooks:
         """
         if not runtime.config.uses_bus:
             return
+        if reason is None:  # an orphan's turn came: it keeps the reason it left with
+            reason = self._orphan_reasons.get(dead_consumer, REASON_CRASH)
         live = runtime.live_consumers(exclude=dead_consumer)
         if not live:
+            self._orphan_reasons[dead_consumer] = reason
             self._table.add_orphan(runtime, dead_consumer)
             return
+        self._orphan_reasons.pop(dead_consumer, None)
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
                 moved = await self.rebalancer.reclaim_dead(
@@ -113,6 +120,7 @@ class DeliveryHooks:
             log.warning(
                 "reclaim failed", agent=runtime.name, consumer=dead_consumer, error=_error(exc)
             )
+            self._orphan_reasons[dead_consumer] = reason
             self._table.add_orphan(runtime, dead_consumer)
             return
         if moved:

@@ -174,9 +174,13 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
     )
     reconnects = _counter("ag1_bus_reconnects", "Worker reconnects to Redis.")
     in_flight = _gauge("ag1_messages_in_flight", "Handlers running now across the agent.")
+    dlq = _gauge(
+        "ag1_dlq_entries",
+        "Entries in the agent's dead-letter stream now, whoever wrote them (XLEN).",
+    )
     reclaimed = _counter(
         "ag1_messages_reclaimed",
-        "Pending entries handed to live consumers (crash, idle, startup).",
+        "Pending entries handed to live consumers (crash, exit, idle, startup).",
         ["agent", "reason"],
     )
     duration = HistogramMetricFamily(
@@ -191,17 +195,31 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
         malformed.add_metric(key, stats.malformed)
         reconnects.add_metric(key, stats.reconnects)
         in_flight.add_metric(key, stats.in_flight)
+        _add_known(dlq, key, agent.dlq_length)
         for reason, count in sorted(agent.reclaimed_by_reason.items()):
             reclaimed.add_metric([agent.name, reason], count)
         duration.add_metric(key, cumulative_buckets(stats), sum_value=stats.handler_seconds_sum)
-    yield from (processed, failed, dead, malformed, reconnects, in_flight, reclaimed, duration)
+    yield from (
+        processed,
+        failed,
+        dead,
+        malformed,
+        reconnects,
+        in_flight,
+        dlq,
+        reclaimed,
+        duration,
+    )
 
 
 def _group_families(snap: FleetSnapshot) -> Iterator[Metric]:
     labels = ["stream", "group"]
     pending = _gauge("ag1_group_pending", "Entries delivered but not yet acked.", labels)
     lag = _gauge(
-        "ag1_group_lag", "Entries not yet delivered to the group (omitted when unknown).", labels
+        "ag1_group_lag",
+        "Entries not yet delivered to the group (counted by the supervisor where Redis "
+        "reports none; omitted when unknown).",
+        labels,
     )
     consumers = _gauge("ag1_group_consumers", "Consumers in the group.", labels)
     for group in snap.groups:

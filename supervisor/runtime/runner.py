@@ -253,7 +253,7 @@ class WorkerRunner:
 
     # -- delivery ------------------------------------------------------------------------------
     async def _reclaim(
-        self, runtime: AgentRuntime, dead_consumer: str, reason: str = REASON_CRASH
+        self, runtime: AgentRuntime, dead_consumer: str, reason: str | None = None
     ) -> None:
         if self._delivery is not None:
             await self._delivery.reclaim(runtime, dead_consumer, reason)
