@@ -256,6 +256,8 @@ def test_missing_fleet_toml_hints_at_the_example(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         "fleet.toml: file not found (try: -c fleet.example.toml, or copy it to fleet.toml)"
     )
+    run = fleet_cli("run", cwd=tmp_path)
+    assert run.returncode == 2 and "try: -c fleet.example.toml" in run.stderr
     elsewhere = fleet_cli("check", cwd=tmp_path / "..")
     assert "pass the file with -c PATH" in elsewhere.stderr
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from supervisor.config.load import ConfigError, load_config
@@ -23,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        for line in exc.problems:
+        for line in problems_with_hint(exc, Path(args.config)):
             print(line, file=sys.stderr)
         return EXIT_INVALID
     for line in config.warnings:
@@ -34,6 +35,20 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(render_plan(config, plan))
     return 0
+
+
+def problems_with_hint(exc: ConfigError, path: Path) -> list[str]:
+    """The loader's problems; a missing file also says what to pass instead (a fresh
+    clone has only fleet.example.toml)."""
+    if exc.problems != [f"{path}: file not found"]:
+        return list(exc.problems)
+    example = path.with_name("fleet.example.toml")
+    if path.name != example.name and example.is_file():
+        shown = example.name if path.parent == Path() else str(example)
+        hint = f"try: -c {shown}, or copy it to {path.name}"
+    else:
+        hint = "pass the file with -c PATH or set AG1_CONFIG"
+    return [f"{path}: file not found ({hint})"]
 
 
 def plan_to_dict(config: FleetConfig, plan: Plan) -> dict[str, Any]:

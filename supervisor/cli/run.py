@@ -28,13 +28,14 @@ def _load(path: Path) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
+    from supervisor.cli.check import problems_with_hint
     from supervisor.config.load import ConfigError
 
     path = Path(args.config)
     try:
         config = _load(path)
     except ConfigError as exc:
-        for problem in exc.problems:
+        for problem in problems_with_hint(exc, path):
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
     fmt = getattr(config.supervisor, "log_format", "auto")

@@ -133,22 +133,11 @@ def load_config(
 # -- reading -------------------------------------------------------------------------------
 
 
-def _not_found_hint(path: Path) -> str:
-    """What a newcomer in a fresh clone (no fleet.toml, a fleet.example.toml) should do."""
-    example = path.with_name("fleet.example.toml")
-    if path.name != example.name and example.is_file():
-        return (
-            f" (try: -c {example if path.parent != Path() else example.name}, "
-            f"or copy it to {path.name})"
-        )
-    return " (pass the file with -c PATH or set AG1_CONFIG)"
-
-
 def _read(path: Path, label: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError([f"{label}: file not found{_not_found_hint(path)}"]) from None
+        raise ConfigError([f"{label}: file not found"]) from None
     except IsADirectoryError:
         raise ConfigError([f"{label}: is a directory, expected a TOML file"]) from None
     except OSError as exc:
