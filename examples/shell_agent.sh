@@ -57,16 +57,20 @@ else
     echo "$worker: ready (pid $$, stream $stream)"
 fi
 
-# One log line when the backlog changes, not one per heartbeat.
+# One log line when the backlog changes, not one per heartbeat; the new STATUS=
+# rides on the heartbeat's datagram.
 last=""
 while [ "$running" = 1 ]; do
-    notify WATCHDOG=1
-    if [ -z "$problem" ]; then
+    if [ -n "$problem" ]; then
+        notify WATCHDOG=1
+    else
         now="$(backlog)"
         if [ "$now" != "$last" ]; then
+            notify WATCHDOG=1 "STATUS=watching $stream: $now entries"
             echo "$worker: $stream holds $now entries"
-            notify --status="watching $stream: $now entries"
             last="$now"
+        else
+            notify WATCHDOG=1
         fi
     fi
     sleep "$interval" &

@@ -192,8 +192,9 @@ def test_shell_agent_says_once_it_cannot_work(redis_url: str, tmp_path: Path) ->
 def test_worker_ready_once_and_a_drain_is_no_crash(
     redis_url: str, tmp_path: Path
 ) -> None:
-    """Each worker logs "worker ready" once; after a rolling restart or a stop (workers
-    drain and exit 0) their consumers are reclaimed with reason "exit", never "crash"."""
+    """Each worker logs "worker ready" once; a rolling restart leaves contiguous slots;
+    after it or a stop (workers drain and exit 0) their consumers are reclaimed with
+    reason "exit", never "crash"."""
     (tmp_path / "nc_agent.py").write_text(HANDLER)
     bin_dir = _bin_without_redis_cli(tmp_path)
     with listening_fleet(tmp_path, _fleet_toml(redis_url, bin_dir)) as fleet:
@@ -204,6 +205,30 @@ def test_worker_ready_once_and_a_drain_is_no_crash(
         rolled = control("restart", "work", "--rolling", "--url", url, cwd=tmp_path)
         assert rolled.returncode == 0, rolled.stderr
         fleet.wait_event("rolling restart done", timeout=60, agent="work")
+        # contiguous slots again (the surge replacement started as work/2), and the
+        # renumbered worker's datagrams still count: it handles and reports messages
+        [work] = [a for a in get_json(url + "/status")["agents"] if a["name"] == "work"]
+        assert sorted(w["worker_id"] for w in work["workers"]) == ["work/0", "work/1"]
+        assert fleet.find("worker renumbered", agent="work")
+        publish = subprocess.run(
+            [sys.executable, "-m", "core_bus.tools.cli", "-q", "publish", "AG1:agent:work:inbox",
+             "--text", "after the roll", "--count", "20"],
+            env={**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert publish.returncode == 0, publish.stderr
+
+        def processed_per_worker() -> dict[str, int] | None:
+            [agent] = [a for a in get_json(url + "/status")["agents"] if a["name"] == "work"]
+            if agent["messages"]["processed"] < 20:
+                return None
+            return {w["worker_id"]: w["state"] for w in agent["workers"]}
+
+        states = eventually_sync(processed_per_worker, timeout=30, message="20 processed")
+        assert states == {"work/0": "ready", "work/1": "ready"}
         eventually_sync(
             lambda: len(fleet.find("consumer_reclaimed", agent="work", reason="exit")) >= 2,
             timeout=30,

@@ -57,7 +57,21 @@ async def _roll_workers(ops: _Roll, runtime: AgentRuntime) -> None:
         if ops.runner.stopping:
             raise ControlError("rolling restart interrupted: the supervisor is stopping")
         await _roll_batch(ops, runtime, old[i : i + batch], surge_first=surge > 0)
+    _compact_slots(ops, runtime)
     log.info("rolling restart done", agent=runtime.name)
+
+
+def _compact_slots(ops: _Roll, runtime: AgentRuntime) -> None:
+    """Surge replacements had to take slots past the old ones (``echo/2`` while
+    ``echo/0`` and ``echo/1`` ran); once the old workers are gone, move them down
+    into the freed slots so the agent reads ``echo/0 .. echo/N-1`` again."""
+    active = sorted(runtime.active(), key=lambda w: w.slot)
+    wanted = len(active)
+    free = [s for s in range(wanted) if s not in runtime.workers]
+    for worker in [w for w in active if w.slot >= wanted]:
+        if not free:
+            break
+        ops.runner.renumber(runtime, worker, free.pop(0))
 
 
 async def _retire_all(ops: _Roll, workers: list[Worker]) -> None:

@@ -66,6 +66,7 @@ class WorkerRunner:
         self._poke = poke
         self._fleet_context = fleet_context
         self._senders = SenderIndex()
+        self._captures: dict[int, list[LineCapture]] = {}  # pid -> its output readers
         self._ids = IncarnationIds()
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -160,6 +161,7 @@ class WorkerRunner:
         fields: dict[str, Any] = {"agent": runtime.name, "worker": worker.key, "pid": process.pid}
         bucket = TokenBucket(rate=200.0, burst=1000.0)
         captures: list[LineCapture] = []
+        self._captures[process.pid] = captures
         async with process, anyio.create_task_group() as tg:
             for fd, stream in ((process.stdout_fd, "stdout"), (process.stderr_fd, "stderr")):
                 if fd is not None:
@@ -167,6 +169,7 @@ class WorkerRunner:
                     captures.append(capture)
                     tg.start_soon(capture.run)
             status = await process.wait()
+            self._captures.pop(process.pid, None)
             process.kill_leftovers()
             for capture in captures:  # its last words decide the failed start's reason
                 capture.drain_now()
@@ -208,6 +211,19 @@ class WorkerRunner:
         runtime = self._table.get(worker.agent)
         timeout = float(runtime.config.stop_timeout) if runtime is not None else 10.0
         self._tg.start_soon(process.stop, timeout)
+
+    def renumber(self, runtime: AgentRuntime, worker: Worker, slot: int) -> None:
+        """Give a running worker another slot: its notify datagrams and output lines are
+        attributed under the new key from now on (a roll's replacements, see rollout)."""
+        old = worker.key
+        self._table.renumber(runtime, worker, slot)
+        pid = worker.pid
+        if pid is not None:
+            self._senders.add(pid, worker.key)
+            for capture in self._captures.get(pid, ()):
+                capture.fields["worker"] = worker.key
+        log.info("worker renumbered", agent=runtime.name, worker=worker.key, was=old, pid=pid)
+        self.worker_changed(worker)
 
     async def stop_and_wait(self, worker: Worker, cause: str) -> None:
         self.stop(worker, cause)

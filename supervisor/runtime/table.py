@@ -124,6 +124,15 @@ class WorkerTable:
         runtime.workers[slot] = worker
         return worker
 
+    def renumber(self, runtime: AgentRuntime, worker: Worker, slot: int) -> None:
+        """Move a worker to a free ``slot`` (its process keeps running)."""
+        if slot in runtime.workers:
+            raise ValueError(f"slot {slot} of {runtime.name} is taken")
+        if runtime.workers.get(worker.slot) is worker:
+            del runtime.workers[worker.slot]
+        worker.slot = slot
+        runtime.workers[slot] = worker
+
     def request_start(self, worker: Worker, now: float) -> None:
         """Start (again) a worker that is not running: backoff, stopped or fatal."""
         worker.lifecycle.request_start(now)
