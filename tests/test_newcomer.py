@@ -40,11 +40,12 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def bus(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
+def _module(
+    module: str, args: tuple[str, ...], cwd: Path, env: dict[str, str] | None
 ) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` as a user's shell would run it (no Redis settings)."""
     return subprocess.run(
-        [sys.executable, "-m", "core_bus.tools.cli", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -53,21 +54,18 @@ def bus(
         timeout=60,
         check=False,
     )
+
+
+def bus(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return _module("core_bus.tools.cli", args, cwd, env)
 
 
 def fleet_cli(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor.cli.main", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env if env is not None else _env(),
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-        check=False,
-    )
+    return _module("supervisor.cli.main", args, cwd, env)
 
 
 # ----------------------------------------------------------------------------- 1: which Redis

@@ -279,6 +279,7 @@ def _envelope(args: argparse.Namespace, content: Any) -> Envelope:
 
 async def cmd_publish(redis: AsyncRedis, args: argparse.Namespace) -> int:
     from core_bus.publish import publish_envelope, publish_many
+    from core_bus.tools.groups import publish_warnings
 
     content = _read_content(args)
     if not args.quiet:
@@ -305,31 +306,6 @@ async def cmd_publish(redis: AsyncRedis, args: argparse.Namespace) -> int:
         f"({done / elapsed:,.0f} msgs/s)"
     )
     return 0
-
-
-async def publish_warnings(redis: AsyncRedis, stream: str) -> list[str]:
-    """Why an entry published to ``stream`` may never be read: outside the namespace,
-    or no consumer group on it (the entry just sits there)."""
-    from core_bus.settings import get_settings
-    from core_bus.streams.groups import UnknownStream, group_infos
-
-    namespace = get_settings().bus_namespace
-    warnings = []
-    if not stream.startswith(f"{namespace}:"):
-        warnings.append(
-            f"{stream} is outside the namespace {namespace!r} (agents read "
-            f"{namespace}:agent:NAME:inbox; $BUS_NAMESPACE sets the namespace)"
-        )
-    try:
-        infos = await group_infos(redis, stream, with_consumers=False)
-    except UnknownStream:
-        infos = []
-    if not infos:
-        warnings.append(
-            f"no consumer group reads {stream}: nobody will process this entry "
-            f"(ag1-bus groups lists the groups; is the agent running?)"
-        )
-    return warnings
 
 
 async def cmd_groups(redis: AsyncRedis, args: argparse.Namespace) -> int:

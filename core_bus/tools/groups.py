@@ -1,5 +1,6 @@
-"""``ag1-bus groups`` without a stream (every group of the namespace, orphans marked)
-and ``--destroy`` (remove a group no fleet reads any more)."""
+"""Who reads a stream: ``ag1-bus groups`` without a stream (every group of the
+namespace, orphans marked), ``--destroy`` (remove a group no fleet reads any more),
+and the warnings ``ag1-bus publish`` gives for a stream nobody will read."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from redis.asyncio import Redis as AsyncRedis
 from core_bus.errors import BusError
 from core_bus.keys import StreamKeyBuilder
 from core_bus.settings import get_settings
-from core_bus.streams.groups import group_infos
+from core_bus.streams.groups import UnknownStream, group_infos
 from core_bus.streams.orphans import known_groups, namespace_groups
 
 
@@ -84,3 +85,25 @@ async def destroy_group(redis: AsyncRedis, stream: str, group: str, *, force: bo
         )
     await redis.xgroup_destroy(stream, group)
     return f"destroyed group {group} on {stream} ({info.pending} pending entries dropped)"
+
+
+async def publish_warnings(redis: AsyncRedis, stream: str) -> list[str]:
+    """Why an entry published to ``stream`` may never be read: outside the namespace,
+    or no consumer group on it (the entry just sits there)."""
+    namespace = get_settings().bus_namespace
+    warnings = []
+    if not stream.startswith(f"{namespace}:"):
+        warnings.append(
+            f"{stream} is outside the namespace {namespace!r} (agents read "
+            f"{namespace}:agent:NAME:inbox; $BUS_NAMESPACE sets the namespace)"
+        )
+    try:
+        infos = await group_infos(redis, stream, with_consumers=False)
+    except UnknownStream:
+        infos = []
+    if not infos:
+        warnings.append(
+            f"no consumer group reads {stream}: nobody will process this entry "
+            f"(ag1-bus groups lists the groups; is the agent running?)"
+        )
+    return warnings
