@@ -153,7 +153,8 @@ class RedisConfig(_Model):
     def effective_url(self, embedded_url: str | None = None) -> str:
         """The URL to connect to, with the password inserted (never log it).
 
-        For ``url = "embedded"`` pass the running server's URL as ``embedded_url``.
+        For ``url = "embedded"`` pass the running server's URL as ``embedded_url``:
+        it already carries the server's own generated password.
 
         :raises ValueError: for an embedded Redis when ``embedded_url`` is missing.
         """
@@ -161,7 +162,7 @@ class RedisConfig(_Model):
         if self.embedded:
             if embedded_url is None:
                 raise ValueError("embedded Redis: pass the running server's URL")
-            url = embedded_url
+            return embedded_url
         if self.password is None:
             return url
         return with_password(url, self.password.get_secret_value())
