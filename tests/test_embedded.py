@@ -22,7 +22,7 @@ from supervisor.redis.embedded import (
     run_embedded_redis,
     url_file,
 )
-from supervisor.redis.server import RedisServerError, bundled_redis_server, find_redis_server
+from supervisor.redis.server import RedisServerError, find_redis_server
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -73,7 +73,7 @@ async def test_starts_answers_and_publishes_its_url(tmp_path: Path) -> None:
             await client.aclose()
         anonymous = redis_asyncio.Redis(unix_socket_path=str(state / "redis.sock"))
         try:
-            with pytest.raises(RedisError, match="(?i)auth"):
+            with pytest.raises(RedisError, match=r"(?i)auth"):
                 await anonymous.ping()
         finally:
             await anonymous.aclose()
@@ -121,7 +121,7 @@ async def test_tcp_only_when_asked_and_then_loopback_with_password(tmp_path: Pat
         anonymous = redis_asyncio.Redis(host="127.0.0.1", port=free)
         with_password = redis_asyncio.Redis(host="127.0.0.1", port=free, password=password)
         try:
-            with pytest.raises(RedisError, match="(?i)auth"):
+            with pytest.raises(RedisError, match=r"(?i)auth"):
                 await anonymous.ping()
             assert await with_password.ping()
             info = await with_password.info("server")

@@ -226,6 +226,8 @@ class HttpConfig(_Model):
     listen: str = "127.0.0.1:8765"
     request_timeout: Duration = Field(default=5.0, gt=0)
     max_body: Size = Field(default=64 * 1024, gt=0)
+    #: Host names (besides loopback and the listen address) clients may send in ``Host``.
+    allowed_hosts: list[str] = Field(default_factory=list)
     token: SecretStr | None = None
 
     @field_validator("listen")
