@@ -124,6 +124,10 @@ def pydantic_message(model: type[BaseModel], error: Any) -> str:
         return f"must be {ctx.get('expected')} (got {_fmt_input(given)})"
     if kind == "too_short":
         return "must not be empty"
+    if kind == "string_too_long":
+        return f"is too long: at most {ctx.get('max_length')} characters"
+    if kind == "too_long":
+        return f"has too many items: at most {ctx.get('max_length')}"
     if kind in ("value_error", "assertion_error"):
         return str(ctx.get("error", error["msg"]))
     return str(error["msg"])
