@@ -117,7 +117,8 @@ def pydantic_message(model: type[BaseModel], error: Any) -> str:
     if kind == "greater_than":
         return f"must be > {ctx.get('gt')}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
+        limit = ctx.get("le")
+        return f"must be <= {limit:g}" if isinstance(limit, float) else f"must be <= {limit}"
     if kind == "less_than":
         return f"must be < {ctx.get('lt')}"
     if kind == "literal_error":
