@@ -55,7 +55,9 @@ MAX_KEY = 512
 
 def _bounded_duration(seconds: float) -> float:
     if seconds > MAX_DURATION:
-        raise ValueError(f"duration {seconds:g}s is too long: at most 30 days ({MAX_DURATION:.0f}s)")
+        raise ValueError(
+            f"duration {seconds:g}s is too long: at most 30 days ({MAX_DURATION:.0f}s)"
+        )
     return seconds
 
 
