@@ -85,12 +85,12 @@ class HttpSettings(Protocol):
 
 
 def readiness(snap: FleetSnapshot) -> list[str]:
-    """Reasons the fleet is not ready; empty when it is."""
-    if not snap.ready:
-        return ["starting"]
+    """Reasons the fleet is not ready; empty when it is (Redis first: it explains the rest)."""
     reasons: list[str] = []
     if not snap.redis_up:
         reasons.append(f"redis: {snap.redis_error or 'unreachable'}")
+    if not snap.ready:
+        return [*reasons, "starting"]
     for agent in snap.agents:
         if agent.state == "stopped":
             continue  # stopped on purpose by an operator
