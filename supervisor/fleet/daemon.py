@@ -147,7 +147,7 @@ class FleetDaemon:
             )
             self.control.delivery = delivery
             with (
-                NotifyServer() as notify_server,
+                NotifyServer(state_dir=self.config.supervisor.state_dir) as notify_server,
                 anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
             ):
                 self._notify = notify_server

@@ -79,7 +79,7 @@ class RedisHealth:
     groups: list[GroupSnapshot] = field(default_factory=list)
 
     async def ping_loop(
-        self, url: str, interval: float = PING_INTERVAL, timeout: float = PING_TIMEOUT
+        self, url: str, interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT
     ) -> None:
         """PING on a private connection every ``interval``; log once per change of state.
 
@@ -90,15 +90,15 @@ class RedisHealth:
 
         client = connect(
             url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_timeout=ping_timeout,
+            socket_connect_timeout=ping_timeout,
             health_check_interval=0,
             retry_on_timeout=False,
         )
         try:
             while True:
                 try:
-                    with anyio.fail_after(timeout):
+                    with anyio.fail_after(ping_timeout):
                         await client.ping()
                 except Exception as exc:
                     self._set(False, _describe(exc))
