@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,9 @@ async def _time_until(
     raise AssertionError(f"/readyz never answered {status} within {limit}s")
 
 
-def _daemon(tmp_path: Path, url: str, python_exe: str) -> FleetDaemon:
+def _daemon(tmp_path: Path, url: str, python_exe: str, *agents: str) -> FleetDaemon:
     toml = run_toml(
-        agent_toml("sleepy", cmd(python_exe, SLEEP)),
+        *(agents or (agent_toml("sleepy", cmd(python_exe, SLEEP)),)),
         name="readyz",
         url=url,
         listen="127.0.0.1:0",
@@ -70,16 +71,16 @@ async def test_readyz_turns_503_within_a_second_of_losing_redis_and_back(
                 await eventually(lambda: agent(daemon, "sleepy").ready_replicas == 1, timeout=30)
                 await _time_until(session, base, 200, limit=30)
 
-                server.kill()
+                await anyio.to_thread.run_sync(server.kill)  # never block the daemon's loop
                 lost, reasons = await _time_until(session, base, 503)
                 assert lost <= 1.0, f"/readyz still 200 {lost:.2f}s after Redis died"
                 assert reasons[0].startswith("redis: ") and "Error" in reasons[0], reasons
                 assert "unreachable" not in reasons[0]  # Redis's own error, not a guess
 
-                restarted = redis_server_factory(
-                    port=server.port, appendonly=False, data_dir=server.data_dir
+                restarted = await anyio.to_thread.run_sync(
+                    partial(redis_server_factory, port=server.port, appendonly=False)
                 )
-                assert restarted.ping()
+                assert await anyio.to_thread.run_sync(restarted.ping)
                 back, _ = await _time_until(session, base, 200)
                 assert back <= 1.0, f"/readyz still 503 {back:.2f}s after Redis returned"
             finally:
@@ -89,9 +90,11 @@ async def test_readyz_turns_503_within_a_second_of_losing_redis_and_back(
 async def test_readyz_names_redis_while_it_is_down_at_start(
     tmp_path: Path, redis_server_factory: Any, python_exe: str
 ) -> None:
+    """A handler agent cannot get ready without Redis: the reason names Redis, not 'starting'."""
     server = redis_server_factory(appendonly=False)
     server.kill()  # a port nothing listens on any more
-    daemon = _daemon(tmp_path, server.url, python_exe)
+    (tmp_path / "h.py").write_text("async def handle(env, redis):\n    return None\n")
+    daemon = _daemon(tmp_path, server.url, python_exe, agent_toml("reader", handler="h:handle"))
     with anyio.fail_after(80):
         async with anyio.create_task_group() as tg, aiohttp.ClientSession() as session:
             await tg.start(daemon.run)
@@ -106,5 +109,6 @@ async def test_readyz_names_redis_while_it_is_down_at_start(
                     )
 
                 await eventually(names_redis, timeout=10, message="/readyz names Redis")
+                assert not daemon.control.snapshot().ready  # still starting, and says why
             finally:
                 daemon.request_stop()
