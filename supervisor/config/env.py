@@ -113,6 +113,10 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
         except json.JSONDecodeError as exc:
             problems.add_raw(f"{var}: invalid JSON value: {exc.msg} at column {exc.colno}")
             continue
+        except (RecursionError, ValueError) as exc:  # nested too deeply, a 5,000-digit int
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
+            problems.add_raw(f"{var}: invalid JSON value: {reason}")
+            continue
         loc: Loc
         if section == "agents":
             if len(parts) < 3:

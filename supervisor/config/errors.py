@@ -117,13 +117,18 @@ def pydantic_message(model: type[BaseModel], error: Any) -> str:
     if kind == "greater_than":
         return f"must be > {ctx.get('gt')}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
+        limit = ctx.get("le")
+        return f"must be <= {limit:g}" if isinstance(limit, float) else f"must be <= {limit}"
     if kind == "less_than":
         return f"must be < {ctx.get('lt')}"
     if kind == "literal_error":
         return f"must be {ctx.get('expected')} (got {_fmt_input(given)})"
     if kind == "too_short":
         return "must not be empty"
+    if kind == "string_too_long":
+        return f"is too long: at most {ctx.get('max_length')} characters"
+    if kind == "too_long":
+        return f"has too many items: at most {ctx.get('max_length')}"
     if kind in ("value_error", "assertion_error"):
         return str(ctx.get("error", error["msg"]))
     return str(error["msg"])

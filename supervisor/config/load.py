@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from supervisor.config.checks import check_agent_warnings, check_agents
+from supervisor.config.checks import check_agent_warnings, check_agents, check_fleet_size
 from supervisor.config.env import apply_environment, reject_file_secrets, split_url_password
 from supervisor.config.errors import ConfigError, Loc, Problems, did_you_mean, pydantic_message
 from supervisor.config.models import (
@@ -103,6 +103,9 @@ def load_config(
         agents, {n for n in known_names if isinstance(n, str)}, check_imports=check_imports
     ):
         problems.add(loc, message)
+    if supervisor is not None:
+        for loc, message in check_fleet_size(agents, supervisor.max_workers):
+            problems.add(loc, message)
 
     if problems.lines:
         raise ConfigError(problems.lines)
@@ -154,6 +157,8 @@ def _parse_toml(data: bytes, label: str) -> dict[str, Any]:
         raise ConfigError([f"{label}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError([f"{label}: invalid TOML: nested too deeply"]) from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc).splitlines()[0] if str(exc) else "invalid TOML"
         match = _TOML_POS.match(message)

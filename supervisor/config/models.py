@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -41,11 +42,59 @@ from core_bus.settings import redact_url
 from supervisor.config.listen import parse_listen
 from supervisor.config.units import parse_duration, parse_size
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-"""Seconds; from ``"250ms"``/``"30s"``/``"5m"`` or a TOML number of seconds."""
+#: Longest duration any setting accepts: 30 days (a typo like "1000000000h" is refused).
+MAX_DURATION = 30 * 86400.0
+#: Longest stop/drain timeout: an hour (a stop must end; 1e300 s would hang forever).
+MAX_STOP_TIMEOUT = 3600.0
+#: Fleet-wide and per-agent worker limits (defaults of ``max_workers``/``max_replicas``).
+DEFAULT_MAX_WORKERS = 1024
+DEFAULT_MAX_REPLICAS = 64
+#: Longest agent or supervisor name, consumer group and stream name.
+MAX_NAME = 64
+MAX_KEY = 512
+
+
+def _bounded_duration(seconds: float) -> float:
+    if seconds > MAX_DURATION:
+        raise ValueError(
+            f"duration {seconds:g}s is too long: at most 30 days ({MAX_DURATION:.0f}s)"
+        )
+    return seconds
+
+
+def _not_bool(value: Any) -> Any:
+    """TOML ``true`` is no number: pydantic would read it as 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be an integer, not {str(value).lower()}")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_bounded_duration)]
+"""Seconds; from ``"250ms"``/``"30s"``/``"5m"`` or a TOML number of seconds (<= 30 days)."""
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 """Bytes; from ``"512MiB"``/``"100MB"`` or a TOML integer of bytes."""
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+"""An integer that refuses booleans (``replicas = true`` is an error, not 1)."""
+
+
+def _reject_nul(value: Any, path: str = "") -> None:
+    """No NUL (or other control character but tab) anywhere in a string: argv, env,
+    paths and Redis key names reach the kernel or a child, which cannot carry them."""
+    if isinstance(value, str):
+        bad = next((ch for ch in value if ord(ch) < 32 and ch != "\t"), None)
+        if bad is not None:
+            where = f" in {path}" if path else ""
+            what = "a NUL byte" if bad == "\x00" else f"control character {bad!r}"
+            raise ValueError(f"contains {what}{where}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_nul(key, f"key {str(key)!r}")
+            _reject_nul(item, f"{key!s}" if not path else f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _reject_nul(item, f"item {index}" if not path else f"{path}[{index}]")
 
 RestartPolicy = Literal["always", "on-failure", "never"]
 LogFormat = Literal["auto", "json", "console"]
@@ -68,6 +117,12 @@ def _no_spaces(value: str) -> str:
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        _reject_nul(value)
+        return value
+
 
 def _context_dir(info: ValidationInfo) -> Path | None:
     ctx = info.context if isinstance(info.context, dict) else {}
@@ -89,11 +144,13 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
 class SupervisorConfig(_Model):
     """``[supervisor]``: identity of this supervisor and its own timings."""
 
-    name: str = Field(default_factory=socket.gethostname)
+    name: str = Field(default_factory=socket.gethostname, max_length=MAX_NAME)
     state_dir: Path = Path(".ag1")
-    stop_timeout: Duration = Field(default=10.0, gt=0)
+    stop_timeout: Duration = Field(default=10.0, gt=0, le=MAX_STOP_TIMEOUT)
     sweep_interval: Duration = Field(default=5.0, gt=0)
     log_format: LogFormat = "auto"
+    #: Most workers the whole fleet may run (the sum of every agent's replicas).
+    max_workers: Int = Field(default=DEFAULT_MAX_WORKERS, ge=1, le=100_000)
 
     @field_validator("name")
     @classmethod
@@ -119,7 +176,7 @@ class RedisConfig(_Model):
 
     url: str = "redis://127.0.0.1:6379/0"
     namespace: str = DEFAULT_NAMESPACE
-    embedded_port: int = Field(default=0, ge=0, le=65535)
+    embedded_port: Int = Field(default=0, ge=0, le=65535)
     password: SecretStr | None = None
 
     @field_validator("url")
@@ -154,7 +211,8 @@ class RedisConfig(_Model):
     def effective_url(self, embedded_url: str | None = None) -> str:
         """The URL to connect to, with the password inserted (never log it).
 
-        For ``url = "embedded"`` pass the running server's URL as ``embedded_url``.
+        For ``url = "embedded"`` pass the running server's URL as ``embedded_url``:
+        it already carries the server's own generated password.
 
         :raises ValueError: for an embedded Redis when ``embedded_url`` is missing.
         """
@@ -162,7 +220,7 @@ class RedisConfig(_Model):
         if self.embedded:
             if embedded_url is None:
                 raise ValueError("embedded Redis: pass the running server's URL")
-            url = embedded_url
+            return embedded_url
         if self.password is None:
             return url
         return with_password(url, self.password.get_secret_value())
@@ -200,6 +258,8 @@ class HttpConfig(_Model):
     listen: str = "127.0.0.1:8765"
     request_timeout: Duration = Field(default=5.0, gt=0)
     max_body: Size = Field(default=64 * 1024, gt=0)
+    #: Host names (besides loopback and the listen address) clients may send in ``Host``.
+    allowed_hosts: list[str] = Field(default_factory=list)
     token: SecretStr | None = None
 
     @field_validator("listen")
@@ -238,21 +298,23 @@ class AgentSettings(_Model):
     backoff_initial: Duration = Field(default=0.5, gt=0)
     backoff_max: Duration = Field(default=30.0, gt=0)
     backoff_reset_after: Duration = Field(default=30.0, ge=0)
-    start_limit: int = Field(default=5, ge=1)
+    start_limit: Int = Field(default=5, ge=1, le=10_000)
     start_limit_window: Duration = Field(default=60.0, gt=0)
     start_timeout: Duration = Field(default=30.0, gt=0)
     start_seconds: Duration = Field(default=1.0, ge=0)
-    success_exit_codes: list[int] = Field(default_factory=lambda: [0])
-    stop_timeout: Duration = Field(default=10.0, gt=0)
+    success_exit_codes: list[Int] = Field(default_factory=lambda: [0])
+    stop_timeout: Duration = Field(default=10.0, gt=0, le=MAX_STOP_TIMEOUT)
     memory_limit: Size | None = Field(default=None, gt=0)
     watchdog: Duration | None = Field(default=None, gt=0)
-    concurrency: int = Field(default=16, ge=1)
-    count: int = Field(default=100, ge=1)
-    max_deliveries: int = Field(default=5, ge=1)
+    concurrency: Int = Field(default=16, ge=1, le=10_000)
+    count: Int = Field(default=100, ge=1, le=10_000)
+    max_deliveries: Int = Field(default=5, ge=1, le=10_000)
     claim_idle: Duration = Field(default=60.0, gt=0)
     sweep_interval: Duration | None = Field(default=None, gt=0)
-    max_surge: int = Field(default=1, ge=0)
-    max_unavailable: int = Field(default=0, ge=0)
+    max_surge: Int = Field(default=1, ge=0, le=10_000)
+    max_unavailable: Int = Field(default=0, ge=0, le=10_000)
+    #: Most replicas this agent may be scaled to (config, reload and the control API).
+    max_replicas: Int = Field(default=DEFAULT_MAX_REPLICAS, ge=1, le=10_000)
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: Path | None = None
 
@@ -301,13 +363,13 @@ class AgentConfig(AgentSettings):
     ``working_dir`` is always an absolute path after :func:`load_config`.
     """
 
-    name: str
-    handler: str | None = None
+    name: str = Field(max_length=MAX_NAME)
+    handler: str | None = Field(default=None, max_length=MAX_KEY)
     command: list[str] | None = None
-    group: str = ""
-    streams: list[str] = Field(default_factory=list, min_length=1)
-    replicas: int = Field(default=1, ge=0)
-    shards: int = Field(default=0, ge=0)
+    group: str = Field(default="", max_length=MAX_KEY)
+    streams: list[str] = Field(default_factory=list, min_length=1, max_length=1000)
+    replicas: Int = Field(default=1, ge=0)
+    shards: Int = Field(default=0, ge=0, le=1024)
     ordered: bool = False
     after: list[str] = Field(default_factory=list)
     #: Whether the workers read the agent's group (see :attr:`uses_bus`).
@@ -372,6 +434,8 @@ class AgentConfig(AgentSettings):
         for stream in value:
             if not stream or re.search(r"\s", stream):
                 raise ValueError(f"invalid stream name {stream!r}")
+            if len(stream) > MAX_KEY:
+                raise ValueError(f"stream name {stream[:40]!r}... is longer than {MAX_KEY}")
             if stream in seen:
                 raise ValueError(f"stream {stream!r} listed twice")
             seen.add(stream)
@@ -386,6 +450,11 @@ class AgentConfig(AgentSettings):
             raise ValueError("ordered = true requires shards > 1")
         if self.handler is not None and self.bus is False:
             raise ValueError("bus = false is only for command agents (a handler always reads)")
+        if self.replicas > self.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) is more than max_replicas ({self.max_replicas}); "
+                "raise max_replicas if you mean it"
+            )
         return self
 
     @property

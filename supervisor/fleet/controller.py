@@ -49,6 +49,22 @@ class FleetFacts:
     http_address: tuple[str, int] | None = None
 
 
+def check_scale(table: WorkerTable, runtime: AgentRuntime, replicas: int) -> None:
+    """The same limits as the config check: ``max_replicas`` and ``[supervisor] max_workers``."""
+    limit = runtime.config.max_replicas
+    if replicas > limit:
+        raise ControlError(
+            f"replicas {replicas} is more than agent {runtime.name}'s max_replicas ({limit})"
+        )
+    others = sum(r.desired for r in table.runtimes() if r is not runtime)
+    max_workers = table.config.supervisor.max_workers
+    if others + replicas > max_workers:
+        raise ControlError(
+            f"scaling {runtime.name} to {replicas} makes {others + replicas} workers, more than "
+            f"[supervisor] max_workers ({max_workers})"
+        )
+
+
 class FleetController:
     """Implements the control API on the worker table (see the module docstring)."""
 
@@ -134,6 +150,7 @@ class FleetController:
         if replicas < 0:
             raise ControlError("replicas must be >= 0")
         runtime = self._runtime(name)
+        check_scale(self._table, runtime, replicas)
         log.info("scaling agent", agent=name, replicas=replicas, previous=runtime.desired)
         self._table.set_desired(runtime, replicas)
         self._runner.poke()

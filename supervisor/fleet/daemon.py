@@ -165,7 +165,7 @@ class FleetDaemon:
             )
             self.control.delivery = delivery
             with (
-                NotifyServer() as notify_server,
+                NotifyServer(state_dir=self.config.supervisor.state_dir) as notify_server,
                 anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
             ):
                 self._notify = notify_server
@@ -190,6 +190,7 @@ class FleetDaemon:
                         tg.start_soon(notify_server.serve, self._runner.on_notify)
                         tg.start_soon(self._signal_loop, signals, tg)
                         tg.start_soon(self._reconciler.run)
+                        tg.start_soon(self._health.ping_loop, facts.redis_url or "")
                         tg.start_soon(self._sample_loop, redis, delivery)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
                         if self._watchdog_interval is not None:

@@ -61,22 +61,74 @@ async def sample_workers(sampler: ResourceSampler, table: WorkerTable) -> list[W
     return over
 
 
+#: How often the readiness ping runs, and how long one may take: /readyz turns 503
+#: within PING_INTERVAL + PING_TIMEOUT (< 1 s) of losing Redis, and back as fast.
+PING_INTERVAL = 0.25
+PING_TIMEOUT = 0.5
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer to PING within {PING_TIMEOUT:g}s"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 @dataclass
 class RedisHealth:
-    """Last Redis probe: reachable or why not, the groups' pending/lag, each agent's
-    dead-letter stream length, and the namespace's orphan groups (no fleet reads them).
+    """Redis reachability (from :meth:`ping_loop`: ``error`` says why it is down), the
+    groups' pending/lag, each agent's dead-letter stream length and the namespace's
+    orphan groups (no fleet reads them), from :meth:`probe`.
 
     Each probe also records the plan's groups in Redis when they changed (start,
     reload), so ``ag1-bus groups`` can tell orphans too.
     """
 
     up: bool = False
-    error: str | None = None
+    error: str | None = "not reached yet"
     groups: list[GroupSnapshot] = field(default_factory=list)
     dlq_lengths: dict[str, int] = field(default_factory=dict)  # agent -> XLEN of its DLQ
     orphan_groups: list[GroupSnapshot] = field(default_factory=list)
     _recorded: dict[str, str] | None = None
     _orphans_at: float | None = None
+
+    async def ping_loop(
+        self, url: str, interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT
+    ) -> None:
+        """PING on a private connection every ``interval``; log once per change of state.
+
+        Its own client with short timeouts: the daemon's shared client waits up
+        to 5 s on a dead socket, and readiness must not wait behind a sweep.
+        """
+        from core_bus.settings import connect
+
+        client = connect(
+            url,
+            socket_timeout=ping_timeout,
+            socket_connect_timeout=ping_timeout,
+            health_check_interval=0,
+            retry_on_timeout=False,
+        )
+        try:
+            while True:
+                try:
+                    with anyio.fail_after(ping_timeout):
+                        await client.ping()
+                except Exception as exc:
+                    self._set(False, _describe(exc))
+                else:
+                    self._set(True, None)
+                await anyio.sleep(interval)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    def _set(self, up: bool, error: str | None) -> None:
+        if up and not self.up:
+            log.info("redis reachable")
+        elif not up and (self.up or self.error is None or self.error == "not reached yet"):
+            log.warning("redis unreachable", error=error)
+        self.up = up
+        self.error = error
 
     async def probe(
         self,
@@ -85,12 +137,11 @@ class RedisHealth:
         agents: Iterable[AgentRuntime],
         time_limit: float,
     ) -> None:
-        """PING and collect group stats; on failure keep the last groups, record why."""
+        """Collect group stats; on failure keep the last ones (reachability is the ping's)."""
         groups: list[GroupSnapshot] = []
         runtimes = list(agents)
         try:
             with anyio.fail_after(time_limit):
-                await redis.ping()
                 if delivery is not None:
                     for runtime in runtimes:
                         groups.extend(await delivery.group_stats(runtime))
@@ -98,11 +149,8 @@ class RedisHealth:
                 if delivery is not None:
                     await self._bookkeep_groups(redis, delivery, runtimes)
         except Exception as exc:
-            self.up = False
-            self.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.debug("group stats failed", error=_describe(exc))
             return
-        self.up = True
-        self.error = None
         self.groups = groups
         self.dlq_lengths = dlq_lengths
 

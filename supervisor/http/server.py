@@ -13,7 +13,10 @@ loop, so it must never stall it:
   ``202 Accepted`` — progress is visible in ``/status``.
 
 Control endpoints need ``Authorization: Bearer <token>`` when a token is set;
-binding a non-loopback address without one is refused.
+binding a non-loopback address without one is refused. Every request must
+name a loopback or allowed ``Host``, come from this server's own ``Origin`` if
+it has one, and a POST must be ``application/json``; anything else gets 403
+and one ``http_refused`` log event (:class:`~supervisor.http.security.RequestGuard`).
 
 One job in one file (just over ~400 lines): the route table and its handlers;
 limits are :mod:`supervisor.http.control`, auth rules :mod:`supervisor.http.security`.
@@ -52,6 +55,7 @@ from supervisor.http.listen import bind_http
 from supervisor.http.metrics import build_registry, render
 from supervisor.http.security import (
     SECRET_KEYS,
+    RequestGuard,
     bearer_authorized,
     check_bind_allowed,
     is_loopback,
@@ -74,18 +78,20 @@ class HttpSettings(Protocol):
     def request_timeout(self) -> float: ...
     @property
     def max_body(self) -> int: ...
+    @property
+    def allowed_hosts(self) -> list[str]: ...
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def readiness(snap: FleetSnapshot) -> list[str]:
-    """Reasons the fleet is not ready; empty when it is."""
-    if not snap.ready:
-        return ["starting"]
+    """Reasons the fleet is not ready; empty when it is (Redis first: it explains the rest)."""
     reasons: list[str] = []
     if not snap.redis_up:
         reasons.append(f"redis: {snap.redis_error or 'unreachable'}")
+    if not snap.ready:
+        return [*reasons, "starting"]
     for agent in snap.agents:
         if agent.state == "stopped":
             continue  # stopped on purpose by an operator
@@ -304,6 +310,32 @@ async def _json_errors(
         return resp
 
 
+def _guard_middleware(guard: RequestGuard) -> Any:
+    @web.middleware
+    async def _guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """403 for a foreign Host or Origin, or a POST that is not JSON (see security)."""
+        reason = guard.refusal(
+            request.method,
+            request.headers.get("Host"),
+            request.headers.get("Origin"),
+            request.headers.get("Content-Type", ""),
+        )
+        if reason is None:
+            return await handler(request)
+        log.warning(
+            "http_refused",
+            reason=reason,
+            method=request.method,
+            path=request.path[:200],
+            peer=request.remote,
+        )
+        return _error(403, f"forbidden: {reason}")
+
+    return _guard
+
+
 def build_app(
     control: FleetControl,
     *,
@@ -312,12 +344,17 @@ def build_app(
     request_timeout: float,
     operations: Operations | None = None,
     snapshot_ttl: float = 0.1,
+    guard: RequestGuard | None = None,
 ) -> web.Application:
     """The aiohttp application (tests may serve it themselves).
 
     ``snapshot_ttl``: how long ``/readyz`` and ``/status`` reuse one snapshot.
+    ``guard``: Host/Origin/Content-Type rules (default: loopback names only).
     """
-    app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
+    app = web.Application(
+        client_max_size=max_body,
+        middlewares=[_guard_middleware(guard or RequestGuard("127.0.0.1")), _json_errors],
+    )
     h = _Handlers(
         control,
         token=token or None,
@@ -369,6 +406,7 @@ async def run_http_server(
         max_body=http.max_body,
         request_timeout=http.request_timeout,
         operations=operations,
+        guard=RequestGuard(http.host, list(http.allowed_hosts)),
     )
     runner = web.AppRunner(
         app,

@@ -1,14 +1,20 @@
 """The supervisor's private redis-server for ``[redis] url = "embedded"``.
 
 One child process, owned by the caller's task group: AOF on, data under
-``<state_dir>/redis``, loopback only, protected mode. Its URL is written to
-``<state_dir>/redis.url`` so ``ag1-bus --state-dir`` and ``ag1-fleet status``
-can find it, and its port to ``<state_dir>/redis.port`` so the next supervisor
-run reuses the same URL. A crashed server is restarted with backoff on the same
-port and data dir, so clients simply reconnect. Cancellation stops it with
-SIGTERM (Redis flushes the AOF), SIGKILL after a timeout.
+``<state_dir>/redis``, listening on the unix socket ``<state_dir>/redis.sock``
+in the 0700 state dir (TCP on 127.0.0.1 only when ``embedded_port`` is set),
+with a password generated at first start (``<state_dir>/redis.password``, 0600)
+and the dangerous admin commands denied (:mod:`supervisor.redis.hardening`).
+Its full URL, password included, is written to ``<state_dir>/redis.url`` (0600)
+so ``ag1-bus --state-dir`` and ``ag1-fleet status`` can find it; it is never
+logged unredacted. The server family and AOF layout are recorded in the data
+dir and a binary that cannot read them is refused (:mod:`supervisor.redis.layout`).
+A crashed server is restarted with backoff on the same socket and data dir, so
+clients simply reconnect. Cancellation stops it with SIGTERM (Redis flushes the
+AOF), SIGKILL after a timeout.
 
-The binary lookup and command line come from :mod:`supervisor.redis.server`.
+The binary lookup comes from :mod:`supervisor.redis.server` (>= 7.0; the
+bundled Valkey unless PATH has something newer, ``AG1_REDIS_SERVER`` forces it).
 The server runs on the same child-process and lifecycle code as the workers:
 :class:`~supervisor.runtime.process.ChildProcess` (own process group,
 parent-death signal armed before exec, pidfd exit notice, reaped on every exit
@@ -29,13 +35,23 @@ import anyio.abc
 import psutil
 
 from core_bus.log import get_logger
+from core_bus.settings import redact_url
+from supervisor.redis.hardening import (
+    CONFIG_FILE,
+    HardeningError,
+    embedded_url,
+    load_or_create_password,
+    private_state_dir,
+    server_config,
+    socket_path,
+    write_private,
+)
+from supervisor.redis.layout import LayoutError, check_layout, write_record
 from supervisor.redis.server import (
     RedisServerError,
-    RedisServerProcess,
     check_redis_server,
     find_redis_server,
-    pick_free_port,
-    port_is_free,
+    redis_server_identity,
 )
 from supervisor.runtime.lifecycle import (
     CAUSE_STOP,
@@ -47,7 +63,6 @@ from supervisor.runtime.lifecycle import (
 from supervisor.runtime.process import ChildProcess, ExitStatus
 
 URL_FILE = "redis.url"
-PORT_FILE = "redis.port"
 DATA_SUBDIR = "redis"
 PID_FILE = "redis-server.pid"
 
@@ -88,22 +103,18 @@ def _log_tail(data_dir: Path, lines: int = 3, width: int = 200) -> str:
     return " | ".join(line.strip()[:width] for line in tail[-lines:])
 
 
-async def _answers_ping(port: int) -> bool:
+async def _answers_ping(socket: Path, password: str) -> bool:
     """True once the server replies +PONG (not -LOADING while it replays the AOF)."""
+    reply = b""
     try:
         with anyio.fail_after(1.0):
-            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-                await stream.send(b"PING\r\n")
-                reply = await stream.receive(64)
+            async with await anyio.connect_unix(socket) as stream:
+                await stream.send(f"AUTH {password}\r\nPING\r\n".encode())
+                while reply.count(b"\r\n") < 2:
+                    reply += await stream.receive(256)
     except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError):
         return False
-    return reply.startswith(b"+PONG")
-
-
-def _write_atomic(path: Path, content: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(content)
-    os.replace(tmp, path)
+    return reply.startswith(b"+OK\r\n+PONG")
 
 
 def _stale_server_pid(pid_file: Path) -> int | None:
@@ -114,7 +125,8 @@ def _stale_server_pid(pid_file: Path) -> int | None:
         return None
     try:
         proc = psutil.Process(pid)
-        if "redis" in proc.name() and proc.status() != psutil.STATUS_ZOMBIE:
+        name = proc.name()
+        if ("redis" in name or "valkey" in name) and proc.status() != psutil.STATUS_ZOMBIE:
             return pid
     except psutil.Error:
         pass
@@ -124,9 +136,9 @@ def _stale_server_pid(pid_file: Path) -> int | None:
 class EmbeddedRedis:
     """A supervised private redis-server; :meth:`run` owns it until cancelled.
 
-    ``port=0`` reuses the port remembered in the state dir when it is free,
-    otherwise picks a free one. Attributes ``url``, ``pid``, ``restarts`` and
-    ``version`` describe the running server (for status pages and tests).
+    ``port=0`` means the unix socket only; a port also listens on 127.0.0.1.
+    Attributes ``url`` (with the password: never log it), ``pid``,
+    ``restarts``, ``family`` and ``version`` describe the running server.
     """
 
     def __init__(
@@ -142,11 +154,15 @@ class EmbeddedRedis:
         backoff_max: float = 5.0,
         stable_after: float = 10.0,
     ) -> None:
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir).absolute()
         self.data_dir = self.state_dir / DATA_SUBDIR
+        self.socket = self.state_dir / "redis.sock"
         self.port = port
         self.binary = binary
+        self.family = "redis"
         self.version: tuple[int, int, int] = (0, 0, 0)
+        self._password = ""
+        self._published = False  # we wrote redis.url (a refused second run must not remove it)
         self.stop_timeout = stop_timeout
         self.start_timeout = start_timeout
         self.max_failed_starts = max_failed_starts
@@ -154,7 +170,6 @@ class EmbeddedRedis:
         self.backoff_max = backoff_max
         self.stable_after = stable_after
         self.restarts = 0
-        self._fixed_port = port != 0
         self._process: ChildProcess | None = None
         self._lifecycle = WorkerLifecycle(
             RestartPolicy(
@@ -170,7 +185,13 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The full URL, password included (what workers get as ``REDIS_URL``)."""
+        return embedded_url(self.socket, self._password)
+
+    @property
+    def where(self) -> str:
+        """Where it listens, for messages (no secret)."""
+        return str(self.socket) + (f" and 127.0.0.1:{self.port}" if self.port else "")
 
     @property
     def pid(self) -> int | None:
@@ -186,13 +207,15 @@ class EmbeddedRedis:
         """Start, report the URL through ``task_status``, keep it up until cancelled.
 
         Raises :class:`RedisServerError` when no usable binary exists or it is
-        older than 6.2, and :class:`EmbeddedRedisError` when it cannot start
-        (or keeps failing to restart).
+        older than 7.0, and :class:`EmbeddedRedisError` when it cannot start
+        (or keeps failing to restart, or the data dir belongs to another server).
         """
-        self.binary, self.version = await anyio.to_thread.run_sync(self._resolve_binary)
+        await anyio.to_thread.run_sync(self._prepare)
         try:
             await self._first_start()
-            _write_atomic(url_file(self.state_dir), self.url + "\n")
+            write_record(self.data_dir, self.family, self.version)
+            write_private(url_file(self.state_dir), self.url + "\n")
+            self._published = True
             task_status.started(self.url)
             await self._keep_running()
         finally:
@@ -201,38 +224,32 @@ class EmbeddedRedis:
                 self._remove_url_file()
 
     # -- start -------------------------------------------------------------------
-    def _resolve_binary(self) -> tuple[Path, tuple[int, int, int]]:
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the bus's data
-        if self.binary is not None:
-            return self.binary, check_redis_server(self.binary)
-        return find_redis_server()
-
-    def _candidate_ports(self) -> list[int]:
-        if self._fixed_port:
-            return [self.port]
-        ports: list[int] = []
+    def _prepare(self) -> None:
+        """Binary, private dirs, socket path, password and the data dir's owner (a thread)."""
         try:
-            remembered = int((self.state_dir / PORT_FILE).read_text().strip())
-        except (OSError, ValueError):
-            remembered = 0
-        if remembered and port_is_free(remembered):
-            ports.append(remembered)
-        while len(ports) < 5:
-            ports.append(pick_free_port())
-        return ports
+            private_state_dir(self.state_dir)
+            self.socket = socket_path(self.state_dir)
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the bus's data
+            if self.binary is None:
+                self.binary, _ = find_redis_server()
+            else:
+                check_redis_server(self.binary)
+            self.family, self.version = redis_server_identity(self.binary)
+            check_layout(self.data_dir, self.family, self.version, self.binary)
+            self._password = load_or_create_password(self.state_dir)
+        except (HardeningError, LayoutError) as exc:
+            raise EmbeddedRedisError(str(exc)) from None
+        except OSError as exc:
+            raise EmbeddedRedisError(f"cannot prepare {self.state_dir}: {exc}") from None
 
     async def _first_start(self) -> None:
         await self._wait_for_stale_server()
-        for port in self._candidate_ports():
-            self.port = port
-            self._lifecycle.request_start(anyio.current_time())  # a port clash is no crash
-            if await self._start_once():
-                _write_atomic(self.state_dir / PORT_FILE, f"{port}\n")
-                return
-        raise EmbeddedRedisError(
-            f"embedded redis-server did not start on 127.0.0.1:{self.port}: "
-            f"{_log_tail(self.data_dir) or 'no log'} (see {self.data_dir / 'redis.log'})"
-        )
+        self._lifecycle.request_start(anyio.current_time())
+        if not await self._start_once():
+            raise EmbeddedRedisError(
+                f"embedded redis-server did not start on {self.where}: "
+                f"{_log_tail(self.data_dir) or 'no log'} (see {self.data_dir / 'redis.log'})"
+            )
 
     async def _wait_for_stale_server(self) -> None:
         """Never run two servers on one AOF: wait for a dying predecessor to exit."""
@@ -252,14 +269,20 @@ class EmbeddedRedis:
         )
 
     async def _start_once(self) -> bool:
-        """Spawn on ``self.port`` and wait for PING; False (child reaped) on failure."""
+        """Spawn and wait for PING; False (child reaped) on failure."""
         assert self.binary is not None
-        command = RedisServerProcess(
-            data_dir=self.data_dir,
-            port=self.port,
-            binary=self.binary,
-            extra_args=["--pidfile", str(self.data_dir / PID_FILE)],
-        ).command()
+        config = self.data_dir / CONFIG_FILE
+        write_private(
+            config,
+            server_config(
+                data_dir=self.data_dir,
+                socket=self.socket,
+                password=self._password,
+                port=self.port,
+                pidfile=self.data_dir / PID_FILE,
+            ),
+        )
+        command = [str(self.binary), str(config)]  # the password never on the command line
         lifecycle = self._lifecycle
         lifecycle.on_spawned(anyio.current_time())
         try:
@@ -269,15 +292,17 @@ class EmbeddedRedis:
         except (OSError, ValueError) as exc:
             reason = f"spawn failed: {exc}"
             lifecycle.on_exit(anyio.current_time(), ExitInfo(code=127, reason=reason))
-            _log().warning("embedded_redis_start_failed", port=self.port, reason=reason)
+            _log().warning("embedded_redis_start_failed", where=self.where, reason=reason)
             return False
         self._process = process
         if await self._wait_ready(process):
             lifecycle.on_ready(anyio.current_time())
             _log().info(
                 "embedded_redis_started",
-                url=self.url,
+                url=redact_url(self.url),
+                port=self.port or None,
                 pid=process.pid,
+                server=self.family,
                 version=".".join(map(str, self.version)),
                 binary=str(self.binary),
                 data_dir=str(self.data_dir),
@@ -289,7 +314,7 @@ class EmbeddedRedis:
         self._record_exit(process.poll(), reason)
         _log().warning(
             "embedded_redis_start_failed",
-            port=self.port,
+            where=self.where,
             reason=reason,
             log_tail=_log_tail(self.data_dir),
         )
@@ -300,7 +325,7 @@ class EmbeddedRedis:
         while anyio.current_time() < deadline:
             if process.poll() is not None:
                 return False
-            if await _answers_ping(self.port):
+            if await _answers_ping(self.socket, self._password):
                 return True
             with anyio.move_on_after(0.02):  # or at once when it exits
                 await process.wait()
@@ -312,7 +337,7 @@ class EmbeddedRedis:
 
     # -- supervise ---------------------------------------------------------------
     async def _keep_running(self) -> None:
-        """Wait for the server to exit; restart it on the same port as the lifecycle says."""
+        """Wait for the server to exit; restart it on the same socket as the lifecycle says."""
         lifecycle = self._lifecycle
         while True:
             process = self._process
@@ -332,7 +357,7 @@ class EmbeddedRedis:
                 self._record_exit(status, reason)
             if lifecycle.state == WorkerState.FATAL:
                 raise EmbeddedRedisError(
-                    f"embedded redis-server keeps failing on 127.0.0.1:{self.port} "
+                    f"embedded redis-server keeps failing on {self.where} "
                     f"({lifecycle.fatal_reason}): {_log_tail(self.data_dir) or 'no log'}"
                 )
             deadline = lifecycle.next_deadline()
@@ -341,7 +366,9 @@ class EmbeddedRedis:
             action = lifecycle.tick(anyio.current_time())
             if action is not None and action.kind == "spawn" and await self._start_once():
                 self.restarts += 1
-                _log().info("embedded_redis_restarted", url=self.url, restarts=self.restarts)
+                _log().info(
+                    "embedded_redis_restarted", url=redact_url(self.url), restarts=self.restarts
+                )
 
     # -- stop --------------------------------------------------------------------
     async def _stop(self) -> None:
@@ -365,6 +392,8 @@ class EmbeddedRedis:
 
     def _remove_url_file(self) -> None:
         path = url_file(self.state_dir)
+        if not self._published:
+            return
         with contextlib.suppress(OSError):
             if path.read_text().strip() == self.url:
                 path.unlink()
@@ -381,7 +410,7 @@ async def run_embedded_redis(
     """Run the embedded redis-server until cancelled; ``task_status.started(url)``.
 
     Use with ``url = await task_group.start(run_embedded_redis, state_dir)``.
-    Raises :class:`RedisServerError` (no binary / older than 6.2) or
+    Raises :class:`RedisServerError` (no binary / older than 7.0) or
     :class:`EmbeddedRedisError` (cannot start) before ``started`` is called,
     and :class:`EmbeddedRedisError` later if it crashes and cannot be restarted.
     """

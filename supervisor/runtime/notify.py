@@ -24,6 +24,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,18 +103,97 @@ def process_group_of(pid: int) -> int | None:
         return None
 
 
+#: sun_path holds 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+TMP_PREFIX = "ag1-fleet-"
+
+
+def _is_stale(directory: Path) -> bool:
+    """True when no one receives on ``directory/notify.sock`` any more (its owner died).
+
+    A datagram ``connect`` to a socket file whose owner is gone fails with
+    ECONNREFUSED; a live supervisor's socket accepts it. No pid guessing.
+    """
+    sock_path = directory / "notify.sock"
+    if not sock_path.exists():
+        # Between mkdtemp and bind a live supervisor's directory is empty too.
+        try:
+            return time.time() - directory.stat().st_mtime > 60
+        except OSError:
+            return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(sock_path))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False  # not ours to judge (permissions, ...)
+    finally:
+        probe.close()
+    return False
+
+
+def remove_stale_directories(parent: Path, prefix: str) -> list[Path]:
+    """Remove ``parent/<prefix>*`` directories we own whose supervisor is gone."""
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        try:
+            info = candidate.lstat()
+        except OSError:
+            continue
+        if not candidate.is_dir() or candidate.is_symlink() or info.st_uid != os.geteuid():
+            continue
+        if _is_stale(candidate):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def notify_directory(state_dir: Path) -> Path:
+    """A fresh private directory for this supervisor's socket, stale ones cleaned first.
+
+    ``<state_dir>/run/notify-<pid>-XXXX`` (so a SIGKILLed supervisor leaves nothing in
+    /tmp), or ``/tmp/ag1-fleet-<pid>-XXXX`` when that path is too long for a
+    unix socket; leftovers of dead supervisors are removed from both places.
+    """
+    tmp = Path(tempfile.gettempdir())
+    removed = remove_stale_directories(tmp, TMP_PREFIX)
+    run_dir = Path(state_dir).absolute() / "run"
+    # "notify-<pid>-" + 8 random characters + "/notify.sock"
+    longest = run_dir / f"notify-{os.getpid()}-xxxxxxxx" / "notify.sock"
+    if len(os.fsencode(longest)) <= _MAX_SOCKET_PATH:
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        removed += remove_stale_directories(run_dir, "notify-")
+        directory = Path(tempfile.mkdtemp(prefix=f"notify-{os.getpid()}-", dir=run_dir))
+    else:
+        directory = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
+    if removed:
+        log.info("removed stale notify directories", directories=[str(p) for p in removed])
+    return directory
+
+
 class NotifyServer:
     """Owns the socket file (in a private 0700 directory) and its receive loop.
 
+    With ``state_dir`` the directory is :func:`notify_directory`'s (and removed
+    on close); with neither argument a fresh one in /tmp.
     ``resolve(pid)`` maps a pid to a worker key (or None); messages from
     unknown senders are dropped with a debug event.
     """
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, state_dir: Path | None = None) -> None:
         self._own_dir = directory is None
-        self.directory = (
-            Path(tempfile.mkdtemp(prefix="ag1-fleet-")) if directory is None else directory
-        )
+        if directory is None:
+            directory = (
+                notify_directory(state_dir)
+                if state_dir is not None
+                else Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
+            )
+        self.directory = directory
         self.path = self.directory / "notify.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:

@@ -137,7 +137,8 @@ class WorkerRunner:
                 # Our worker arms its parent-death signal itself (the spawn can vfork).
                 pdeathsig="child" if agent.kind == "handler" else True,
             )
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in argv/env
+        except Exception as exc:  # OSError, a NUL byte (ValueError), anything: this worker's
+            # failed start, never the supervisor's end (the other agents keep running)
             self._table.spawn_failed(runtime, worker, now, exc)
             self._after_exit_state(worker)
             return

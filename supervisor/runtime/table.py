@@ -166,7 +166,7 @@ class WorkerTable:
         worker.started_wall = wall
 
     def spawn_failed(
-        self, runtime: AgentRuntime, worker: Worker, now: float, exc: OSError | ValueError
+        self, runtime: AgentRuntime, worker: Worker, now: float, exc: Exception
     ) -> WorkerState:
         return self._after_exit(runtime, record_spawn_failure(runtime, worker, now, exc))
 

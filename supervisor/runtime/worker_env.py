@@ -1,7 +1,10 @@
 """What a worker process is started with: its argv and environment.
 
 Every worker gets the supervisor's environment minus what belongs to our own
-service manager (``NOTIFY_SOCKET``, ``WATCHDOG_*``, ``LISTEN_*``), plus:
+service manager (``NOTIFY_SOCKET``, ``WATCHDOG_*``, ``LISTEN_*``) and minus the
+supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
+``AG1_REDIS__PASSWORD``, ``REDIS_PASSWORD``, ``AG1_REDIS__URL``: a worker reads
+``REDIS_URL``; an agent whose ``env`` names one of them gets its own value), plus:
 
 - identity: ``AG1_AGENT``, ``AG1_WORKER`` (``agent/slot``), ``AG1_GROUP``,
   ``AG1_CONSUMER`` (unique per incarnation), ``AG1_STREAMS`` (comma-separated,
@@ -30,10 +33,23 @@ from supervisor.config.models import AgentConfig
 #: Inherited variables that belong to *our* service manager, never to children.
 SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
+#: The supervisor's own secrets: a worker (any program an agent runs) never inherits them.
+SUPERVISOR_SECRETS = (
+    "AG1_HTTP__TOKEN",
+    "AG1_CONTROL_TOKEN",
+    "AG1_REDIS__PASSWORD",
+    "REDIS_PASSWORD",
+    "AG1_REDIS__URL",
+)
+
 
 def child_environment(base: dict[str, str]) -> dict[str, str]:
-    """The supervisor's environment without what belongs to its own service manager."""
-    return {k: v for k, v in base.items() if k not in SYSTEMD_ENV}
+    """The supervisor's environment without its service manager's variables and secrets."""
+    return {
+        k: v
+        for k, v in base.items()
+        if k not in SYSTEMD_ENV and k.upper() not in SUPERVISOR_SECRETS
+    }
 
 
 @dataclass(frozen=True)
