@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import anyio
 
 from core_bus.log import get_logger
+from supervisor.delivery.pattern_streams import PatternStreams, capped
 from supervisor.delivery.rebalance import GroupTarget, Rebalancer
 from supervisor.fleet.snapshot import GroupSnapshot, group_snapshot
 from supervisor.runtime.table import AgentRuntime, WorkerTable
@@ -39,6 +41,7 @@ class DeliveryHooks:
     def __init__(self, rebalancer: Rebalancer, table: WorkerTable) -> None:
         self.rebalancer = rebalancer
         self._table = table
+        self.patterns = PatternStreams(rebalancer.redis, rebalancer.keys)
 
     async def record_consumer(self, runtime: AgentRuntime, consumer: str) -> None:
         """Remember a consumer name handed to a worker of a bus agent (see the registry)."""
@@ -53,7 +56,8 @@ class DeliveryHooks:
             )
 
     @staticmethod
-    def target(runtime: AgentRuntime) -> GroupTarget:
+    def base_target(runtime: AgentRuntime) -> GroupTarget:
+        """The agent's group as configured (patterns not resolved)."""
         agent = runtime.config
         return GroupTarget(
             agent=agent.name,
@@ -69,12 +73,29 @@ class DeliveryHooks:
             shards=int(agent.shards),
         )
 
+    async def target(self, runtime: AgentRuntime) -> GroupTarget:
+        """The group with every stream it covers now (pattern matches resolved)."""
+        base = self.base_target(runtime)
+        if not runtime.config.stream_patterns:
+            return base
+        streams, _stats = await self.patterns.resolve(runtime.config)
+        return replace(base, streams=streams)
+
+    def matched(self, agent: str) -> dict[str, int]:
+        """Pattern -> streams matched at the last resolve (for status and metrics)."""
+        return self.patterns.matched(agent)
+
     def counters_for(self, agent: str) -> Any:
         return self.rebalancer.counters_for(agent)
 
     async def group_stats(self, runtime: AgentRuntime) -> list[GroupSnapshot]:
-        stats = await self.rebalancer.group_stats(self.target(runtime))
-        return [group_snapshot(stat, runtime.config.group) for stat in stats]
+        """Per-stream pending/lag; pattern agents capped to ``STREAM_SERIES_CAP`` rows + one."""
+        group = runtime.config.group
+        if runtime.config.stream_patterns:
+            _streams, stats = await self.patterns.resolve(runtime.config)
+            return capped([group_snapshot(s, group) for s in stats], GroupSnapshot, group)
+        stats = await self.rebalancer.group_stats(self.base_target(runtime))
+        return [group_snapshot(stat, group) for stat in stats]
 
     @staticmethod
     def nudge(runtime: AgentRuntime, receivers: dict[str, int]) -> None:
@@ -104,7 +125,7 @@ class DeliveryHooks:
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
                 moved = await self.rebalancer.reclaim_dead(
-                    self.target(runtime), dead_consumer, live
+                    await self.target(runtime), dead_consumer, live
                 )
         except Exception as exc:
             log.warning(
@@ -129,7 +150,9 @@ class DeliveryHooks:
         live = set(runtime.live_consumers()) | running
         try:
             with anyio.fail_after(CLEANUP_DEADLINE):
-                moved = await self.rebalancer.cleanup_stale(self.target(runtime), sorted(live))
+                moved = await self.rebalancer.cleanup_stale(
+                    await self.target(runtime), sorted(live)
+                )
         except Exception as exc:
             log.warning("stale consumer cleanup failed", agent=runtime.name, error=_error(exc))
             self._table.stale_cleanup_failed(runtime)  # try again with the next ready worker
@@ -164,7 +187,7 @@ class DeliveryHooks:
             self._table.swept(runtime, now)
             try:
                 with anyio.fail_after(SWEEP_DEADLINE):
-                    moved = await self.rebalancer.sweep(self.target(runtime), live)
+                    moved = await self.rebalancer.sweep(await self.target(runtime), live)
             except Exception as exc:
                 log.warning("sweep failed", agent=runtime.name, error=_error(exc))
                 continue

@@ -82,10 +82,11 @@ class FleetController:
         now = anyio.current_time()
         agents: list[AgentSnapshot] = []
         for runtime in self._table.runtimes():
-            counters = None
+            counters = matched = None
             if self.delivery is not None:
                 counters = self.delivery.counters_for(runtime.name)
-            agents.append(agent_snapshot(runtime, now, counters))
+                matched = self.delivery.matched(runtime.name)
+            agents.append(agent_snapshot(runtime, now, counters, matched))
         config = self._table.config
         facts = self.facts
         return FleetSnapshot(

@@ -64,6 +64,9 @@ class AgentSnapshot:
     # Why the agent is not as asked: a fatal worker's reason, a failed rolling
     # restart (the API answered 202 before it ran), or the last failed start.
     last_error: str | None = None
+    # Stream patterns in ``streams`` -> how many existing streams they matched
+    # (with the agent's group) when the supervisor last looked.
+    patterns: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,11 +157,17 @@ def worker_snapshot(runtime: AgentRuntime, worker: Worker, now: float) -> Worker
     )
 
 
-def agent_snapshot(runtime: AgentRuntime, now: float, counters: Any = None) -> AgentSnapshot:
+def agent_snapshot(
+    runtime: AgentRuntime,
+    now: float,
+    counters: Any = None,
+    matched: dict[str, int] | None = None,
+) -> AgentSnapshot:
     """One agent with its workers; message totals span every incarnation.
 
     ``counters`` are the rebalancer's counters for the agent (reclaims, dead
-    letters written by the supervisor, deleted consumers), when there is one.
+    letters written by the supervisor, deleted consumers), when there is one;
+    ``matched`` how many streams each stream pattern matched.
     """
     messages = SubscriptionStats()
     messages.merge(runtime.totals)
@@ -185,6 +194,7 @@ def agent_snapshot(runtime: AgentRuntime, now: float, counters: Any = None) -> A
         deleted_consumers_total=int(getattr(counters, "deleted_consumers", 0)),
         rolling=runtime.rolling,
         last_error=agent_error(runtime),
+        patterns={p: (matched or {}).get(p, 0) for p in runtime.config.stream_patterns},
     )
 
 
