@@ -4,6 +4,7 @@ status and metrics cover every matched stream."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from core_bus.envelope import Envelope
 from core_bus.publish import _announced, publish_envelope
+from supervisor.cli.control import format_status
 from supervisor.delivery import pattern_streams
 from supervisor.http.metrics import collect_families
 from tests.fleet_harness import agent, agent_toml, fleet_toml, running, worker
@@ -114,6 +116,9 @@ async def test_pattern_agent_follows_existing_and_new_streams(
         )  # a, b, c, new0..new4, quiet
         groups = [g for g in daemon.control.snapshot().groups if g.group == "pat"]
         assert len(groups) == 4 and groups[-1].stream == "(other)", groups
+        status = json.loads(json.dumps(daemon.control.snapshot().to_dict()))
+        assert status["agents"][0]["patterns"] == {PATTERN: 9}  # what /status serves
+        assert f"pat: streams {PATTERN!r} matched 9" in format_status(status)
         metrics = {m.name: m for m in collect_families(daemon.control.snapshot())}
         series = metrics["ag1_agent_pattern_streams"].samples
         assert [(s.labels, s.value) for s in series] == [({"agent": "pat", "pattern": PATTERN}, 9)]
