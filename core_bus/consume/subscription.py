@@ -156,7 +156,7 @@ class Subscription(SubscriptionHandle):
         self.streams = [*self.streams, *new]
         self._read_spec = {**self._read_spec, **dict.fromkeys(new, ">")}
         if new:
-            self.check_pending()
+            self._nudge.set()  # re-read with them now (no pending check: nothing of ours there)
         return new
 
     def _request_stop(self) -> None:
