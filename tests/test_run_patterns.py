@@ -208,3 +208,32 @@ async def test_no_busy_loop_while_idle(tmp_path: Path, redis: Any, redis_url: st
             await anyio.sleep(2)  # measuring a rate over a fixed window, not synchronising
         rate = (int((await redis.info("stats"))["total_commands_processed"]) - before) / 2
         assert rate < 50, f"{rate} commands/s while idle"
+
+
+async def test_idle_sweep_covers_streams_created_after_start(
+    tmp_path: Path, redis: Any, redis_url: str
+) -> None:
+    """A live but hung worker holds entries of a stream created after start: the sweep
+    (resolving the pattern) hands them to its healthy sibling once idle past claim_idle."""
+    (tmp_path / "rec_agent.py").write_text(RECORDING_HANDLER)
+    (tmp_path / "hang-pat-0").write_text("")
+    (tmp_path / "hang-pat-1").write_text("")
+    toml = _pattern_toml(redis_url, claim_idle="500ms", sweep_interval="200ms", max_deliveries=100)
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "pat").ready_replicas == 2, timeout=30)
+        hung = worker(daemon, "pat", 0).consumer or ""
+        pids = sorted(w.pid or 0 for w in agent(daemon, "pat").workers)
+        stream = "AG1:agent:swept:inbox"
+        _fresh(stream)
+        sent = 0
+        while not await _pending_of(redis, stream, hung) and sent < 200:
+            await publish_envelope(redis, stream, Envelope(role="u", content=f"s{sent}"))
+            sent += 1
+            await eventually(lambda n=sent: _group_pending(redis, stream, n), timeout=15)
+        assert await _pending_of(redis, stream, hung)
+        (tmp_path / "hang-pat-1").unlink()  # worker 1 recovers, worker 0 stays hung
+        await eventually(
+            lambda: _has(redis, {f"s{i}" for i in range(sent)}), timeout=30, message="swept"
+        )
+        assert agent(daemon, "pat").reclaimed_by_reason.get("idle", 0) >= 1
+        assert sorted(w.pid or 0 for w in agent(daemon, "pat").workers) == pids
