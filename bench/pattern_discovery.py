@@ -14,7 +14,8 @@ per line:
   and ``worker_ready_ms`` from a worker's spawn to its READY;
 * ``backlog_drained_ms``: until every existing stream's entry was handled;
 * ``idle_worker_cpu_percent``: one worker's CPU (utime+stime from /proc) over
-  ``--idle`` seconds with nothing to do (100 = one core).
+  ``--idle`` seconds with nothing to do (100 = one core), and the supervisor's
+  (its sampler and sweep resolve the pattern every 5 s).
 
 Not part of the test suite; numbers go in docs/BENCHMARKS.md.
 """
@@ -149,11 +150,14 @@ async def main(new: int, existing: int, idle: float) -> None:
             print(f"new_stream_latency_max_ms: {latencies[-1]:.1f}")
 
             pid = int(next(e["pid"] for e in events(log_path, "worker started")))
-            before, t_before = cpu_seconds(pid), time.monotonic()
+            before, sup_before = cpu_seconds(pid), cpu_seconds(fleet.pid)
+            t_before = time.monotonic()
             await asyncio.sleep(idle)
-            used = cpu_seconds(pid) - before
             elapsed = time.monotonic() - t_before
+            used = cpu_seconds(pid) - before
+            sup_used = cpu_seconds(fleet.pid) - sup_before
             print(f"idle_worker_cpu_percent: {used / elapsed * 100:.2f} (streams {existing + new})")
+            print(f"idle_supervisor_cpu_percent: {sup_used / elapsed * 100:.2f}")
         finally:
             if fleet is not None:
                 stop_fleet(fleet)

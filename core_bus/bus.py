@@ -6,7 +6,7 @@ ends); ``subscribe_simple`` is the prototype's group-less follower and runs
 until cancelled, as it did there.
 """
 
-from core_bus.consume.subscription import Subscription, ensure_group, subscribe
+from core_bus.consume.subscription import Subscription, ensure_group, subscribe, subscription
 from core_bus.follower import subscribe_simple
 from core_bus.publish import publish_envelope, publish_many
 from core_bus.settings import build_redis_url
@@ -19,4 +19,5 @@ __all__ = [
     "publish_many",
     "subscribe",
     "subscribe_simple",
+    "subscription",
 ]

@@ -226,6 +226,14 @@ def test_client_closed_under_subscribe_reported_once_with_the_fix(
     assert "Traceback" not in out
 
 
+def test_sigterm_drains_and_exits_0(client: Any, run_program: Any) -> None:
+    """A process manager's SIGTERM stops a blocking prototype agent as Ctrl-C does."""
+    program = run_program("agent_bus_agent")
+    replies(client, "AG1:a2a:register")
+    program.proc.send_signal(signal.SIGTERM)
+    assert_clean(program, program.proc.wait(20))
+
+
 def test_second_ctrl_c_still_stops(client: Any, run_program: Any) -> None:
     """A first Ctrl-C drains; Ctrl-C twice never leaves the program running."""
     program = run_program("first_use_main")

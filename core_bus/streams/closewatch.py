@@ -25,8 +25,8 @@ STOP_WAIT_SECONDS = 2.0
 
 FIX = (
     "subscribe() returns at once and consumes in the background: keep the program "
-    "running with `await sub.wait()` (or `async with subscription(...)`) and close "
-    "the client after that"
+    "running with `await sub.wait()` (or `async with subscription(redis, stream, handler, "
+    "group):` from core_bus.bus) and close the client after that"
 )
 
 _watched: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()

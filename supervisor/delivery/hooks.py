@@ -73,12 +73,21 @@ class DeliveryHooks:
             shards=int(agent.shards),
         )
 
-    async def target(self, runtime: AgentRuntime) -> GroupTarget:
-        """The group with every stream it covers now (pattern matches resolved)."""
+    async def target(self, runtime: AgentRuntime, *, pending_only: bool = False) -> GroupTarget:
+        """The group with every stream it covers now (pattern matches resolved).
+
+        ``pending_only`` (the sweep): only matched streams where the group has
+        pending entries, so an idle pattern agent over thousands of streams
+        costs one pipelined XINFO GROUPS per sweep, not a round trip per stream.
+        """
         base = self.base_target(runtime)
         if not runtime.config.stream_patterns:
             return base
-        streams, _stats = await self.patterns.resolve(runtime.config)
+        streams, stats = await self.patterns.resolve(runtime.config)
+        if pending_only:
+            busy = {s.stream for s in stats if s.pending}
+            plain = set(runtime.config.streams)
+            streams = tuple(s for s in streams if s in busy or s in plain)
         return replace(base, streams=streams)
 
     def matched(self, agent: str) -> dict[str, int]:
@@ -187,7 +196,9 @@ class DeliveryHooks:
             self._table.swept(runtime, now)
             try:
                 with anyio.fail_after(SWEEP_DEADLINE):
-                    moved = await self.rebalancer.sweep(await self.target(runtime), live)
+                    moved = await self.rebalancer.sweep(
+                        await self.target(runtime, pending_only=True), live
+                    )
             except Exception as exc:
                 log.warning("sweep failed", agent=runtime.name, error=_error(exc))
                 continue

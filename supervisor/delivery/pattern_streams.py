@@ -76,9 +76,6 @@ class PatternStreams:
         """Pattern -> streams it matched (with the group) at the last resolve."""
         return dict(self._matched.get(agent, {}))
 
-    def forget(self, agent: str) -> None:
-        self._matched.pop(agent, None)
-
 
 def capped(stats: Sequence[Any], make: Any, group: str, cap: int | None = None) -> list[Any]:
     """At most ``cap`` rows of ``stats`` (most pending first) plus one summed ``(other)`` row.
