@@ -39,9 +39,7 @@ def test_pattern_outside_the_namespace_rejected(tmp_path: Path, python_exe: str)
     ]
 
 
-def test_pattern_checked_against_the_configured_namespace(
-    tmp_path: Path, python_exe: str
-) -> None:
+def test_pattern_checked_against_the_configured_namespace(tmp_path: Path, python_exe: str) -> None:
     """With [redis] namespace = "TEAM", "AG1:*" can never match; "TEAM:*" is fine."""
     body = '[redis]\nnamespace = "TEAM"\n[[agents]]\nname = "a"\nhandler = "h:handle"\n'
     bad = _check(python_exe, tmp_path, body + 'streams = ["AG1:agent:*:inbox"]\n')
