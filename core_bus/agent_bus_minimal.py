@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.consume.decode import Malformed, decode_payload, payload_of
@@ -105,7 +106,7 @@ async def discover_and_subscribe(
 async def subscribe_agent_bus(
     config: Any, handle_bus_envelope: Handler, *, redis: AsyncRedis | None = None
 ) -> None:
-    """Run an agent: connect, register, consume its inbox until stopped.
+    """Run an agent: connect, consume its inbox, register once consuming; until stopped.
 
     ``config`` is the agent's name or the prototype's config (dict or object:
     ``agent_name``, optional ``group``, ``inbox``, ``redis_url``, ``register``
@@ -118,15 +119,19 @@ async def subscribe_agent_bus(
     client = redis if redis is not None else connect(identity.redis_url or build_redis_url())
     try:
         sub = subscription(client, identity.inbox, handle_bus_envelope, identity.group)
-        for platform in identity.register:
-            await register_with(client, identity, platform)
-        get_logger("core_bus.agent", agent=identity.name).info(
-            "agent_registered", inbox=identity.inbox, platforms=",".join(identity.register)
-        )
-        await run_until_stopped(sub)
+
+        async def register() -> None:  # once the inbox is served: replies find a reader
+            for platform in identity.register:
+                await register_with(client, identity, platform)
+            get_logger("core_bus.agent", agent=identity.name).info(
+                "agent_registered", inbox=identity.inbox, platforms=",".join(identity.register)
+            )
+
+        await run_until_stopped(sub, register)
     finally:
         if redis is None:
-            await client.aclose()
+            with anyio.CancelScope(shield=True):  # cancelled or not, the sockets close
+                await client.aclose()
 
 
 async def register_with_tg_handler(redis: AsyncRedis, config: Any, **extra: Any) -> str:

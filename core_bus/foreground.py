@@ -87,13 +87,18 @@ def _unclaimed(sig: int, handler: SignalHandler) -> bool:
     return handler == signal.SIG_DFL
 
 
-async def run_until_stopped(handle: SubscriptionHandle) -> None:
+async def run_until_stopped(
+    handle: SubscriptionHandle, on_started: Callable[[], Awaitable[None]] | None = None
+) -> None:
     """Run ``handle`` here until SIGINT/SIGTERM (then drain and return) or cancellation
-    (drain, then propagate). A fatal error of the subscription is raised."""
+    (drain, then propagate). ``on_started`` runs once it consumes (the signals are
+    already taken by then). A fatal error of the subscription is raised."""
     with StopSignals() as stop:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(handle.run)
+                if on_started is not None:
+                    await on_started()
 
                 async def stop_on_signal() -> None:
                     await stop.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,22 +61,6 @@ class Program:
         """Ctrl-C, as a terminal sends it; the exit code."""
         self.proc.send_signal(signal.SIGINT)
         return self.proc.wait(timeout)
-
-    def interrupt_until_exit(self, tries: int = 5) -> int:
-        """Ctrl-C until the program ends (a user presses it again when nothing happens).
-
-        The guide's dynamic_subscribe awaits SCAN replies back to back (its
-        ``cursor == "0"`` never matches redis-py's int cursor); on Python 3.11
-        ``asyncio.wait_for`` inside redis-py can swallow the cancellation the
-        first Ctrl-C sends (fixed in 3.12), so a second one may be needed.
-        """
-        for _ in range(tries):
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                return self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                continue
-        return self.proc.wait(5)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -173,7 +158,19 @@ def test_dynamic_subscribe_receives_from_stream_created_later(
     program.wait_output("handled early: 1")
     publish(client, "AG1:user:late:inbox", Envelope(role="user", user_id="late", content=2))
     program.wait_output("handled late: 2")
-    assert_clean(program, program.interrupt_until_exit())
+    program.proc.send_signal(signal.SIGINT)
+    try:
+        code = program.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        # The guide's loop awaits SCAN replies back to back (its `cursor == "0"` never
+        # matches redis-py's int cursor); on Python 3.11 asyncio.wait_for inside
+        # redis-py swallows a cancellation that races a reply (CPython gh-86296,
+        # fixed in 3.12), so Ctrl-C can be lost there. A second Ctrl-C lands at an
+        # arbitrary point and may print asyncio's own traceback: not asserted.
+        if sys.version_info < (3, 12):
+            pytest.xfail("Python 3.11: asyncio.wait_for in redis-py swallowed the Ctrl-C")
+        raise
+    assert_clean(program, code)
     assert "redis_client_closed_under_subscription" not in program.output
 
 
