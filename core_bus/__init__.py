@@ -31,6 +31,9 @@ _EXPORTS: dict[str, str] = {
     "Subscription": "core_bus.consume.subscription",
     "ensure_group": "core_bus.streams.groups",
     "subscribe": "core_bus.consume.subscription",
+    "subscription": "core_bus.consume.subscription",
+    "FollowingSubscription": "core_bus.following",
+    "following": "core_bus.following",
     "bus_rpc_call": "core_bus.rpc",
     "bus_rpc_envelope": "core_bus.rpc",
     "bus_rpc_stream": "core_bus.rpc",
@@ -49,6 +52,7 @@ __all__ = [
     "DeadLetter",
     "Envelope",
     "EnvelopeTooLarge",
+    "FollowingSubscription",
     "OrderedSubscription",
     "RpcTimeout",
     "StreamKeyBuilder",
@@ -61,6 +65,7 @@ __all__ = [
     "bus_rpc_stream",
     "connect",
     "ensure_group",
+    "following",
     "get_settings",
     "publish_envelope",
     "publish_many",
@@ -71,6 +76,7 @@ __all__ = [
     "start_bus_subscriptions",
     "subscribe",
     "subscribe_ordered",
+    "subscription",
 ]
 
 
@@ -89,10 +95,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from core_bus.consume.stats import SubscriptionStats
-    from core_bus.consume.subscription import Subscription, ensure_group, subscribe
+    from core_bus.consume.subscription import Subscription, ensure_group, subscribe, subscription
     from core_bus.discovery import BusSubscriptions, start_bus_subscriptions
     from core_bus.envelope import Envelope
     from core_bus.errors import BusError, EnvelopeTooLarge, RpcTimeout
+    from core_bus.following import FollowingSubscription, following
     from core_bus.keys import StreamKeyBuilder, shard_for
     from core_bus.ordered.subscription import OrderedSubscription, subscribe_ordered
     from core_bus.publish import publish_envelope, publish_many

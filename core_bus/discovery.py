@@ -8,12 +8,12 @@ The handle is a :class:`~core_bus.consume.handle.SubscriptionHandle`, so
 caller's task group instead. The prototype's version never returned (it awaited
 its discovery loops); :mod:`core_bus.agent_bus_minimal` keeps that form.
 
-Streams are found two ways: the discovery notices ``publish_envelope`` writes on
-a stream's first publish (followed with a blocking XREAD, so a new stream is
-picked up within a round trip) and a SCAN with ``TYPE stream`` every
-``poll_delay`` seconds (for streams created by plain XADD, or whose notice was
-trimmed). Each matching stream gets exactly one :func:`subscribe`; dead-letter
-streams and the notices stream itself are never subscribed.
+Streams are found by :class:`~core_bus.streams.finder.StreamFinder` (discovery
+notices, plus a SCAN with ``TYPE stream`` every ``poll_delay`` seconds). Each
+matching stream gets exactly one :func:`subscribe` here (streams stay
+independent: one stream's failure never ends the others);
+:mod:`core_bus.following` reads every match with one subscription instead
+(what the supervisor's workers do).
 """
 
 from __future__ import annotations
@@ -32,17 +32,22 @@ from core_bus.consume.subscription import Subscription, subscription
 from core_bus.keys import StreamKeyBuilder, default_consumer_name
 from core_bus.log import get_logger
 from core_bus.settings import get_settings
-from core_bus.streams.backoff import Backoff
-from core_bus.streams.blocking import blocking_ms
+from core_bus.streams.closewatch import watch_client
 from core_bus.streams.errors import TRANSIENT_ERRORS
+from core_bus.streams.finder import StreamFinder
 from core_bus.streams.patterns import glob_match
-from core_bus.streams.replies import streams_of, text
+from core_bus.streams.replies import text
 
 DEFAULT_GROUP = "corebus"
-NOTICE_BLOCK_SECONDS = 2.0
-NOTICE_COUNT = 500
-SCAN_COUNT = 1000
-RETRY = Backoff(base=0.1, cap=5.0)
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "BusSubscriptions",
+    "bus_subscriptions",
+    "glob_match",
+    "pattern_list",
+    "start_bus_subscriptions",
+]
 
 
 class BusSubscriptions(SubscriptionHandle):
@@ -67,22 +72,31 @@ class BusSubscriptions(SubscriptionHandle):
         self.poll_delay = poll_delay
         self.subscriptions: dict[str, Subscription] = {}
         self._failed: set[str] = set()
-        self.scans = 0  # completed SCAN rounds (initial, poll, refresh)
         self._handler = handler
         self._options = subscribe_options
-        self._keys = StreamKeyBuilder(get_settings().bus_namespace)
-        self._excluded_prefix = self._keys.dead_letter("")
-        self._notices_position = "0-0"
+        self._log = get_logger("core_bus.discovery", group=group, patterns=",".join(patterns))
+        self.finder = StreamFinder(
+            redis,
+            patterns,
+            self._add_found,
+            poll_delay=poll_delay,
+            keys=StreamKeyBuilder(get_settings().bus_namespace),
+            log=self._log,
+        )
         self._lock = anyio.Lock()
         self._scope: anyio.CancelScope | None = None
         self._children: anyio.abc.TaskGroup | None = None
-        self._log = get_logger("core_bus.discovery", group=group, patterns=",".join(patterns))
 
     # -- public handle --------------------------------------------------------------
     @property
     def streams(self) -> list[str]:
         """Streams subscribed so far."""
         return sorted(self.subscriptions)
+
+    @property
+    def scans(self) -> int:
+        """Completed SCAN rounds (initial, poll, refresh)."""
+        return self.finder.scans
 
     @property
     def stats(self) -> SubscriptionStats:
@@ -93,22 +107,11 @@ class BusSubscriptions(SubscriptionHandle):
         return total
 
     def matches(self, stream: str) -> bool:
-        if stream == self._keys.discovery_stream() or stream.startswith(self._excluded_prefix):
-            return False
-        return any(glob_match(p, stream) for p in self.patterns)
+        return self.finder.matches(stream)
 
     async def refresh(self) -> list[str]:
         """SCAN now and subscribe to new matches; returns the streams added."""
-        found: list[str] = []
-        for pattern in self.patterns:
-            async for key in self.redis.scan_iter(match=pattern, count=SCAN_COUNT, _type="stream"):
-                found.append(text(key))
-        self.scans += 1
-        added: list[str] = []
-        for stream in found:
-            if await self._add(stream):
-                added.append(stream)
-        return added
+        return [stream for stream in await self.finder.scan() if await self._add(stream)]
 
     def check_pending(self) -> None:
         """Look at the own pending lists of every stream's subscription now."""
@@ -132,15 +135,13 @@ class BusSubscriptions(SubscriptionHandle):
                     if self._stopping:
                         scope.cancel()
                     try:
-                        await self._initial()
+                        await self.finder.initial()
                     except TRANSIENT_ERRORS as exc:  # keep trying in the background
                         self._log.warning("discovery_redis_unavailable", error=repr(exc))
                         self._mark_started()
-                        await self._retrying(self._initial)
+                        await self.finder.retrying(self.finder.initial)
                     self._mark_started()
-                    async with anyio.create_task_group() as finders:
-                        finders.start_soon(self._retrying, self._follow_notices)
-                        finders.start_soon(self._retrying, self._poll)
+                    await self.finder.follow()
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._stop_children()
@@ -151,6 +152,10 @@ class BusSubscriptions(SubscriptionHandle):
             for sub in list(self.subscriptions.values()):
                 tg.start_soon(sub._stop_quietly, self._drain_timeout)
         self._log.info("bus_subscriptions_stopped", streams=len(self.subscriptions))
+
+    async def _add_found(self, streams: list[str]) -> None:
+        for stream in streams:
+            await self._add(stream)
 
     async def _add(self, stream: str) -> bool:
         if stream in self.subscriptions or stream in self._failed or not self.matches(stream):
@@ -178,44 +183,6 @@ class BusSubscriptions(SubscriptionHandle):
         self._log.info("stream_discovered", stream=stream, consumer=self.consumer)
         return True
 
-    async def _initial(self) -> None:
-        """Position on the notices before the first SCAN: nothing created meanwhile is missed."""
-        newest = await self.redis.xrevrange(self._keys.discovery_stream(), count=1)
-        self._notices_position = text(newest[0][0]) if newest else "0-0"
-        await self.refresh()
-
-    async def _retrying(self, step: Any) -> None:
-        """Run ``step`` to completion, backing off while Redis is unreachable."""
-        attempt = 0
-        while True:
-            try:
-                await step()
-                return
-            except TRANSIENT_ERRORS as exc:
-                attempt += 1
-                if attempt == 1:
-                    self._log.warning("discovery_redis_unavailable", error=repr(exc))
-                await anyio.sleep(RETRY.delay(attempt))
-
-    async def _follow_notices(self) -> None:
-        notices = self._keys.discovery_stream()
-        while True:
-            reply = await self.redis.xread(
-                {notices: self._notices_position},
-                count=NOTICE_COUNT,
-                block=blocking_ms(self.redis, NOTICE_BLOCK_SECONDS),
-            )
-            for _stream, entries in streams_of(reply):
-                for entry_id, fields in entries:
-                    self._notices_position = entry_id
-                    if fields is not None and "stream" in fields:
-                        await self._add(text(fields["stream"]))
-
-    async def _poll(self) -> None:
-        while True:
-            await anyio.sleep(self.poll_delay)
-            await self.refresh()
-
 
 async def start_bus_subscriptions(
     redis: AsyncRedis,
@@ -241,6 +208,7 @@ async def start_bus_subscriptions(
     handle = bus_subscriptions(
         redis, patterns, group, handler, poll_delay, consumer=consumer, **subscribe_options
     )
+    watch_client(redis, handle)
     handle._start_background()
     await handle.started()
     return handle
@@ -260,17 +228,22 @@ def bus_subscriptions(
     if handler is None:
         raise TypeError("start_bus_subscriptions needs a handler")
     handler_arity(handler)
-    pattern_list = [patterns] if isinstance(patterns, str) else [text(p) for p in patterns]
-    if not pattern_list:
-        raise ValueError("start_bus_subscriptions needs at least one pattern")
     if poll_delay <= 0:
         raise ValueError("poll_delay must be > 0")
     return BusSubscriptions(
         redis,
-        pattern_list,
+        pattern_list(patterns),
         group or DEFAULT_GROUP,
         handler,
         poll_delay=poll_delay,
         consumer=consumer or default_consumer_name(),
         subscribe_options=subscribe_options,
     )
+
+
+def pattern_list(patterns: str | bytes | Sequence[str | bytes]) -> list[str]:
+    """One pattern or several, as a non-empty list of str."""
+    found = [text(patterns)] if isinstance(patterns, str | bytes) else [text(p) for p in patterns]
+    if not found:
+        raise ValueError("start_bus_subscriptions needs at least one pattern")
+    return found

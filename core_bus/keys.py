@@ -91,6 +91,10 @@ class StreamKeyBuilder:
     def session_stream(self, session_code: str) -> str:
         return f"{self.ns}:session:{session_code}:stream"
 
+    def tg_register(self) -> str:
+        """Where agents register with the Telegram edge handler (``AG1:tg:register``)."""
+        return f"{self.ns}:tg:register"
+
     def edge_register(self, platform: str) -> str:
         return f"{self.ns}:edge:{platform}:register"
 

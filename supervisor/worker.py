@@ -58,6 +58,7 @@ import anyio  # noqa: E402
 
 from core_bus.keys import DEFAULT_NAMESPACE, StreamKeyBuilder  # noqa: E402
 from core_bus.log import configure_logging, get_logger  # noqa: E402
+from core_bus.streams.patterns import is_pattern  # noqa: E402
 from supervisor.runtime.sdnotify import Notifier  # noqa: E402
 
 EXIT_BOOT_FAILURE = 3
@@ -92,6 +93,7 @@ class WorkerEnv:
     shards: int
     base_streams: list[str]
     namespace: str
+    discovery_interval: float = 5.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> WorkerEnv:
@@ -127,7 +129,18 @@ class WorkerEnv:
             shards=num("AG1_SHARDS", 0),
             base_streams=[s for s in environ.get("AG1_BASE_STREAMS", "").split(",") if s],
             namespace=environ.get("BUS_NAMESPACE") or DEFAULT_NAMESPACE,
+            discovery_interval=_seconds(environ, "AG1_DISCOVERY_INTERVAL", 5.0),
         )
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(environ.get(name) or default)
+    except ValueError:
+        raise BootError(f"{name} must be a number of seconds") from None
+    if value <= 0:
+        raise BootError(f"{name} must be > 0")
+    return value
 
 
 def load_handler(spec: str, working_dir: str | None) -> Callable[..., Any]:
@@ -179,6 +192,22 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
             handler,
             env.group,
             env.consumer,
+            max_deliveries=env.max_deliveries,
+            dlq_stream=env.dlq_stream,
+            keys=StreamKeyBuilder(env.namespace),
+        )
+    if any(is_pattern(stream) for stream in env.streams):  # plain names and patterns
+        from core_bus.following import follow_streams
+
+        return await follow_streams(
+            redis,
+            env.streams,
+            handler,
+            env.group,
+            consumer=env.consumer,
+            poll_delay=env.discovery_interval,
+            concurrency=env.concurrency,
+            count=env.count,
             max_deliveries=env.max_deliveries,
             dlq_stream=env.dlq_stream,
             keys=StreamKeyBuilder(env.namespace),

@@ -115,11 +115,12 @@ async def test_each_stream_subscribed_once_and_each_entry_handled_once(redis: An
 
 
 async def test_first_use_guide_shape(redis_url: str) -> None:
-    """The prototype guide's shape works: imports from agent_bus_minimal / keys / bus, a
+    """The prototype guide's shape on the handle-returning form (core_bus.discovery): a
     handler closing over the client that replies with publish_envelope, keyword call
-    with patterns like kb.agent_inbox("*"); the await returns promptly."""
-    from core_bus.agent_bus_minimal import start_bus_subscriptions as start
+    with patterns like kb.agent_inbox("*"); the await returns promptly. (The guide's own
+    import path, agent_bus_minimal, blocks: tests/test_prototype_programs.py.)"""
     from core_bus.bus import build_redis_url, publish_envelope
+    from core_bus.discovery import start_bus_subscriptions as start
     from core_bus.keys import StreamKeyBuilder
 
     assert build_redis_url()  # the guide builds its URL with it

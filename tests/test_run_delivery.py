@@ -230,12 +230,12 @@ def test_group_target_carries_ordered_shards(tmp_path: Path) -> None:
     path.write_text(textwrap.dedent(toml))
     config = load_config(path)
     by_name = {a.name: a for a in config.agents}
-    ordered = DeliveryHooks.target(AgentRuntime(by_name["ledger"], desired=1))
+    ordered = DeliveryHooks.base_target(AgentRuntime(by_name["ledger"], desired=1))
     assert ordered.ordered is True
     assert ordered.shards == 4
     assert ordered.base_streams == ("ledger:in",)
     assert len(ordered.streams) == 4
-    plain = DeliveryHooks.target(AgentRuntime(by_name["plain"], desired=1))
+    plain = DeliveryHooks.base_target(AgentRuntime(by_name["plain"], desired=1))
     assert plain.ordered is False
 
 

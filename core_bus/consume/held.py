@@ -28,6 +28,10 @@ class HeldEntries:
         self._by_stream: dict[str, set[str]] = {stream: set() for stream in streams}
         self.lock = asyncio.Lock()
 
+    def track(self, stream: str) -> None:
+        """Hold entries of ``stream`` too from now on (a stream added to a running subscription)."""
+        self._by_stream.setdefault(stream, set())
+
     def __len__(self) -> int:
         return sum(map(len, self._by_stream.values()))
 

@@ -46,6 +46,7 @@ from core_bus.log import get_logger
 from core_bus.settings import get_settings
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.blocking import blocking_ms
+from core_bus.streams.closewatch import watch_client
 from core_bus.streams.connwatch import ConnectionWatch
 from core_bus.streams.deadletter import REASON_POISON
 from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup
@@ -140,6 +141,23 @@ class Subscription(SubscriptionHandle):
         if self._wait_scope is not None and not self._blocked_read:
             self._wait_scope.cancel()  # waiting for queue space, not in Redis
         self._nudge.set()
+
+    async def add_streams(self, streams: Sequence[str]) -> list[str]:
+        """Read ``streams`` too from now on (the group is created on each first); returns
+        those that were new. Wakes a blocked read so the next XREADGROUP includes them."""
+        new = [s for s in dict.fromkeys(text(s) for s in streams) if s not in self._read_spec]
+        for stream in new:
+            await ensure_group(self._r, stream, self.group, self.options.group_start_id)
+        new = [s for s in new if s not in self._read_spec]  # another call may have raced us
+        for stream in new:
+            self.held.track(stream)
+            self._names[stream] = self._names[stream.encode()] = stream
+        # New objects, not in-place updates: a read or pending check in flight keeps its own.
+        self.streams = [*self.streams, *new]
+        self._read_spec = {**self._read_spec, **dict.fromkeys(new, ">")}
+        if new:
+            self._nudge.set()  # re-read with them now (no pending check: nothing of ours there)
+        return new
 
     def _request_stop(self) -> None:
         self._runner.stop()
@@ -501,6 +519,7 @@ async def subscribe(
     then dead-lettered (``dlq_stream``, default ``keys.dead_letter(group)``).
     """
     sub = subscription(redis, stream, handler, group, consumer, **options)
+    watch_client(redis, sub)
     sub._start_background()
     return sub
 

@@ -14,9 +14,11 @@ class ConnectionWatch:
         self._log = log
         self._stats = stats
         self.lost_since: bool = False
+        #: Set when the owner closed the client on purpose (reported once elsewhere).
+        self.silenced = False
 
     def lost(self, exc: BaseException, where: str) -> None:
-        if not self.lost_since:
+        if not self.lost_since and not self.silenced:
             self.lost_since = True
             self._log.warning("connection_lost", where=where, error=f"{type(exc).__name__}: {exc}")
 

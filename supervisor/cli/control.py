@@ -197,6 +197,11 @@ def format_status(status: dict[str, Any]) -> str:
         ),
         "(DLQ: entries in the agent's dead-letter stream now; ag1-bus dlq list AGENT)",
         *[f"{a['name']}: last error: {a['last_error']}" for a in agents if a.get("last_error")],
+        *[
+            f"{a['name']}: streams {p!r} matched {n}"
+            for a in agents
+            for p, n in sorted((a.get("patterns") or {}).items())
+        ],
     ]
     workers = [w for a in agents for w in a.get("workers", [])]
     if workers:

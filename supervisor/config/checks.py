@@ -21,6 +21,7 @@ from pathlib import Path
 
 from supervisor.config.errors import Loc
 from supervisor.config.models import AgentConfig
+from supervisor.config.patterns import overlap_warnings
 
 Problem = tuple[Loc, str]
 
@@ -115,10 +116,11 @@ def check_agent_warnings(agents: dict[int, AgentConfig]) -> list[Problem]:
     """Legal but probably unintended settings: reported, never fatal.
 
     ``after`` naming an agent with ``replicas = 0`` counts as satisfied at once
-    (the daemon must not wait forever), so the ordering it asks for does nothing.
+    (the daemon must not wait forever), so the ordering it asks for does nothing;
+    stream patterns of two agents overlapping in one group split entries.
     """
     zero = {a.name for a in agents.values() if a.replicas == 0}
-    warnings: list[Problem] = []
+    warnings: list[Problem] = overlap_warnings(agents)
     for index, agent in sorted(agents.items()):
         for other in agent.after:
             if other in zero and other != agent.name:

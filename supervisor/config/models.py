@@ -39,6 +39,7 @@ from pydantic import (
 
 from core_bus.keys import DEFAULT_NAMESPACE, StreamKeyBuilder
 from core_bus.settings import redact_url
+from core_bus.streams.patterns import is_pattern, pattern_problem
 from supervisor.config.listen import parse_listen
 from supervisor.config.units import parse_duration, parse_size
 
@@ -311,6 +312,7 @@ class AgentSettings(_Model):
     max_deliveries: Int = Field(default=5, ge=1, le=10_000)
     claim_idle: Duration = Field(default=60.0, gt=0)
     sweep_interval: Duration | None = Field(default=None, gt=0)
+    discovery_interval: Duration = Field(default=5.0, gt=0)
     max_surge: Int = Field(default=1, ge=0, le=10_000)
     max_unavailable: Int = Field(default=0, ge=0, le=10_000)
     #: Most replicas this agent may be scaled to (config, reload and the control API).
@@ -429,16 +431,21 @@ class AgentConfig(AgentSettings):
 
     @field_validator("streams")
     @classmethod
-    def _streams(cls, value: list[str]) -> list[str]:
+    def _streams(cls, value: list[str], info: ValidationInfo) -> list[str]:
         seen: set[str] = set()
+        keys = StreamKeyBuilder(_context_namespace(info))
         for stream in value:
-            if not stream or re.search(r"\s", stream):
-                raise ValueError(f"invalid stream name {stream!r}")
+            if not stream or re.search(r"[\s,]", stream):
+                raise ValueError(f"invalid stream name {stream!r} (no spaces or commas)")
             if len(stream) > MAX_KEY:
                 raise ValueError(f"stream name {stream[:40]!r}... is longer than {MAX_KEY}")
             if stream in seen:
                 raise ValueError(f"stream {stream!r} listed twice")
             seen.add(stream)
+            if is_pattern(stream):
+                problem = pattern_problem(stream, keys)
+                if problem:
+                    raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -448,6 +455,12 @@ class AgentConfig(AgentSettings):
             raise ValueError(f"set exactly one of handler or command ({both})")
         if self.ordered and self.shards <= 1:
             raise ValueError("ordered = true requires shards > 1")
+        if self.shards > 1 and self.stream_patterns:
+            raise ValueError(
+                f"stream pattern {self.stream_patterns[0]!r} cannot be sharded: shards split "
+                "streams known in advance, a pattern's streams appear at run time "
+                "(list plain stream names, or drop shards/ordered)"
+            )
         if self.handler is not None and self.bus is False:
             raise ValueError("bus = false is only for command agents (a handler always reads)")
         if self.replicas > self.max_replicas:
@@ -481,8 +494,14 @@ class AgentConfig(AgentSettings):
         return StreamKeyBuilder(self._namespace)
 
     @property
+    def stream_patterns(self) -> list[str]:
+        """The entries of ``streams`` that are glob patterns (followed as streams appear)."""
+        return [s for s in self.streams if is_pattern(s)]
+
+    @property
     def read_streams(self) -> list[str]:
-        """Streams the workers read: each of ``streams``, expanded into its shards."""
+        """What the workers read: each of ``streams`` (patterns as written), expanded into
+        its shards. The streams a pattern matches are found at run time."""
         if self.shards <= 1:
             return list(self.streams)
         keys = self.keys

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import anyio
 
 from core_bus.log import get_logger
 from supervisor.delivery.group_target import REASON_CRASH
+from supervisor.delivery.pattern_streams import PatternStreams, capped
 from supervisor.delivery.rebalance import GroupTarget, Rebalancer
 from supervisor.fleet.snapshot import GroupSnapshot, group_snapshot
 from supervisor.runtime.table import AgentRuntime, WorkerTable
@@ -43,6 +45,7 @@ class DeliveryHooks:
         # why each consumer waiting in an orphan list left (crash or a clean exit),
         # so its reclaim, when a worker gets ready, is logged and counted truthfully
         self._orphan_reasons: dict[str, str] = {}
+        self.patterns = PatternStreams(rebalancer.redis, rebalancer.keys)
 
     async def record_consumer(self, runtime: AgentRuntime, consumer: str) -> None:
         """Remember a consumer name handed to a worker of a bus agent (see the registry)."""
@@ -57,7 +60,8 @@ class DeliveryHooks:
             )
 
     @staticmethod
-    def target(runtime: AgentRuntime) -> GroupTarget:
+    def base_target(runtime: AgentRuntime) -> GroupTarget:
+        """The agent's group as configured (patterns not resolved)."""
         agent = runtime.config
         return GroupTarget(
             agent=agent.name,
@@ -73,12 +77,38 @@ class DeliveryHooks:
             shards=int(agent.shards),
         )
 
+    async def target(self, runtime: AgentRuntime, *, pending_only: bool = False) -> GroupTarget:
+        """The group with every stream it covers now (pattern matches resolved).
+
+        ``pending_only`` (the sweep): only matched streams where the group has
+        pending entries, so an idle pattern agent over thousands of streams
+        costs one pipelined XINFO GROUPS per sweep, not a round trip per stream.
+        """
+        base = self.base_target(runtime)
+        if not runtime.config.stream_patterns:
+            return base
+        streams, stats = await self.patterns.resolve(runtime.config)
+        if pending_only:
+            busy = {s.stream for s in stats if s.pending}
+            plain = set(runtime.config.streams)
+            streams = tuple(s for s in streams if s in busy or s in plain)
+        return replace(base, streams=streams)
+
+    def matched(self, agent: str) -> dict[str, int]:
+        """Pattern -> streams matched at the last resolve (for status and metrics)."""
+        return self.patterns.matched(agent)
+
     def counters_for(self, agent: str) -> Any:
         return self.rebalancer.counters_for(agent)
 
     async def group_stats(self, runtime: AgentRuntime) -> list[GroupSnapshot]:
-        stats = await self.rebalancer.group_stats(self.target(runtime))
-        return [group_snapshot(stat, runtime.config.group) for stat in stats]
+        """Per-stream pending/lag; pattern agents capped to ``STREAM_SERIES_CAP`` rows + one."""
+        group = runtime.config.group
+        if runtime.config.stream_patterns:
+            _streams, stats = await self.patterns.resolve(runtime.config)
+            return capped([group_snapshot(s, group) for s in stats], GroupSnapshot, group)
+        stats = await self.rebalancer.group_stats(self.base_target(runtime))
+        return [group_snapshot(stat, group) for stat in stats]
 
     @staticmethod
     def nudge(runtime: AgentRuntime, receivers: dict[str, int]) -> None:
@@ -114,7 +144,7 @@ class DeliveryHooks:
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
                 moved = await self.rebalancer.reclaim_dead(
-                    self.target(runtime), dead_consumer, live, reason=reason
+                    await self.target(runtime), dead_consumer, live, reason=reason
                 )
         except Exception as exc:
             log.warning(
@@ -140,7 +170,9 @@ class DeliveryHooks:
         live = set(runtime.live_consumers()) | running
         try:
             with anyio.fail_after(CLEANUP_DEADLINE):
-                moved = await self.rebalancer.cleanup_stale(self.target(runtime), sorted(live))
+                moved = await self.rebalancer.cleanup_stale(
+                    await self.target(runtime), sorted(live)
+                )
         except Exception as exc:
             log.warning("stale consumer cleanup failed", agent=runtime.name, error=_error(exc))
             self._table.stale_cleanup_failed(runtime)  # try again with the next ready worker
@@ -175,7 +207,9 @@ class DeliveryHooks:
             self._table.swept(runtime, now)
             try:
                 with anyio.fail_after(SWEEP_DEADLINE):
-                    moved = await self.rebalancer.sweep(self.target(runtime), live)
+                    moved = await self.rebalancer.sweep(
+                        await self.target(runtime, pending_only=True), live
+                    )
             except Exception as exc:
                 log.warning("sweep failed", agent=runtime.name, error=_error(exc))
                 continue

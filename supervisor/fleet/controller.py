@@ -98,11 +98,12 @@ class FleetController:
         now = anyio.current_time()
         agents: list[AgentSnapshot] = []
         for runtime in self._table.runtimes():
-            counters = None
+            counters = matched = None
             if self.delivery is not None:
                 counters = self.delivery.counters_for(runtime.name)
+                matched = self.delivery.matched(runtime.name)
             dlq_length = self._health.dlq_lengths.get(runtime.name)
-            agents.append(agent_snapshot(runtime, now, counters, dlq_length))
+            agents.append(agent_snapshot(runtime, now, counters, dlq_length, matched))
         config = self._table.config
         facts = self.facts
         return FleetSnapshot(

@@ -70,6 +70,9 @@ class AgentSnapshot:
     # Entries in the dead-letter stream now (XLEN at the last sample); None = not sampled.
     # ``messages.dead_lettered`` counts only those written since this supervisor started.
     dlq_length: int | None = None
+    # Stream patterns in ``streams`` -> how many existing streams they matched
+    # (with the agent's group) when the supervisor last looked.
+    patterns: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,12 +168,17 @@ def worker_snapshot(runtime: AgentRuntime, worker: Worker, now: float) -> Worker
 
 
 def agent_snapshot(
-    runtime: AgentRuntime, now: float, counters: Any = None, dlq_length: int | None = None
+    runtime: AgentRuntime,
+    now: float,
+    counters: Any = None,
+    dlq_length: int | None = None,
+    matched: dict[str, int] | None = None,
 ) -> AgentSnapshot:
     """One agent with its workers; message totals span every incarnation.
 
     ``counters`` are the rebalancer's counters for the agent (reclaims, dead
-    letters written by the supervisor, deleted consumers), when there is one.
+    letters written by the supervisor, deleted consumers), when there is one;
+    ``matched`` how many streams each stream pattern matched.
     """
     messages = SubscriptionStats()
     messages.merge(runtime.totals)
@@ -199,6 +207,7 @@ def agent_snapshot(
         last_error=agent_error(runtime),
         dlq_stream=runtime.config.dlq_stream,
         dlq_length=dlq_length,
+        patterns={p: (matched or {}).get(p, 0) for p in runtime.config.stream_patterns},
     )
 
 

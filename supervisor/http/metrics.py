@@ -222,12 +222,20 @@ def _group_families(snap: FleetSnapshot) -> Iterator[Metric]:
         labels,
     )
     consumers = _gauge("ag1_group_consumers", "Consumers in the group.", labels)
+    matched = _gauge(
+        "ag1_agent_pattern_streams",
+        "Streams a stream pattern of the agent matches (per-stream group series are capped).",
+        ["agent", "pattern"],
+    )
+    for agent in snap.agents:
+        for pattern, count in sorted(agent.patterns.items()):
+            matched.add_metric([agent.name, pattern], count)
     for group in snap.groups:
         key = [group.stream, group.group]
         _add_known(pending, key, group.pending)
         _add_known(lag, key, group.lag)
         _add_known(consumers, key, group.consumers)
-    yield from (pending, lag, consumers)
+    yield from (pending, lag, consumers, matched)
 
 
 def _gauge(name: str, doc: str, labels: Sequence[str] = ("agent",)) -> GaugeMetricFamily:

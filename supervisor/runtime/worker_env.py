@@ -8,7 +8,9 @@ supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
 
 - identity: ``AG1_AGENT``, ``AG1_WORKER`` (``agent/slot``), ``AG1_GROUP``,
   ``AG1_CONSUMER`` (unique per incarnation), ``AG1_STREAMS`` (comma-separated,
-  shards expanded), ``AG1_WORKING_DIR``;
+  shards expanded; glob patterns as written, to be followed with
+  :mod:`core_bus.following`), ``AG1_DISCOVERY_INTERVAL`` (seconds between SCANs,
+  only with patterns), ``AG1_WORKING_DIR``;
 - the bus: ``REDIS_URL`` (with the password: never log it), ``BUS_NAMESPACE``;
 - supervision: ``NOTIFY_SOCKET`` (ours), ``AG1_SUPERVISOR_PID``,
   ``AG1_WATCHDOG_USEC`` when the agent has a watchdog, ``PYTHONUNBUFFERED=1``;
@@ -89,6 +91,8 @@ def worker_environment(
     )
     if agent.watchdog:
         env["AG1_WATCHDOG_USEC"] = str(int(agent.watchdog * 1e6))
+    if agent.stream_patterns:
+        env["AG1_DISCOVERY_INTERVAL"] = f"{agent.discovery_interval:g}"
     if agent.handler is not None:
         env.update(
             {
