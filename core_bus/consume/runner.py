@@ -131,7 +131,7 @@ class HandlerRunner:
                     try:
                         env = validate(raw)
                         env.trace.append(hop)
-                    except ValidationError:
+                    except Exception:  # anything odd: the slow path says why
                         env = None
                 if env is None:
                     env = await self._slow_decode(work)

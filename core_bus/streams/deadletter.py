@@ -20,6 +20,9 @@ REASON_BAD_JSON = "invalid_json"
 REASON_NOT_ENVELOPE = "not_an_envelope"
 REASON_TOO_LARGE = "too_large"
 REASON_DELETED = "entry_deleted"
+REASON_UNDECODABLE = "undecodable"
+REASON_CRASHED = "worker_crashed"
+REASON_TIMEOUT = "handler_timeout"
 
 
 @dataclass(frozen=True, slots=True)
