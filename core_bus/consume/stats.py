@@ -35,6 +35,8 @@ class SubscriptionStats:
     malformed: int = 0  # subset of dead_lettered: could not be parsed
     in_flight: int = 0  # handlers running now
     reconnects: int = 0
+    stuck: int = 0  # handlers that ignored cancellation past handler_timeout_grace (now)
+    isolated: int = 0  # crash suspects run alone
     # Non-cumulative per-bucket counts; index len(HANDLER_BUCKETS) is +Inf.
     handler_buckets: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS) + 1))
     handler_seconds_sum: float = 0.0
@@ -51,6 +53,8 @@ class SubscriptionStats:
         self.malformed += other.malformed
         self.in_flight += other.in_flight
         self.reconnects += other.reconnects
+        self.stuck += other.stuck
+        self.isolated += other.isolated
         self.handler_seconds_sum += other.handler_seconds_sum
         for i, count in enumerate(other.handler_buckets):
             self.handler_buckets[i] += count
@@ -63,6 +67,8 @@ class SubscriptionStats:
             "malformed": self.malformed,
             "in_flight": self.in_flight,
             "reconnects": self.reconnects,
+            "stuck": self.stuck,
+            "isolated": self.isolated,
             "hist": list(self.handler_buckets),
             "hist_sum": self.handler_seconds_sum,
         }
@@ -77,6 +83,8 @@ class SubscriptionStats:
             "malformed",
             "in_flight",
             "reconnects",
+            "stuck",
+            "isolated",
         ):
             setattr(stats, name, int(data.get(name, 0)))
         hist = list(data.get("hist", []))
