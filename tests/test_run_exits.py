@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 from core_bus.consume.stats import SubscriptionStats
-from supervisor.runtime.exits import exit_reason, record_exit, record_spawn_failure
+from supervisor.runtime.exits import OOM_KILL, exit_reason, record_exit, record_spawn_failure
 from supervisor.runtime.lifecycle import CAUSE_WATCHDOG, RestartPolicy, WorkerLifecycle, WorkerState
 from supervisor.runtime.process import ExitStatus
+from supervisor.runtime.resources import OomEvidence
 from supervisor.runtime.table import AgentRuntime, Worker
 
 
@@ -22,11 +24,21 @@ def _worker() -> tuple[AgentRuntime, Worker]:
     return runtime, worker
 
 
-def test_exit_reason_prefers_our_kill_cause_and_flags_foreign_sigkill() -> None:
-    """Our watchdog kill reads 'watchdog'; a SIGKILL we did not send is a likely OOM kill."""
+def test_exit_reason_prefers_our_kill_cause_and_says_oom_only_on_evidence(tmp_path: Path) -> None:
+    """Our watchdog kill reads 'watchdog'; a SIGKILL we did not send is an OOM kill only
+    when the cgroup's memory.events oom_kill counter rose, else "not sent by this supervisor"."""
     _, worker = _worker()
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    oom = OomEvidence(events)
     killed = ExitStatus(None, signal.SIGKILL)
-    assert exit_reason(worker, killed, we_sent_kill=False) == "signal SIGKILL (likely OOM kill)"
+    foreign = "killed by SIGKILL (not sent by this supervisor)"
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=oom) == foreign
+    events.write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=oom) == OOM_KILL
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=oom) == foreign  # no new rise
+    unreadable = OomEvidence(tmp_path / "missing")
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=unreadable) == foreign
     assert exit_reason(worker, killed, we_sent_kill=True) == "signal SIGKILL"
     worker.kill_cause = CAUSE_WATCHDOG
     assert exit_reason(worker, killed, we_sent_kill=True) == CAUSE_WATCHDOG

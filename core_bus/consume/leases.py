@@ -6,7 +6,10 @@ entry's idle time restarts, its delivery counter does not move. The claim is
 fenced in a Lua script (per stream, one call per batch of ids): an entry that
 is no longer pending for this consumer is left alone and reported lost, so a
 worker resumed after SIGSTOP neither steals back what the sweep gave a
-sibling nor runs it a second time.
+sibling nor runs it a second time. A *stalled* worker (every handler slot
+busy for longer than ``claim_idle``) first lets go of its queued entries, so
+they go idle and the sweep hands them to a sibling instead of leaving them
+behind hung handlers.
 
 :meth:`LeaseKeeper.stale` tells the runner when the last successful renewal
 is older than ``claim_idle`` (the process was paused, or Redis away): then
@@ -55,6 +58,7 @@ class LeaseKeeper:
         *,
         held_ids: Callable[[], Iterable[tuple[str, list[str]]]],
         lost: Callable[[str, list[str]], None],
+        before_renew: Callable[[], None] | None = None,
         watch: ConnectionWatch,
         log: Any,
     ) -> None:
@@ -64,11 +68,11 @@ class LeaseKeeper:
         self.claim_idle = claim_idle
         self._held_ids = held_ids
         self._lost = lost
+        self._before_renew = before_renew
         self._watch = watch
         self._log = log
         self._script = redis.register_script(_RENEW)
         self.renewed_at = time.perf_counter()
-        self.lost_total = 0
 
     @property
     def enabled(self) -> bool:
@@ -95,6 +99,8 @@ class LeaseKeeper:
         """Renew every held entry now; drop the lost ones; returns how many were lost."""
         started = time.perf_counter()
         lost = 0
+        if self._before_renew is not None:
+            self._before_renew()
         for stream, ids in self._held_ids():
             for start in range(0, len(ids), LEASE_BATCH):
                 chunk = ids[start : start + LEASE_BATCH]
@@ -108,6 +114,5 @@ class LeaseKeeper:
                     self._lost(stream, gone)
         self.renewed_at = started
         if lost:
-            self.lost_total += lost
             self._log.warning("entries_lost_to_sweep", entries=lost)
         return lost

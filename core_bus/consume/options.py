@@ -29,6 +29,8 @@ class SubscriptionOptions:
     handler_timeout_grace: float = 10.0
     #: The sweep's idle threshold: held entries are re-leased every third of it (0: never).
     claim_idle: float = 0.0
+    #: Dead-letter stream length kept (approximately; None: the default 100,000; 0: untrimmed)
+    dead_letter_maxlen: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.concurrency, self.count, self.max_deliveries, self.block_ms) < 1:

@@ -41,6 +41,7 @@ from core_bus.envelope import Envelope, hop_label
 from core_bus.streams.backoff import Backoff
 from core_bus.streams.connwatch import ConnectionWatch
 from core_bus.streams.deadletter import REASON_POISON, REASON_TIMEOUT
+from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.pending import HeldEntry, reclaim_for_retry
 
 # pydantic-core's validator, called directly on the hot path (what
@@ -83,6 +84,8 @@ class HandlerRunner:
         self._retry = Backoff(options.retry_backoff, options.retry_backoff_max)
         self._limit = options.max_envelope_bytes
         self._low_water = options.count
+        self._concurrency = options.concurrency
+        self._watch = watch
         self._log = log
         self.retries = RetryScheduler(self._reclaim, batch=options.count, watch=watch)
         self.stopping = False
@@ -277,9 +280,35 @@ class HandlerRunner:
             await self._idle.wait()
 
     async def revalidate(self) -> None:
-        """Leases are stale (paused process): re-check ownership of everything held."""
-        if self.leases is not None:
+        """Leases are stale (paused process): re-check ownership of everything held.
+
+        While Redis does not answer, wait (with backoff) rather than run entries
+        that may have been swept to a sibling meanwhile.
+        """
+        if self.leases is None:
+            return
+        try:
             await self.leases.renew()
+        except TRANSIENT_ERRORS as exc:
+            self._watch.lost(exc, "lease")
+            await anyio.sleep(min(1.0, self.leases.claim_idle / 3))
+
+    def stalled(self, now: float, after: float) -> bool:
+        """Every handler slot busy with a handler older than ``after`` seconds."""
+        running = self.running
+        return len(running) >= self._concurrency and all(
+            now - started > after for started in running.values()
+        )
+
+    def release_queued(self) -> int:
+        """Out of our hands, still pending for us in Redis: the sweep can give them to a
+        sibling (a stalled worker would only sit on them)."""
+        queue = self._work.items
+        for stream, entry_id, *_rest in queue:
+            self._held.release(stream, entry_id)
+        count = len(queue)
+        queue.clear()
+        return count
 
     def drop_lost(self, stream: str, entry_ids: Iterable[str]) -> None:
         """Entries no longer ours: out of our hands (queue, acks), never run or acked."""

@@ -142,6 +142,7 @@ class Subscription(SubscriptionHandle):
             options.claim_idle,
             held_ids=self.held.snapshot,
             lost=self._drop_lost,
+            before_renew=self._release_if_stalled,
             watch=self._watch,
             log=self._log,
         )
@@ -186,8 +187,21 @@ class Subscription(SubscriptionHandle):
 
     def _drop_lost(self, stream: str, entry_ids: list[str]) -> None:
         gone = set(entry_ids)
+        self.stats.lost += len(gone)
         self._runner.drop_lost(stream, gone)
         self.isolator.drop(stream, gone)
+
+    def stalled(self) -> bool:
+        """Every handler slot busy longer than ``claim_idle`` (hung handlers)."""
+        claim_idle = self.options.claim_idle
+        return bool(claim_idle) and self._runner.stalled(time.perf_counter(), claim_idle)
+
+    def _release_if_stalled(self) -> None:
+        self.stats.stalled = int(self.stalled())
+        if self.stats.stalled:
+            released = self._runner.release_queued()
+            if released:
+                self._log.warning("stalled_queue_released", entries=released)
 
     async def _check_leases(self) -> None:
         """Before acks go out: after a pause, drop what is no longer ours first."""
@@ -440,6 +454,8 @@ class Subscription(SubscriptionHandle):
         Costs one pipelined XPENDING when there is nothing to do. Payloads come
         from XRANGE: the claim that gave us the entry already counted as a delivery.
         """
+        if self.stalled():
+            return  # leave them idle: the sweep gives them to a sibling that can run them
         wanted: list[tuple[str, str]] = []
         counts: dict[tuple[str, str], int] = {}
         async with self.held.lock:
@@ -535,6 +551,7 @@ def subscription(
     handler_timeout_grace: float = 10.0,
     claim_idle: float = 0.0,
     isolate_suspects: bool = True,
+    dead_letter_maxlen: int | None = None,
 ) -> Subscription:
     """A :class:`Subscription` not started yet: ``async with`` it or ``await tg.start(sub.run)``.
 
@@ -568,6 +585,7 @@ def subscription(
         handler_timeout=handler_timeout,
         handler_timeout_grace=handler_timeout_grace,
         claim_idle=claim_idle,
+        dead_letter_maxlen=dead_letter_maxlen,
     )
     return Subscription(redis, streams, handler, options)
 

@@ -39,6 +39,8 @@ class DeliveryHooks:
     def __init__(self, rebalancer: Rebalancer, table: WorkerTable) -> None:
         self.rebalancer = rebalancer
         self._table = table
+        #: dead consumer -> its exit reason, until its entries are reclaimed (orphans wait)
+        self._exit_reasons: dict[str, str] = {}
 
     async def record_consumer(self, runtime: AgentRuntime, consumer: str) -> None:
         """Remember a consumer name handed to a worker of a bus agent (see the registry)."""
@@ -67,6 +69,8 @@ class DeliveryHooks:
             ordered=bool(agent.ordered),
             base_streams=tuple(agent.streams),
             shards=int(agent.shards),
+            suspects_key=agent.keys.suspects(agent.group),
+            dead_letter_maxlen=agent.dead_letter_maxlen,
         )
 
     def counters_for(self, agent: str) -> Any:
@@ -89,22 +93,30 @@ class DeliveryHooks:
             if worker.consumer in receivers and receivers[worker.consumer] and worker.process:
                 worker.process.signal_child(signal.SIGUSR1)
 
-    async def reclaim(self, runtime: AgentRuntime, dead_consumer: str) -> None:
+    async def reclaim(
+        self, runtime: AgentRuntime, dead_consumer: str, exit_reason: str | None = None
+    ) -> None:
         """Hand a dead consumer's pending entries to live siblings (shielded from cancellation).
 
         With no live sibling, or when Redis fails, the consumer waits in the
-        agent's orphan list for the next worker that becomes ready.
+        agent's orphan list for the next worker that becomes ready. Only ready
+        workers receive entries (a starting one may not handle SIGUSR1 yet).
         """
         if not runtime.config.uses_bus:
             return
-        live = runtime.live_consumers(exclude=dead_consumer)
+        if exit_reason is not None:
+            self._exit_reasons[dead_consumer] = exit_reason
+        live = runtime.live_consumers(exclude=dead_consumer)  # ready workers only
         if not live:
             self._table.add_orphan(runtime, dead_consumer)
             return
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
                 moved = await self.rebalancer.reclaim_dead(
-                    self.target(runtime), dead_consumer, live
+                    self.target(runtime),
+                    dead_consumer,
+                    live,
+                    exit_reason=self._exit_reasons.get(dead_consumer, ""),
                 )
         except Exception as exc:
             log.warning(
@@ -112,6 +124,7 @@ class DeliveryHooks:
             )
             self._table.add_orphan(runtime, dead_consumer)
             return
+        self._exit_reasons.pop(dead_consumer, None)
         if moved:
             log.info(
                 "reclaimed pending entries",
@@ -127,9 +140,12 @@ class DeliveryHooks:
         if not runtime.config.uses_bus:
             return
         live = set(runtime.live_consumers()) | running
+        receivers = runtime.live_consumers()  # ready workers only
         try:
             with anyio.fail_after(CLEANUP_DEADLINE):
-                moved = await self.rebalancer.cleanup_stale(self.target(runtime), sorted(live))
+                moved = await self.rebalancer.cleanup_stale(
+                    self.target(runtime), sorted(live), receivers=receivers
+                )
         except Exception as exc:
             log.warning("stale consumer cleanup failed", agent=runtime.name, error=_error(exc))
             self._table.stale_cleanup_failed(runtime)  # try again with the next ready worker
