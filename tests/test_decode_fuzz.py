@@ -33,7 +33,7 @@ def deep(depth: int, opener: str = "[", closer: str = "]") -> str:
 
 
 def deep_envelope(depth: int = 1000) -> bytes:
-    return ('{"role": "user", "content": %s}' % deep(depth)).encode()
+    return ('{"role": "user", "content": ' + deep(depth) + "}").encode()
 
 
 def test_thousand_deep_json_is_malformed_not_an_exception() -> None:
@@ -44,8 +44,9 @@ def test_thousand_deep_json_is_malformed_not_an_exception() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=30,
 )
 
@@ -67,7 +68,7 @@ def test_fuzz_json_values_and_nesting(value: Any, depth: int, opener: str) -> No
     for raw in (
         json.dumps(value),
         json.dumps({"role": "user", "content": value}),
-        '{"role": "user", "content": %s}' % nested,
+        '{"role": "user", "content": ' + nested + "}",
         nested,
         nested[: len(nested) // 2],  # truncated
     ):

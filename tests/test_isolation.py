@@ -78,16 +78,27 @@ async def test_crash_reclaim_counts_no_delivery_and_suspects_run_alone(redis: An
         handled.append(env.content)
         running -= 1
 
-    sub = await subscribe(redis, STREAM, handler, group=GROUP, consumer="live", concurrency=8,
-                          **{**FAST, "pending_check_interval": 60.0})
+    sub = await subscribe(
+        redis,
+        STREAM,
+        handler,
+        group=GROUP,
+        consumer="live",
+        concurrency=8,
+        **{**FAST, "pending_check_interval": 60.0},
+    )
     try:
         await sub.started()
         rebalancer = Rebalancer(redis, KEYS, "t")
         moved = await rebalancer.reclaim_dead(target(), "dead", ["live"], exit_reason="exit 1")
         assert moved == {"live": 30}
         assert [await delivered(redis, i) for i in ids[:3]] == [1, 1, 1]  # JUSTID: no count
-        marks = [None if v is None else v.decode() for v in
-                 await redis.hmget(KEYS.suspects(GROUP), [suspect_field(STREAM, i) for i in ids])]
+        marks = [
+            None if v is None else v.decode()
+            for v in await redis.hmget(
+                KEYS.suspects(GROUP), [suspect_field(STREAM, i) for i in ids]
+            )
+        ]
         assert marks == [""] * 30
         sub.check_pending()
         await eventually(lambda: sub.stats.processed == 30, timeout=20)
@@ -134,11 +145,13 @@ async def test_handler_timeout_cancels_retries_then_dead_letters(redis: Any) -> 
     envs = [Envelope(role="user", content=i) for i in range(5)]
     envs.insert(2, Envelope(role="user", content="hang"))
     await publish_many(redis, STREAM, envs)
-    sub = await subscribe(redis, STREAM, handler, group=GROUP, max_deliveries=3,
-                          handler_timeout=0.3, **FAST)
+    sub = await subscribe(
+        redis, STREAM, handler, group=GROUP, max_deliveries=3, handler_timeout=0.3, **FAST
+    )
     try:
-        await eventually(lambda: sub.stats.dead_lettered == 1 and sub.stats.processed == 5,
-                         timeout=20)
+        await eventually(
+            lambda: sub.stats.dead_lettered == 1 and sub.stats.processed == 5, timeout=20
+        )
     finally:
         await sub.stop()
     [letter] = await dead_letters(redis)
@@ -161,8 +174,9 @@ async def test_handler_ignoring_cancellation_is_reported_stuck(redis: Any) -> No
                 continue  # a badly written handler
 
     await publish_many(redis, STREAM, [Envelope(role="user", content="x")])
-    sub = await subscribe(redis, STREAM, handler, group=GROUP, handler_timeout=0.2,
-                          handler_timeout_grace=0.3, **FAST)
+    sub = await subscribe(
+        redis, STREAM, handler, group=GROUP, handler_timeout=0.2, handler_timeout_grace=0.3, **FAST
+    )
     sub.on_stuck = reports.append
     try:
         await eventually(lambda: reports == [1], timeout=10)
@@ -186,8 +200,9 @@ async def test_held_entries_are_leased_so_a_sweep_cannot_take_them(redis: Any) -
         await anyio.sleep(1.5)
 
     await publish_many(redis, STREAM, [Envelope(role="user", content=i) for i in range(3)])
-    sub = await subscribe(redis, STREAM, handler, group=GROUP, concurrency=4, claim_idle=0.5,
-                          **FAST)
+    sub = await subscribe(
+        redis, STREAM, handler, group=GROUP, concurrency=4, claim_idle=0.5, **FAST
+    )
     stolen: list[Any] = []
     try:
         await eventually(lambda: len(runs) == 3, timeout=10)
@@ -208,6 +223,7 @@ async def _sweep_until(redis: Any, done: Any, stolen: list[Any]) -> None:
 
 async def test_dead_letter_keeps_every_original_field_and_replays_them(redis: Any) -> None:
     """An entry without data/envelope: its fields (binary too) are kept and replayed."""
+
     async def handler(env: Envelope) -> None:
         raise AssertionError("never called")
 
@@ -229,6 +245,7 @@ async def test_dead_letter_keeps_every_original_field_and_replays_them(redis: An
 
 async def test_dead_letter_maxlen_trims_and_counts(redis: Any) -> None:
     """dead_letter_maxlen bounds the dead-letter stream; dropped letters are counted."""
+
     async def handler(env: Envelope) -> None:
         raise AssertionError("never called")
 

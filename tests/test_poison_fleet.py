@@ -39,8 +39,9 @@ async def dead_letters(redis: Any) -> list[DeadLetter]:
     return [DeadLetter.from_fields(i, f) for i, f in entries_of(raw) if f is not None]
 
 
-async def _run(tmp_path: Path, redis: Any, redis_url: str, *, healthy: int, poison: int,
-               replicas: int) -> None:
+async def _run(
+    tmp_path: Path, redis: Any, redis_url: str, *, healthy: int, poison: int, replicas: int
+) -> None:
     (tmp_path / "pois_agent.py").write_text(POISON_HANDLER)
     toml = fleet_toml(
         agent_toml("pois", handler="pois_agent:handle", replicas=replicas, stop_timeout="2s"),
@@ -88,5 +89,5 @@ async def test_one_poison_among_many_two_replicas(
 async def test_three_poison_single_replica_never_fatal(
     tmp_path: Path, redis: Any, redis_url: str
 ) -> None:
-    """1 replica, 3 poison: the agent does not go fatal, the 3 are dead-lettered, 500 healthy done."""
+    """1 replica, 3 poison: never fatal, the 3 are dead-lettered, 500 healthy done."""
     await _run(tmp_path, redis, redis_url, healthy=500, poison=3, replicas=1)

@@ -18,7 +18,7 @@ from core_bus.consume.held import HeldEntries
 from core_bus.consume.stats import SubscriptionStats
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
-from core_bus.streams.errors import TRANSIENT_ERRORS
+from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup
 
 FLUSH_TIMEOUT = 10.0
 
@@ -97,6 +97,12 @@ class AckBatcher:
             if isinstance(exc, TRANSIENT_ERRORS):
                 self._watch.lost(exc, "ack")
                 return False
+            if isinstance(exc, Exception) and is_nogroup(exc):
+                # Redis lost the group (and its pending list): nothing left to ack.
+                self.pending, self.counted = {}, 0
+                for stream, ids in batch.items():
+                    self._held.release_many(stream, ids)
+                return True
             raise
         self._watch.restored()
         for stream, ids in batch.items():

@@ -1,5 +1,5 @@
 """RSS and CPU% of each worker's process tree, sampled periodically (psutil);
-a cheap one-process RSS read for workers near their memory limit; OOM evidence.
+OOM evidence from the cgroup's ``memory.events``.
 
 One sample walks the machine's process table once (parent links) and reads
 each tree member's memory and CPU times; the daemon runs it in a worker
@@ -9,7 +9,6 @@ thread every few seconds, never per event.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,19 +77,6 @@ class ResourceSampler:
             if pid not in seen:
                 del self._procs[pid]
         return result
-
-
-def fast_rss(pid: int) -> int | None:
-    """RSS of one process from ``/proc/<pid>/statm`` (one small read, no process walk)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * PAGE_SIZE
-
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class OomEvidence:
