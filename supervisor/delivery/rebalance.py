@@ -227,8 +227,15 @@ class Rebalancer:
         limit = target.max_deliveries
         blamed = await self._blamed(target, stream, dead, rows)
         crashed = [r for r in rows if r.id in blamed and r.deliveries >= limit]
-        poison = [r for r in rows if r.id not in blamed and r.deliveries >= limit]
-        movable = [r for r in rows if r.deliveries < limit]
+        # Without isolation an entry out of attempts is dead-lettered here; with it, an
+        # unblamed one still gets its last attempt, run alone (its own failure names it).
+        poison = [
+            r
+            for r in rows
+            if r.id not in blamed and r.deliveries >= limit and not target.suspects_key
+        ]
+        done = {r.id for r in crashed} | {r.id for r in poison}
+        movable = [r for r in rows if r.id not in done]
         for rows_of, why in (
             ([r for r in crashed if blamed[r.id] == REASON_CRASHED], REASON_CRASHED),
             ([r for r in crashed if blamed[r.id] == REASON_TIMEOUT], REASON_TIMEOUT),
