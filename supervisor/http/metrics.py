@@ -173,6 +173,9 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
         "ag1_messages_malformed", "Dead-lettered entries that could not be parsed."
     )
     reconnects = _counter("ag1_bus_reconnects", "Worker reconnects to Redis.")
+    trimmed = _counter(
+        "ag1_dead_letters_trimmed", "Old dead letters dropped by the dead_letter_maxlen trim."
+    )
     in_flight = _gauge("ag1_messages_in_flight", "Handlers running now across the agent.")
     reclaimed = _counter(
         "ag1_messages_reclaimed",
@@ -190,11 +193,22 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
         dead.add_metric(key, stats.dead_lettered)
         malformed.add_metric(key, stats.malformed)
         reconnects.add_metric(key, stats.reconnects)
+        trimmed.add_metric(key, stats.dlq_trimmed)
         in_flight.add_metric(key, stats.in_flight)
         for reason, count in sorted(agent.reclaimed_by_reason.items()):
             reclaimed.add_metric([agent.name, reason], count)
         duration.add_metric(key, cumulative_buckets(stats), sum_value=stats.handler_seconds_sum)
-    yield from (processed, failed, dead, malformed, reconnects, in_flight, reclaimed, duration)
+    yield from (
+        processed,
+        failed,
+        dead,
+        malformed,
+        reconnects,
+        trimmed,
+        in_flight,
+        reclaimed,
+        duration,
+    )
 
 
 def _group_families(snap: FleetSnapshot) -> Iterator[Metric]:
