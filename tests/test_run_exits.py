@@ -65,3 +65,48 @@ def test_spawn_failure_counts_as_exit_127() -> None:
     assert runtime.last_start_error == "a/0: spawn failed: No such file or directory"
     assert worker.lifecycle.last_exit is not None and worker.lifecycle.last_exit.code == 127
     assert worker.consumer is None
+
+
+def test_agent_with_every_worker_stalled_is_degraded_with_the_reason() -> None:
+    """All ready workers report stalled handler slots: the agent is degraded (not
+    running), its last_error says why and /readyz lists it; one healthy worker suffices."""
+    from supervisor.fleet.snapshot import agent_error
+    from supervisor.runtime.readiness import agent_state
+
+    runtime, worker = _worker()
+    runtime.enabled = True
+    worker.lifecycle.on_ready(0.5)
+    worker.stats = SubscriptionStats(in_flight=16, stalled=1, stuck=2)
+    assert agent_state(runtime) == "degraded"
+    assert "stalled on all 1 ready workers" in (agent_error(runtime) or "")
+    assert "2 stuck" in (agent_error(runtime) or "")
+    worker.stats = SubscriptionStats(in_flight=3)
+    assert agent_state(runtime) == "running"
+
+
+def test_readyz_names_a_degraded_agent_whose_replicas_are_all_up() -> None:
+    from supervisor.fleet.snapshot import AgentSnapshot, FleetSnapshot
+    from supervisor.http.server import readiness
+
+    agent = AgentSnapshot(
+        name="a",
+        group="a",
+        streams=[],
+        desired_replicas=1,
+        ready_replicas=1,
+        state="degraded",
+        last_error="handlers stalled on all 1 ready workers",
+    )
+    snap = FleetSnapshot(
+        version="x",
+        supervisor_name="t",
+        started_at=0.0,
+        uptime_seconds=0.0,
+        config_path="",
+        config_hash="",
+        redis_url="",
+        redis_up=True,
+        agents=[agent],
+        ready=True,
+    )
+    assert readiness(snap) == ["agent a: degraded: handlers stalled on all 1 ready workers"]

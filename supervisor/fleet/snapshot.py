@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from core_bus.consume.stats import SubscriptionStats
 from supervisor.runtime.lifecycle import WorkerState
-from supervisor.runtime.readiness import agent_state
+from supervisor.runtime.readiness import agent_state, stalled_reason
 from supervisor.runtime.records import AgentRuntime, Worker
 
 
@@ -193,7 +193,7 @@ def agent_error(runtime: AgentRuntime) -> str | None:
     for worker in sorted(runtime.workers.values(), key=lambda w: w.slot):
         if worker.lifecycle.state == WorkerState.FATAL:
             return f"{worker.key} fatal: {worker.lifecycle.fatal_reason}"
-    return runtime.last_roll_error or runtime.last_start_error
+    return stalled_reason(runtime) or runtime.last_roll_error or runtime.last_start_error
 
 
 def group_snapshot(stat: Any, group: str) -> GroupSnapshot:
