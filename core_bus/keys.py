@@ -145,6 +145,10 @@ class StreamKeyBuilder:
         """Dead-letter stream of one consumer group."""
         return f"{self.ns}:dlq:{group}"
 
+    def suspects(self, group: str) -> str:
+        """Hash of crash suspects: ``"<id> <stream>"`` -> "" or the isolating consumer."""
+        return f"{self.ns}:suspects:{group}"
+
     def dead_letter_pattern(self) -> str:
         return f"{self.ns}:dlq:*"
 

@@ -94,6 +94,10 @@ class WorkerEnv:
     base_streams: list[str]
     namespace: str
     discovery_interval: float = 5.0
+    handler_timeout: float = 0.0
+    handler_timeout_grace: float = 10.0
+    claim_idle: float = 0.0
+    dead_letter_maxlen: int | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> WorkerEnv:
@@ -108,6 +112,15 @@ class WorkerEnv:
                 return int(environ.get(name) or default)
             except ValueError:
                 raise BootError(f"{name} must be an integer") from None
+
+        def seconds(name: str, default: float) -> float:
+            try:
+                value = float(environ.get(name) or default)
+            except ValueError:
+                raise BootError(f"{name} must be a number of seconds") from None
+            if value < 0:
+                raise BootError(f"{name} must be >= 0")
+            return value
 
         watchdog_usec = num("AG1_WATCHDOG_USEC", 0)
         return cls(
@@ -129,18 +142,12 @@ class WorkerEnv:
             shards=num("AG1_SHARDS", 0),
             base_streams=[s for s in environ.get("AG1_BASE_STREAMS", "").split(",") if s],
             namespace=environ.get("BUS_NAMESPACE") or DEFAULT_NAMESPACE,
-            discovery_interval=_seconds(environ, "AG1_DISCOVERY_INTERVAL", 5.0),
+            discovery_interval=seconds("AG1_DISCOVERY_INTERVAL", 5.0) or 5.0,
+            handler_timeout=seconds("AG1_HANDLER_TIMEOUT", 0.0),
+            handler_timeout_grace=seconds("AG1_HANDLER_TIMEOUT_GRACE", 10.0),
+            claim_idle=seconds("AG1_CLAIM_IDLE", 0.0),
+            dead_letter_maxlen=num("AG1_DLQ_MAXLEN", -1) if "AG1_DLQ_MAXLEN" in environ else None,
         )
-
-
-def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
-    try:
-        value = float(environ.get(name) or default)
-    except ValueError:
-        raise BootError(f"{name} must be a number of seconds") from None
-    if value <= 0:
-        raise BootError(f"{name} must be > 0")
-    return value
 
 
 def load_handler(spec: str, working_dir: str | None) -> Callable[..., Any]:
@@ -225,7 +232,24 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
         max_deliveries=env.max_deliveries,
         dlq_stream=env.dlq_stream,
         keys=StreamKeyBuilder(env.namespace),
+        handler_timeout=env.handler_timeout,
+        handler_timeout_grace=env.handler_timeout_grace,
+        claim_idle=env.claim_idle,
+        dead_letter_maxlen=env.dead_letter_maxlen,
     )
+
+
+def _report_to(sub: Any, notifier: Notifier) -> None:
+    """Tell the supervisor at once which suspect runs alone and how many handlers are stuck.
+
+    A datagram is queued on the supervisor's socket before the handler starts,
+    so even a crash a microsecond later is attributed to the message, not the
+    process (see supervisor.runtime.exits).
+    """
+    if hasattr(sub, "on_isolation"):
+        sub.on_isolation = lambda entry: notifier.send(f"X_AG1_ISOLATING={entry or ''}")
+    if hasattr(sub, "on_stuck"):
+        sub.on_stuck = lambda n: notifier.send(f"X_AG1_STUCK={n}")
 
 
 def _stats_payload(sub: Any) -> str:
@@ -269,6 +293,7 @@ async def run_worker(env: WorkerEnv, handler: Callable[..., Any]) -> int:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(env.drain_timeout):
                     await sub.stop(env.drain_timeout)
                 return 0
+            _report_to(sub, notifier)
             # No "worker ready" line here: the supervisor logs it when READY arrives.
             notifier.send("READY=1", f"STATUS=consuming {','.join(env.streams)}")
             interval = heartbeat_interval(env.watchdog_seconds)

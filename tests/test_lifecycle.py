@@ -295,3 +295,45 @@ def test_stop_request_wins_over_a_watchdog_kill() -> None:
     state = lc.on_exit(5.0, ExitInfo(signal=9, cause=CAUSE_WATCHDOG, reason="watchdog"))
     assert state == WorkerState.STOPPED
     assert lc.last_exit is not None and lc.last_exit.reason == "watchdog"
+
+
+def _kill_loop(lc: WorkerLifecycle, kills: int, up_for: float, **exit_fields: object) -> list[str]:
+    """SIGKILL the worker ``kills`` times, each time ``up_for`` seconds after READY."""
+    now = 1.0
+    states = []
+    for _ in range(kills):
+        now += up_for
+        states.append(str(lc.on_exit(now, ExitInfo(signal=9, **exit_fields))))  # type: ignore[arg-type]
+        if lc.state != WorkerState.BACKOFF:
+            break
+        assert lc.restart_at is not None
+        now = max(now, lc.restart_at)
+        run_again(lc, now)
+    return states
+
+
+def test_stable_workers_killed_often_never_go_fatal() -> None:
+    """24 external SIGKILLs of workers that were up longer than min_uptime: restarts with
+    backoff, never fatal (only unstable restarts count toward start_limit)."""
+    policy = replace(POLICY, start_limit=5, min_uptime=0.5, backoff_max=0.8)
+    lc = started(policy)
+    states = _kill_loop(lc, 24, up_for=0.6)
+    assert states == ["backoff"] * 24 and lc.fatal_reason is None
+    assert lc.backoff_delay() > 0  # the streak still backs off
+
+
+def test_unstable_restarts_still_reach_fatal() -> None:
+    """Dying within min_uptime of READY counts toward start_limit."""
+    policy = replace(POLICY, start_limit=3, min_uptime=10.0, backoff_initial=0.1, backoff_max=0.1)
+    lc = started(policy)
+    states = _kill_loop(lc, 10, up_for=0.2)
+    assert states == ["backoff"] * 3 + ["fatal"]
+
+
+def test_a_crash_on_a_message_never_counts_toward_fatal() -> None:
+    """A worker that died running a crash suspect alone failed on the message, not as a
+    process: however quick and frequent, never fatal, and the backoff does not grow."""
+    policy = replace(POLICY, start_limit=2, min_uptime=10.0)
+    lc = started(policy)
+    states = _kill_loop(lc, 20, up_for=0.01, message_failure=True)
+    assert states == ["backoff"] * 20 and lc.backoff_delay() == 0.0

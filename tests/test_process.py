@@ -29,11 +29,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_exit_status_descriptions() -> None:
-    """Exit code vs signal; an unexpected SIGKILL is flagged as a likely OOM kill."""
+    """Exit code vs signal; an unexpected SIGKILL says we did not send it (not "OOM")."""
     assert ExitStatus.from_returncode(0).describe() == "exit 0"
     assert ExitStatus.from_returncode(3).describe() == "exit 3"
     assert ExitStatus.from_returncode(-11).describe() == "signal SIGSEGV"
-    assert ExitStatus.from_returncode(-9).describe() == "signal SIGKILL (likely OOM kill)"
+    assert ExitStatus.from_returncode(-9).describe() == (
+        "killed by SIGKILL (not sent by this supervisor)"
+    )
     assert ExitStatus.from_returncode(-9).describe(we_sent_kill=True) == "signal SIGKILL"
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 from core_bus.consume.stats import SubscriptionStats
-from supervisor.runtime.exits import exit_reason, record_exit, record_spawn_failure
+from supervisor.runtime.exits import OOM_KILL, exit_reason, record_exit, record_spawn_failure
 from supervisor.runtime.lifecycle import CAUSE_WATCHDOG, RestartPolicy, WorkerLifecycle, WorkerState
 from supervisor.runtime.process import ExitStatus
+from supervisor.runtime.resources import OomEvidence
 from supervisor.runtime.table import AgentRuntime, Worker
 
 
@@ -22,11 +24,21 @@ def _worker() -> tuple[AgentRuntime, Worker]:
     return runtime, worker
 
 
-def test_exit_reason_prefers_our_kill_cause_and_flags_foreign_sigkill() -> None:
-    """Our watchdog kill reads 'watchdog'; a SIGKILL we did not send is a likely OOM kill."""
+def test_exit_reason_prefers_our_kill_cause_and_says_oom_only_on_evidence(tmp_path: Path) -> None:
+    """Our watchdog kill reads 'watchdog'; a SIGKILL we did not send is an OOM kill only
+    when the cgroup's memory.events oom_kill counter rose, else "not sent by this supervisor"."""
     _, worker = _worker()
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    oom = OomEvidence(events)
     killed = ExitStatus(None, signal.SIGKILL)
-    assert exit_reason(worker, killed, we_sent_kill=False) == "signal SIGKILL (likely OOM kill)"
+    foreign = "killed by SIGKILL (not sent by this supervisor)"
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=oom) == foreign
+    events.write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=oom) == OOM_KILL
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=oom) == foreign  # no new rise
+    unreadable = OomEvidence(tmp_path / "missing")
+    assert exit_reason(worker, killed, we_sent_kill=False, oom=unreadable) == foreign
     assert exit_reason(worker, killed, we_sent_kill=True) == "signal SIGKILL"
     worker.kill_cause = CAUSE_WATCHDOG
     assert exit_reason(worker, killed, we_sent_kill=True) == CAUSE_WATCHDOG
@@ -53,3 +65,48 @@ def test_spawn_failure_counts_as_exit_127() -> None:
     assert runtime.last_start_error == "a/0: spawn failed: No such file or directory"
     assert worker.lifecycle.last_exit is not None and worker.lifecycle.last_exit.code == 127
     assert worker.consumer is None
+
+
+def test_agent_with_every_worker_stalled_is_degraded_with_the_reason() -> None:
+    """All ready workers report stalled handler slots: the agent is degraded (not
+    running), its last_error says why and /readyz lists it; one healthy worker suffices."""
+    from supervisor.fleet.snapshot import agent_error
+    from supervisor.runtime.readiness import agent_state
+
+    runtime, worker = _worker()
+    runtime.enabled = True
+    worker.lifecycle.on_ready(0.5)
+    worker.stats = SubscriptionStats(in_flight=16, stalled=1, stuck=2)
+    assert agent_state(runtime) == "degraded"
+    assert "stalled on all 1 ready workers" in (agent_error(runtime) or "")
+    assert "2 stuck" in (agent_error(runtime) or "")
+    worker.stats = SubscriptionStats(in_flight=3)
+    assert agent_state(runtime) == "running"
+
+
+def test_readyz_names_a_degraded_agent_whose_replicas_are_all_up() -> None:
+    from supervisor.fleet.snapshot import AgentSnapshot, FleetSnapshot
+    from supervisor.http.server import readiness
+
+    agent = AgentSnapshot(
+        name="a",
+        group="a",
+        streams=[],
+        desired_replicas=1,
+        ready_replicas=1,
+        state="degraded",
+        last_error="handlers stalled on all 1 ready workers",
+    )
+    snap = FleetSnapshot(
+        version="x",
+        supervisor_name="t",
+        started_at=0.0,
+        uptime_seconds=0.0,
+        config_path="",
+        config_hash="",
+        redis_url="",
+        redis_up=True,
+        agents=[agent],
+        ready=True,
+    )
+    assert readiness(snap) == ["agent a: degraded: handlers stalled on all 1 ready workers"]

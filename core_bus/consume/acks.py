@@ -8,6 +8,7 @@ Failed flushes keep their ids and retry with backoff (XACK is idempotent).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -17,7 +18,7 @@ from core_bus.consume.held import HeldEntries
 from core_bus.consume.stats import SubscriptionStats
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
-from core_bus.streams.errors import TRANSIENT_ERRORS
+from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup
 
 FLUSH_TIMEOUT = 10.0
 
@@ -41,6 +42,8 @@ class AckBatcher:
         self.pending: dict[str, list[str]] = {}
         self.counted = 0  # acks of handled entries (count as processed once written)
         self.event = asyncio.Event()
+        #: awaited before each flush (ownership re-check after a pause); set by the subscription
+        self.before_flush: Callable[[], Awaitable[None]] | None = None
 
     def add(self, stream: str, entry_id: str, counted: bool) -> None:
         ids = self.pending.get(stream)
@@ -59,6 +62,16 @@ class AckBatcher:
             await self.event.wait()
             self.event.clear()
             while self.pending:
+                if self.before_flush is not None:
+                    try:
+                        await self.before_flush()
+                    except TRANSIENT_ERRORS as exc:
+                        self._watch.lost(exc, "ack")
+                        attempt += 1
+                        await anyio.sleep(RECONNECT_BACKOFF.delay(attempt))
+                        continue
+                    if not self.pending:
+                        break
                 if await self.flush():
                     attempt = 0
                     continue
@@ -84,6 +97,12 @@ class AckBatcher:
             if isinstance(exc, TRANSIENT_ERRORS):
                 self._watch.lost(exc, "ack")
                 return False
+            if isinstance(exc, Exception) and is_nogroup(exc):
+                # Redis lost the group (and its pending list): nothing left to ack.
+                self.pending, self.counted = {}, 0
+                for stream, ids in batch.items():
+                    self._held.release_many(stream, ids)
+                return True
             raise
         self._watch.restored()
         for stream, ids in batch.items():

@@ -24,7 +24,12 @@ from core_bus.consume.options import SubscriptionOptions
 from core_bus.consume.stats import SubscriptionStats
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
-from core_bus.streams.deadletter import dead_letter_fields, queue_dead_letter
+from core_bus.streams.deadletter import (
+    TrimReport,
+    dead_letter_fields,
+    queue_dead_letter,
+    queue_trim,
+)
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.pending import HeldEntry, pending_rows
 
@@ -56,6 +61,8 @@ class DeadLetterWriter:
         self._stats = stats
         self._watch = watch
         self._log = log
+        self._maxlen = options.dead_letter_maxlen
+        self.trims = TrimReport(log)
         self._waiting: list[DeadLetterJob] = []
         self._wake = anyio.Event()
 
@@ -154,6 +161,7 @@ class DeadLetterWriter:
             for entry, reason, error in jobs:
                 fields = dead_letter_fields(
                     data=payload_of(entry.fields or {}),
+                    original=entry.fields,
                     reason=reason,
                     error=error,
                     deliveries=entry.deliveries,
@@ -170,4 +178,8 @@ class DeadLetterWriter:
                     entry_id=entry.entry_id,
                     fields=fields,
                 )
-            await pipe.execute()
+            queue_trim(pipe, self.dlq_stream, self._maxlen)
+            replies = await pipe.execute()
+        if self._maxlen != 0 and replies:
+            self.trims.add(self.dlq_stream, replies[-1], self._maxlen)
+            self._stats.dlq_trimmed = self.trims.trimmed

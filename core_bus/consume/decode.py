@@ -16,6 +16,7 @@ from core_bus.streams.deadletter import (
     REASON_NO_DATA,
     REASON_NOT_ENVELOPE,
     REASON_TOO_LARGE,
+    REASON_UNDECODABLE,
 )
 
 # Field names holding the envelope JSON, in lookup order (bytes first: our own
@@ -51,6 +52,9 @@ def decode_payload(raw: bytes | str | None, limit: int) -> Envelope | Malformed:
         return Envelope.from_json(raw)
     except ValidationError as exc:
         return _classify(raw, exc)
+    except (RecursionError, MemoryError, ValueError, TypeError) as exc:
+        # Hostile input (e.g. 1,000-deep nesting) must never take the worker down.
+        return Malformed(REASON_UNDECODABLE, f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _classify(raw: bytes | str, exc: ValidationError) -> Malformed:
@@ -65,6 +69,8 @@ def _classify(raw: bytes | str, exc: ValidationError) -> Malformed:
         json.loads(text)
     except ValueError as err:
         return Malformed(REASON_BAD_JSON, f"{type(err).__name__}: {err}")
+    except RecursionError:  # pydantic-core refused it for the same reason
+        return Malformed(REASON_BAD_JSON, "RecursionError: JSON nested too deeply")
     return Malformed(REASON_NOT_ENVELOPE, f"ValidationError: {_short(exc)}")
 
 

@@ -50,6 +50,10 @@ class HeldEntries:
         ids.update(fresh)
         return fresh
 
+    def snapshot(self) -> list[tuple[str, list[str]]]:
+        """``[(stream, ids held)]`` right now (for lease renewals)."""
+        return [(stream, list(ids)) for stream, ids in self._by_stream.items() if ids]
+
     def release(self, stream: str, entry_id: str) -> None:
         self._by_stream[stream].discard(entry_id)
 

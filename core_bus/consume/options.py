@@ -21,9 +21,21 @@ class SubscriptionOptions:
     group_start_id: str = "0"
     pending_check_interval: float = 2.0
     max_envelope_bytes: int = 128 * 1024
+    #: Hash of crash suspects (see core_bus.consume.suspects); "" turns isolation off.
+    suspects_key: str = ""
+    #: Seconds a handler may run before it is cancelled (0: no limit).
+    handler_timeout: float = 0.0
+    #: Seconds a cancelled handler may take to return before it counts as stuck.
+    handler_timeout_grace: float = 10.0
+    #: The sweep's idle threshold: held entries are re-leased every third of it (0: never).
+    claim_idle: float = 0.0
+    #: Dead-letter stream length kept (approximately; None: the default 100,000; 0: untrimmed)
+    dead_letter_maxlen: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.concurrency, self.count, self.max_deliveries, self.block_ms) < 1:
             raise ValueError("concurrency, count, max_deliveries and block_ms must be >= 1")
+        if min(self.handler_timeout, self.handler_timeout_grace, self.claim_idle) < 0:
+            raise ValueError("handler_timeout, handler_timeout_grace and claim_idle must be >= 0")
         if self.pending_check_interval <= 0:
             raise ValueError("pending_check_interval must be > 0")

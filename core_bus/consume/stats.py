@@ -35,6 +35,11 @@ class SubscriptionStats:
     malformed: int = 0  # subset of dead_lettered: could not be parsed
     in_flight: int = 0  # handlers running now
     reconnects: int = 0
+    stuck: int = 0  # handlers that ignored cancellation past handler_timeout_grace (now)
+    isolated: int = 0  # crash suspects run alone
+    dlq_trimmed: int = 0  # old dead letters dropped by the dead_letter_maxlen trim
+    stalled: int = 0  # 1 while every handler slot is busy longer than claim_idle (now)
+    lost: int = 0  # held entries found swept to another consumer (after a pause)
     # Non-cumulative per-bucket counts; index len(HANDLER_BUCKETS) is +Inf.
     handler_buckets: list[int] = field(default_factory=lambda: [0] * (len(HANDLER_BUCKETS) + 1))
     handler_seconds_sum: float = 0.0
@@ -51,6 +56,11 @@ class SubscriptionStats:
         self.malformed += other.malformed
         self.in_flight += other.in_flight
         self.reconnects += other.reconnects
+        self.stuck += other.stuck
+        self.isolated += other.isolated
+        self.dlq_trimmed += other.dlq_trimmed
+        self.stalled += other.stalled
+        self.lost += other.lost
         self.handler_seconds_sum += other.handler_seconds_sum
         for i, count in enumerate(other.handler_buckets):
             self.handler_buckets[i] += count
@@ -63,6 +73,11 @@ class SubscriptionStats:
             "malformed": self.malformed,
             "in_flight": self.in_flight,
             "reconnects": self.reconnects,
+            "stuck": self.stuck,
+            "isolated": self.isolated,
+            "dlq_trimmed": self.dlq_trimmed,
+            "stalled": self.stalled,
+            "lost": self.lost,
             "hist": list(self.handler_buckets),
             "hist_sum": self.handler_seconds_sum,
         }
@@ -77,6 +92,11 @@ class SubscriptionStats:
             "malformed",
             "in_flight",
             "reconnects",
+            "stuck",
+            "isolated",
+            "dlq_trimmed",
+            "stalled",
+            "lost",
         ):
             setattr(stats, name, int(data.get(name, 0)))
         hist = list(data.get("hist", []))

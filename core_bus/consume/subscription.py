@@ -36,10 +36,13 @@ from core_bus.consume.deadletters import DeadLetterWriter
 from core_bus.consume.handle import SubscriptionHandle, running_handles
 from core_bus.consume.handlers import Handler
 from core_bus.consume.held import HeldEntries
+from core_bus.consume.isolation import Isolator
+from core_bus.consume.leases import LeaseKeeper
 from core_bus.consume.options import SubscriptionOptions
 from core_bus.consume.runner import HandlerRunner
 from core_bus.consume.stats import SubscriptionStats
-from core_bus.consume.workqueue import WorkQueue
+from core_bus.consume.suspects import isolating_consumers
+from core_bus.consume.workqueue import Work, WorkQueue
 from core_bus.envelope import hop_label
 from core_bus.keys import StreamKeyBuilder, default_consumer_name
 from core_bus.log import get_logger
@@ -123,6 +126,29 @@ class Subscription(SubscriptionHandle):
             log=self._log,
         )
         self._dead_letters = dead_letters
+        self.isolator = Isolator(
+            self._r,
+            self._runner,
+            key=options.suspects_key,
+            consumer=options.consumer,
+            held=self.held,
+            stats=self.stats,
+            watch=self._watch,
+            log=self._log,
+        )
+        self.leases = LeaseKeeper(
+            self._r,
+            options.group,
+            options.consumer,
+            options.claim_idle,
+            held_ids=self.held.snapshot,
+            lost=self._drop_lost,
+            before_renew=self._release_if_stalled,
+            watch=self._watch,
+            log=self._log,
+        )
+        self._runner.leases = self.leases
+        self._acks.before_flush = self._check_leases
         self._check_requested = False
         self._blocked_read = False  # the reader waits in XREADGROUP BLOCK right now
         self._nudge = anyio.Event()
@@ -159,6 +185,47 @@ class Subscription(SubscriptionHandle):
             self._nudge.set()  # re-read with them now (no pending check: nothing of ours there)
         return new
 
+    @property
+    def on_isolation(self) -> Any:
+        """Called with ``"<stream> <id>"`` before a crash suspect runs alone, None after."""
+        return self.isolator.on_isolation
+
+    @on_isolation.setter
+    def on_isolation(self, callback: Any) -> None:
+        self.isolator.on_isolation = callback
+
+    @property
+    def on_stuck(self) -> Any:
+        """Called with the number of handlers stuck past ``handler_timeout_grace``."""
+        return self._runner.on_stuck
+
+    @on_stuck.setter
+    def on_stuck(self, callback: Any) -> None:
+        self._runner.on_stuck = callback
+
+    def _drop_lost(self, stream: str, entry_ids: list[str]) -> None:
+        gone = set(entry_ids)
+        self.stats.lost += len(gone)
+        self._runner.drop_lost(stream, gone)
+        self.isolator.drop(stream, gone)
+
+    def stalled(self) -> bool:
+        """Every handler slot busy longer than ``claim_idle`` (hung handlers)."""
+        claim_idle = self.options.claim_idle
+        return bool(claim_idle) and self._runner.stalled(time.perf_counter(), claim_idle)
+
+    def _release_if_stalled(self) -> None:
+        self.stats.stalled = int(self.stalled())
+        if self.stats.stalled:
+            released = self._runner.release_queued()
+            if released:
+                self._log.warning("stalled_queue_released", entries=released)
+
+    async def _check_leases(self) -> None:
+        """Before acks go out: after a pause, drop what is no longer ours first."""
+        if self.leases.stale(time.perf_counter()):
+            await self.leases.renew()
+
     def _request_stop(self) -> None:
         self._runner.stop()
         if self._stop_scope is not None:
@@ -177,6 +244,9 @@ class Subscription(SubscriptionHandle):
                     services.start_soon(self._runner.retries.run)
                     services.start_soon(self._runner.dead_letters.run)
                     services.start_soon(self._waker)
+                    services.start_soon(self.isolator.run)
+                    services.start_soon(self._lease_loop)
+                    services.start_soon(self._runner.watch_handlers)
                     async with anyio.create_task_group() as workers:
                         for _ in range(self.options.concurrency):
                             workers.start_soon(self._runner.worker)
@@ -196,6 +266,18 @@ class Subscription(SubscriptionHandle):
             self._log.info("subscription_cancelled")
             raise
         self._log.info("subscription_stopped", **self.stats.to_dict())
+
+    async def _lease_loop(self) -> None:
+        """Lease renewals; a group lost with Redis's data is recreated like the reader does."""
+        while True:
+            try:
+                await self.leases.run()
+                return
+            except ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                self._log.warning("group_missing", error=str(exc))
+                await self._guarded(self._connect)
 
     async def _close_reader(self) -> None:
         if self._reader is not self._r:
@@ -390,6 +472,8 @@ class Subscription(SubscriptionHandle):
         Costs one pipelined XPENDING when there is nothing to do. Payloads come
         from XRANGE: the claim that gave us the entry already counted as a delivery.
         """
+        if self.stalled():
+            return  # leave them idle: the sweep gives them to a sibling that can run them
         wanted: list[tuple[str, str]] = []
         counts: dict[tuple[str, str], int] = {}
         async with self.held.lock:
@@ -404,20 +488,28 @@ class Subscription(SubscriptionHandle):
             return
         try:
             fetched = await fetch_entries(self._r, wanted)
+            marks: list[str | None] = [None] * len(wanted)
+            if self.isolator.enabled:
+                marks = await isolating_consumers(self._r, self.options.suspects_key, wanted)
         except BaseException:
             for stream, entry_id in wanted:
                 self.held.release(stream, entry_id)
             raise
         poison: list[tuple[HeldEntry, str, str]] = []
+        suspects: list[Work] = []
         limit = self.options.max_deliveries
-        for stream, entry_id, fields in fetched:
+        for (stream, entry_id, fields), mark in zip(fetched, marks, strict=True):
             delivered = counts[(stream, entry_id)]
+            work = (stream, entry_id, fields, delivered, self._hop())
             if fields is not None and delivered > limit:
                 msg = f"delivered {delivered} times (limit {limit})"
                 poison.append((HeldEntry(stream, entry_id, fields, delivered), REASON_POISON, msg))
+            elif mark is not None and fields is not None:
+                suspects.append(work)  # was pending on a worker that died: run it alone
             else:
-                self._work.put((stream, entry_id, fields, delivered, self._hop()))
-        self._log.info("pending_claimed", entries=len(wanted))
+                self._work.put(work)
+        self.isolator.add(suspects)
+        self._log.info("pending_claimed", entries=len(wanted), suspects=len(suspects))
         if poison:
             await self._dead_letters.write(poison)
 
@@ -430,6 +522,7 @@ class Subscription(SubscriptionHandle):
         """Drop queued entries (they stay pending); wait for running ones up to the timeout."""
         for stream, entry_id, *_rest in self._work.clear():
             self.held.release(stream, entry_id)
+        self.isolator.release_all()
         await self._runner.drain(self._drain_timeout)
 
 
@@ -472,11 +565,20 @@ def subscription(
     group_start_id: str = "0",
     pending_check_interval: float = 2.0,
     keys: StreamKeyBuilder | None = None,
+    handler_timeout: float = 0.0,
+    handler_timeout_grace: float = 10.0,
+    claim_idle: float = 0.0,
+    isolate_suspects: bool = True,
+    dead_letter_maxlen: int | None = None,
 ) -> Subscription:
     """A :class:`Subscription` not started yet: ``async with`` it or ``await tg.start(sub.run)``.
 
     The handler is ``async def h(env)`` or ``async def h(env, redis)``; anything
-    else raises :class:`TypeError` here.
+    else raises :class:`TypeError` here. ``handler_timeout`` (seconds, 0 = none)
+    cancels a handler at its deadline; ``claim_idle`` (seconds, 0 = off) is the
+    idle threshold of whoever sweeps the group: held entries are re-leased every
+    third of it. Crash suspects claimed to us are run alone unless
+    ``isolate_suspects`` is False.
     """
     streams = [stream] if isinstance(stream, str | bytes) else list(stream)
     streams = [text(s) for s in streams]
@@ -497,6 +599,11 @@ def subscription(
         group_start_id=group_start_id,
         pending_check_interval=pending_check_interval,
         max_envelope_bytes=settings.bus_max_envelope_bytes,
+        suspects_key=keys.suspects(group) if isolate_suspects else "",
+        handler_timeout=handler_timeout,
+        handler_timeout_grace=handler_timeout_grace,
+        claim_idle=claim_idle,
+        dead_letter_maxlen=dead_letter_maxlen,
     )
     return Subscription(redis, streams, handler, options)
 

@@ -123,6 +123,7 @@ class ShardEntryHandler:
     ) -> bool:
         record = dead_letter_fields(
             data=payload_of(fields),
+            original=fields,
             reason=reason,
             error=error,
             deliveries=deliveries,

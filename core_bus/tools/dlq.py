@@ -36,15 +36,17 @@ log = get_logger("core_bus.tools.dlq")
 PAGE = 1000
 
 # KEYS: dead-letter stream, source stream.
-# ARGV: dead-letter id, payload, maxlen (0 = none), data field name.
+# ARGV: dead-letter id, maxlen (0 = none), then field, value, field, value ...
 # Returns the new entry id, or false when the dead letter is already gone.
 _REPLAY_LUA = """
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id
-if tonumber(ARGV[3]) > 0 then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[2])
+if tonumber(ARGV[2]) > 0 then
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
 else
-  id = redis.call('XADD', KEYS[2], '*', ARGV[4], ARGV[2])
+  id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 end
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id
@@ -168,15 +170,19 @@ async def replay_dead_letters(
         if not letter.source_stream:
             result.skipped.append((dlq, letter.id, "no source_stream recorded"))
             continue
-        try:
-            payload = replay_payload(letter)
-        except ValueError as exc:
-            why = f"not an Envelope ({letter.reason}): {str(exc).splitlines()[0]}"
-            result.skipped.append((dlq, letter.id, why))
-            continue
-        new_id = await script(
-            keys=[dlq, letter.source_stream], args=[letter.id, payload, maxlen, DATA_FIELD]
-        )
+        flat: list[bytes | str] = []
+        if not letter.data and letter.original:
+            # no envelope at all (another producer's format): put back every original field
+            for name, value in letter.original.items():
+                flat.extend((name, value))
+        else:
+            try:
+                flat = [DATA_FIELD, replay_payload(letter)]
+            except ValueError as exc:
+                why = f"not an Envelope ({letter.reason}): {str(exc).splitlines()[0]}"
+                result.skipped.append((dlq, letter.id, why))
+                continue
+        new_id = await script(keys=[dlq, letter.source_stream], args=[letter.id, maxlen, *flat])
         if not new_id:
             result.skipped.append((dlq, letter.id, "already gone (replayed or purged meanwhile)"))
             continue

@@ -3,7 +3,8 @@
 Stateless functions over any redis-py asyncio client; the policy (who gets
 what, when, how many batches, counters and logs) stays in
 :mod:`supervisor.delivery.rebalance`. Every claim here is a normal (non-JUSTID) XCLAIM
-or XAUTOCLAIM, so it bumps the entry's delivery counter once.
+or XAUTOCLAIM, so it bumps the entry's delivery counter once, except the
+``justid`` claims of crash suspects (see :mod:`core_bus.consume.suspects`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from core_bus.consume.decode import payload_of
-from core_bus.streams.deadletter import REASON_POISON, dead_letter_fields, queue_dead_letter
+from core_bus.streams.deadletter import (
+    REASON_POISON,
+    dead_letter_fields,
+    queue_dead_letter,
+    queue_trim,
+)
 from core_bus.streams.replies import Entry, entries_of, fields_of, text
 from supervisor.delivery.consumers import is_missing, pending_entries
 
@@ -84,18 +90,30 @@ async def ack_vanished_between(
 
 
 async def claim_to(
-    redis: AsyncRedis, stream: str, group: str, plan: Mapping[str, Sequence[str]], min_idle_ms: int
+    redis: AsyncRedis,
+    stream: str,
+    group: str,
+    plan: Mapping[str, Sequence[str]],
+    min_idle_ms: int,
+    *,
+    justid: bool = False,
 ) -> dict[str, set[str]]:
     """XCLAIM ``plan[receiver]`` ids to each receiver in one round trip; ids each one got.
 
     ``min_idle_ms`` fences the claim: an entry someone else claimed meanwhile
-    has a fresh idle time and is skipped.
+    has a fresh idle time and is skipped. ``justid`` claims without counting a
+    delivery (crash suspects: nobody knows yet whether they were even run).
     """
     pipe = redis.pipeline(transaction=False)
-    receivers = list(plan)
+    receivers = [r for r in plan if plan[r]]
     for receiver in receivers:
-        pipe.xclaim(stream, group, receiver, min_idle_ms, list(plan[receiver]))
-    replies = await pipe.execute()
+        pipe.xclaim(stream, group, receiver, min_idle_ms, list(plan[receiver]), justid=justid)
+    replies = await pipe.execute() if receivers else []
+    if justid:
+        return {
+            receiver: {text(i) for i in reply or () if i is not None}
+            for receiver, reply in zip(receivers, replies, strict=True)
+        }
     return {
         receiver: {entry_id for entry_id, _ in claimed_entries(reply)[0]}
         for receiver, reply in zip(receivers, replies, strict=True)
@@ -144,14 +162,22 @@ async def dead_letter_poison(
     *,
     max_deliveries: int,
     consumer: str,
-) -> None:
-    """XADD each ``(entry, deliveries)`` to ``dlq_stream`` and XACK it, in one MULTI/EXEC."""
+    reason: str = REASON_POISON,
+    why: str = "",
+    maxlen: int | None = None,
+) -> int:
+    """XADD each ``(entry, deliveries)`` to ``dlq_stream`` and XACK it, in one MULTI/EXEC.
+
+    ``why`` replaces the default error text ("delivered N times ..."); returns
+    how many old dead letters the trim to ``maxlen`` dropped."""
     async with redis.pipeline(transaction=True) as pipe:
         for (entry_id, fields), deliveries in entries:
             record = dead_letter_fields(
                 data=payload_of(fields) if fields else None,
-                reason=REASON_POISON,
-                error=(
+                original=fields,
+                reason=reason,
+                error=why.format(deliveries=deliveries)
+                or (
                     f"delivered {deliveries} times "
                     f"(max_deliveries={max_deliveries}); last consumer {consumer}"
                 ),
@@ -162,6 +188,13 @@ async def dead_letter_poison(
                 consumer=consumer,
             )
             queue_dead_letter(
-                pipe, dlq_stream, stream=stream, group=group, entry_id=entry_id, fields=record
+                pipe,
+                dlq_stream,
+                stream=stream,
+                group=group,
+                entry_id=entry_id,
+                fields=record,
             )
-        await pipe.execute()
+        queue_trim(pipe, dlq_stream, maxlen)
+        replies = await pipe.execute()
+    return int(replies[-1] or 0) if maxlen != 0 and replies else 0

@@ -32,6 +32,10 @@ class GroupTarget:
     ordered: bool = False
     base_streams: tuple[str, ...] = ()
     shards: int = 0
+    #: crash suspects hash (core_bus.consume.suspects); "" = no isolation
+    suspects_key: str = ""
+    #: dead-letter stream length kept (None: default)
+    dead_letter_maxlen: int | None = None
 
 
 @dataclass
@@ -47,6 +51,8 @@ class RebalanceCounters:
         }
     )
     dead_lettered: int = 0
+    crash_dead_lettered: int = 0  # subset: blamed for killing a worker (or a stuck handler)
+    dlq_trimmed: int = 0
     deleted_consumers: int = 0
     deleted_entries: int = 0  # pending ids whose entry was trimmed/XDELed, now off the PEL
 
@@ -54,6 +60,8 @@ class RebalanceCounters:
         return RebalanceCounters(
             reclaimed_by_reason=dict(self.reclaimed_by_reason),
             dead_lettered=self.dead_lettered,
+            crash_dead_lettered=self.crash_dead_lettered,
+            dlq_trimmed=self.dlq_trimmed,
             deleted_consumers=self.deleted_consumers,
             deleted_entries=self.deleted_entries,
         )

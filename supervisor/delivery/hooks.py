@@ -46,6 +46,8 @@ class DeliveryHooks:
         # so its reclaim, when a worker gets ready, is logged and counted truthfully
         self._orphan_reasons: dict[str, str] = {}
         self.patterns = PatternStreams(rebalancer.redis, rebalancer.keys)
+        #: dead consumer -> its exit reason, until its entries are reclaimed (orphans wait)
+        self._exit_reasons: dict[str, str] = {}
 
     async def record_consumer(self, runtime: AgentRuntime, consumer: str) -> None:
         """Remember a consumer name handed to a worker of a bus agent (see the registry)."""
@@ -75,6 +77,8 @@ class DeliveryHooks:
             ordered=bool(agent.ordered),
             base_streams=tuple(agent.streams),
             shards=int(agent.shards),
+            suspects_key=agent.keys.suspects(agent.group),
+            dead_letter_maxlen=agent.dead_letter_maxlen,
         )
 
     async def target(self, runtime: AgentRuntime, *, pending_only: bool = False) -> GroupTarget:
@@ -124,18 +128,25 @@ class DeliveryHooks:
                 worker.process.signal_child(signal.SIGUSR1)
 
     async def reclaim(
-        self, runtime: AgentRuntime, dead_consumer: str, reason: str | None = None
+        self,
+        runtime: AgentRuntime,
+        dead_consumer: str,
+        reason: str | None = None,
+        exit_reason: str | None = None,
     ) -> None:
         """Hand a dead consumer's pending entries to live siblings (shielded from cancellation).
 
         With no live sibling, or when Redis fails, the consumer waits in the
-        agent's orphan list for the next worker that becomes ready.
+        agent's orphan list for the next worker that becomes ready. Only ready
+        workers receive entries (a starting one may not handle SIGUSR1 yet).
         """
         if not runtime.config.uses_bus:
             return
         if reason is None:  # an orphan's turn came: it keeps the reason it left with
             reason = self._orphan_reasons.get(dead_consumer, REASON_CRASH)
-        live = runtime.live_consumers(exclude=dead_consumer)
+        if exit_reason is not None:
+            self._exit_reasons[dead_consumer] = exit_reason
+        live = runtime.live_consumers(exclude=dead_consumer)  # ready workers only
         if not live:
             self._orphan_reasons[dead_consumer] = reason
             self._table.add_orphan(runtime, dead_consumer)
@@ -144,7 +155,11 @@ class DeliveryHooks:
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(RECLAIM_DEADLINE):
                 moved = await self.rebalancer.reclaim_dead(
-                    await self.target(runtime), dead_consumer, live, reason=reason
+                    await self.target(runtime),
+                    dead_consumer,
+                    live,
+                    reason=reason,
+                    exit_reason=self._exit_reasons.get(dead_consumer, ""),
                 )
         except Exception as exc:
             log.warning(
@@ -153,6 +168,7 @@ class DeliveryHooks:
             self._orphan_reasons[dead_consumer] = reason
             self._table.add_orphan(runtime, dead_consumer)
             return
+        self._exit_reasons.pop(dead_consumer, None)
         if moved:
             log.info(
                 "reclaimed pending entries",
@@ -168,10 +184,11 @@ class DeliveryHooks:
         if not runtime.config.uses_bus:
             return
         live = set(runtime.live_consumers()) | running
+        receivers = runtime.live_consumers()  # ready workers only
         try:
             with anyio.fail_after(CLEANUP_DEADLINE):
                 moved = await self.rebalancer.cleanup_stale(
-                    await self.target(runtime), sorted(live)
+                    await self.target(runtime), sorted(live), receivers=receivers
                 )
         except Exception as exc:
             log.warning("stale consumer cleanup failed", agent=runtime.name, error=_error(exc))

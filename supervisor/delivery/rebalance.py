@@ -8,11 +8,16 @@ handlers and consumers of processes this supervisor does not know. At start,
 (SIGKILLed) run left behind: only names found in this supervisor's
 :class:`~supervisor.delivery.registry.ConsumerRegistry`.
 
-Delivery counting: every claim here is a normal (non-JUSTID) XCLAIM or
-XAUTOCLAIM, so it bumps the Redis delivery counter once — a claim *is* the
-next delivery. Receivers must therefore fetch claimed entries without bumping
-it again (XPENDING + XRANGE, not XREADGROUP ``0``). An entry whose counter
-already reached ``max_deliveries`` is not handed out again: it goes to the
+Delivery counting: a sweep's claim is a normal XCLAIM or XAUTOCLAIM, so it
+bumps the Redis delivery counter once — a claim *is* the next delivery. A
+crash reclaim does not know which entries the dead worker ran, so it claims
+with JUSTID (no count) and marks them crash suspects, which receivers run
+alone (:mod:`core_bus.consume.suspects`); only an entry the dead worker was
+running alone (or reported stuck) is blamed: claimed with a count, and past
+``max_deliveries`` dead-lettered as ``worker_crashed`` / ``handler_timeout``.
+Receivers must therefore fetch claimed entries without bumping it again
+(XPENDING + XRANGE, not XREADGROUP ``0``). An entry whose counter already
+reached ``max_deliveries`` is not handed out again: it goes to the
 dead-letter stream and is acked in one MULTI/EXEC.
 
 One job in one file (over ~400 lines on purpose): reclaim, sweep and cleanup
@@ -28,10 +33,11 @@ from collections.abc import Sequence
 import anyio
 from redis.asyncio import Redis as AsyncRedis
 
+from core_bus.consume.suspects import isolating_consumers, queue_mark_suspects
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.ordered import assigned, evict_consumer, shard_units
-from core_bus.streams.deadletter import REASON_POISON
+from core_bus.streams.deadletter import REASON_CRASHED, REASON_POISON, REASON_TIMEOUT, TrimReport
 from core_bus.streams.replies import Entry
 from supervisor.delivery.claims import (
     ack_vanished_between,
@@ -89,6 +95,7 @@ class Rebalancer:
         self._cursors: dict[tuple[str, str], str] = {}  # (stream, group) -> resume cursor
         # consumers to delete once their pending list is empty: (agent, group) -> names
         self._graveyard: dict[tuple[str, str], set[str]] = {}
+        self._trims: dict[str, TrimReport] = {}
 
     # -- counters ----------------------------------------------------------------
     def counters_for(self, agent: str) -> RebalanceCounters:
@@ -112,6 +119,7 @@ class Rebalancer:
         live_consumers: Sequence[str],
         *,
         reason: str = REASON_CRASH,
+        exit_reason: str = "",
     ) -> dict[str, int]:
         """Move ``dead_consumer``'s pending entries to ``live_consumers`` and delete it.
 
@@ -128,7 +136,7 @@ class Rebalancer:
             moved = await self._evict_ordered(target, dead_consumer, live)
         for stream in target.streams:
             if live and not target.ordered:
-                await self._reclaim_stream(target, stream, dead_consumer, live, moved)
+                await self._reclaim_stream(target, stream, dead_consumer, live, moved, exit_reason)
             with anyio.CancelScope(shield=True):
                 result = await self._deleter.delete_if_empty(stream, target.group, dead_consumer)
             if result == DELETE_HAS_PENDING:
@@ -190,6 +198,7 @@ class Rebalancer:
         dead: str,
         live: list[str],
         moved: dict[str, int],
+        exit_reason: str = "",
     ) -> None:
         for _ in range(MAX_BATCHES):
             rows = await pending_entries(
@@ -198,7 +207,9 @@ class Rebalancer:
             if not rows:
                 return
             with anyio.CancelScope(shield=True):
-                progressed = await self._reclaim_batch(target, stream, dead, rows, live, moved)
+                progressed = await self._reclaim_batch(
+                    target, stream, dead, rows, live, moved, exit_reason
+                )
             if not progressed:
                 return  # everything left is owned elsewhere now or cannot move: stop
         log.warning("reclaim_batches_exhausted", agent=target.agent, stream=stream, consumer=dead)
@@ -211,9 +222,28 @@ class Rebalancer:
         rows: list[PendingEntry],
         live: list[str],
         moved: dict[str, int],
+        exit_reason: str = "",
     ) -> bool:
-        poison = [r for r in rows if r.deliveries >= target.max_deliveries]
-        movable = [r for r in rows if r.deliveries < target.max_deliveries]
+        limit = target.max_deliveries
+        blamed = await self._blamed(target, stream, dead, rows)
+        crashed = [r for r in rows if r.id in blamed and r.deliveries >= limit]
+        # Without isolation an entry out of attempts is dead-lettered here; with it, an
+        # unblamed one still gets its last attempt, run alone (its own failure names it).
+        poison = [
+            r
+            for r in rows
+            if r.id not in blamed and r.deliveries >= limit and not target.suspects_key
+        ]
+        done = {r.id for r in crashed} | {r.id for r in poison}
+        movable = [r for r in rows if r.id not in done]
+        for rows_of, why in (
+            ([r for r in crashed if blamed[r.id] == REASON_CRASHED], REASON_CRASHED),
+            ([r for r in crashed if blamed[r.id] == REASON_TIMEOUT], REASON_TIMEOUT),
+        ):
+            if rows_of:
+                await self._dead_letter_rows(
+                    target, stream, rows_of, consumer=dead, reason=why, exit_reason=exit_reason
+                )
         if poison:
             await self._dead_letter_rows(target, stream, poison, consumer=dead)
         if not movable:
@@ -223,12 +253,36 @@ class Rebalancer:
         # since XPENDING has a fresh idle time and XCLAIM skips it.
         min_idle = max(0, min(r.idle_ms for r in movable) - 1)
         offset = self._next_offset(target, len(movable))
-        plan: dict[str, list[str]] = {}
+        counted: dict[str, list[str]] = {}  # blamed: this crash was their delivery
+        free: dict[str, list[str]] = {}  # suspects: no delivery counted
         for i, row in enumerate(movable):
+            plan = counted if row.id in blamed or not target.suspects_key else free
             plan.setdefault(live[(offset + i) % len(live)], []).append(row.id)
-        missing = await self._claim_plan(target, stream, plan, min_idle, moved)
+        if target.suspects_key:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                queue_mark_suspects(pipe, target.suspects_key, [(stream, r.id) for r in movable])
+                await pipe.execute()
+        missing = await self._claim_plan(target, stream, counted, min_idle, moved)
+        missing += await self._claim_plan(target, stream, free, min_idle, moved, justid=True)
         settled = await self._settle_unclaimed(target, stream, dead, missing) if missing else 0
-        return bool(poison) or settled > 0 or sum(moved.values()) > before
+        return bool(poison or crashed) or settled > 0 or sum(moved.values()) > before
+
+    async def _blamed(
+        self, target: GroupTarget, stream: str, dead: str, rows: list[PendingEntry]
+    ) -> dict[str, str]:
+        """Ids ``dead`` was running alone when it died (or reported stuck) -> reason."""
+        if not target.suspects_key or not rows:
+            return {}
+        marks = await isolating_consumers(
+            self.redis, target.suspects_key, [(stream, r.id) for r in rows]
+        )
+        out: dict[str, str] = {}
+        for row, mark in zip(rows, marks, strict=True):
+            if mark == dead:
+                out[row.id] = REASON_CRASHED
+            elif mark == f"stuck:{dead}":
+                out[row.id] = REASON_TIMEOUT
+        return out
 
     async def _claim_plan(
         self,
@@ -237,10 +291,14 @@ class Rebalancer:
         plan: dict[str, list[str]],
         min_idle_ms: int,
         moved: dict[str, int],
+        *,
+        justid: bool = False,
     ) -> list[str]:
         """XCLAIM ``plan`` (receiver -> ids), add what each got to ``moved``; return the
         ids no one got (deleted entries, or claimed by someone else meanwhile)."""
-        claimed = await claim_to(self.redis, stream, target.group, plan, min_idle_ms)
+        if not plan:
+            return []
+        claimed = await claim_to(self.redis, stream, target.group, plan, min_idle_ms, justid=justid)
         missing: list[str] = []
         for receiver, got in claimed.items():
             if got:
@@ -266,13 +324,22 @@ class Rebalancer:
         return len(ids) - stuck
 
     async def _dead_letter_rows(
-        self, target: GroupTarget, stream: str, rows: list[PendingEntry], *, consumer: str
+        self,
+        target: GroupTarget,
+        stream: str,
+        rows: list[PendingEntry],
+        *,
+        consumer: str,
+        reason: str = REASON_POISON,
+        exit_reason: str = "",
     ) -> None:
         ids = [row.id for row in rows]
         found, vanished = await fetch_or_ack(self.redis, stream, target.group, ids)
         self._c(target.agent).deleted_entries += len(vanished)
         entries = [(found[row.id], row.deliveries) for row in rows if row.id in found]
-        await self._dead_letter(target, stream, entries, consumer=consumer)
+        await self._dead_letter(
+            target, stream, entries, consumer=consumer, reason=reason, exit_reason=exit_reason
+        )
 
     async def _dead_letter(
         self,
@@ -281,11 +348,24 @@ class Rebalancer:
         entries: list[tuple[Entry, int]],
         *,
         consumer: str,
+        reason: str = REASON_POISON,
+        exit_reason: str = "",
     ) -> None:
         """XADD each to the dead-letter stream and XACK it, all in one MULTI/EXEC."""
         if not entries:
             return
-        await dead_letter_poison(
+        why = ""
+        if reason == REASON_CRASHED:
+            why = (
+                f"worker {consumer} died ({exit_reason or 'exit unknown'}) while running this "
+                "entry alone; {deliveries} attempts"
+            )
+        elif reason == REASON_TIMEOUT:
+            why = (
+                f"handler ignored its cancellation past handler_timeout + grace on {consumer}; "
+                "{deliveries} attempts"
+            )
+        dropped = await dead_letter_poison(
             self.redis,
             target.dlq_stream,
             stream,
@@ -293,15 +373,24 @@ class Rebalancer:
             entries,
             max_deliveries=target.max_deliveries,
             consumer=consumer,
+            reason=reason,
+            why=why,
+            maxlen=target.dead_letter_maxlen,
         )
-        self._c(target.agent).dead_lettered += len(entries)
+        counters = self._c(target.agent)
+        counters.dead_lettered += len(entries)
+        if reason != REASON_POISON:
+            counters.crash_dead_lettered += len(entries)
+        trims = self._trims.setdefault(target.agent, TrimReport(log, agent=target.agent))
+        trims.add(target.dlq_stream, dropped, target.dead_letter_maxlen)
+        counters.dlq_trimmed = trims.trimmed
         log.warning(
             "entries_dead_lettered",
             agent=target.agent,
             stream=stream,
             group=target.group,
             count=len(entries),
-            reason=REASON_POISON,
+            reason=reason,
             dlq=target.dlq_stream,
         )
 
@@ -484,19 +573,26 @@ class Rebalancer:
 
     # -- startup cleanup -------------------------------------------------------------
     async def cleanup_stale(
-        self, target: GroupTarget, live_consumers: Sequence[str]
+        self,
+        target: GroupTarget,
+        live_consumers: Sequence[str],
+        *,
+        receivers: Sequence[str] | None = None,
     ) -> dict[str, int]:
         """Reclaim and delete this supervisor's recorded consumers of the agent that are not live.
 
         For a previous run of this supervisor that was SIGKILLed: its workers'
         consumers still own pending entries nobody will ack. Only names in the
         registry are touched (never a library user's or another supervisor's).
+        Entries go to ``receivers`` (default: every live consumer) - the
+        daemon passes only ready workers, never one still starting.
         """
         live = set(live_consumers)
         stale = [name for name in await self.registry.names(target.agent) if name not in live]
         moved: dict[str, int] = {}
+        to = list(live_consumers) if receivers is None else list(receivers)
         for name in stale:
-            got = await self.reclaim_dead(target, name, live_consumers, reason=REASON_STARTUP)
+            got = await self.reclaim_dead(target, name, to, reason=REASON_STARTUP)
             for receiver, n in got.items():
                 moved[receiver] = moved.get(receiver, 0) + n
         if stale:

@@ -172,7 +172,10 @@ class FleetDaemon:
                 try:
                     async with anyio.create_task_group() as tg:
                         self._runner.bind(
-                            tg, supervisor_name=facts.supervisor_name, delivery=delivery
+                            tg,
+                            supervisor_name=facts.supervisor_name,
+                            delivery=delivery,
+                            drain_notify=notify_server.receive_ready,
                         )
                         # HTTP first: a refused address must fail before any worker starts.
                         if self.config.http.enabled:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from core_bus.consume.stats import SubscriptionStats
 from supervisor.runtime.lifecycle import WorkerState
-from supervisor.runtime.readiness import agent_state
+from supervisor.runtime.readiness import agent_state, stalled_reason
 from supervisor.runtime.records import AgentRuntime, Worker
 
 
@@ -219,7 +219,7 @@ def agent_error(runtime: AgentRuntime) -> str | None:
             if runtime.last_start_error:  # "6 starts within 60s" alone does not say why
                 text += f"; last: {runtime.last_start_error}"
             return text
-    return runtime.last_roll_error or runtime.last_start_error
+    return stalled_reason(runtime) or runtime.last_roll_error or runtime.last_start_error
 
 
 def group_snapshot(stat: Any, group: str) -> GroupSnapshot:

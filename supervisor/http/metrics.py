@@ -173,6 +173,9 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
         "ag1_messages_malformed", "Dead-lettered entries that could not be parsed."
     )
     reconnects = _counter("ag1_bus_reconnects", "Worker reconnects to Redis.")
+    trimmed = _counter(
+        "ag1_dead_letters_trimmed", "Old dead letters dropped by the dead_letter_maxlen trim."
+    )
     in_flight = _gauge("ag1_messages_in_flight", "Handlers running now across the agent.")
     dlq = _gauge(
         "ag1_dlq_entries",
@@ -194,6 +197,7 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
         dead.add_metric(key, stats.dead_lettered)
         malformed.add_metric(key, stats.malformed)
         reconnects.add_metric(key, stats.reconnects)
+        trimmed.add_metric(key, stats.dlq_trimmed)
         in_flight.add_metric(key, stats.in_flight)
         _add_known(dlq, key, agent.dlq_length)
         for reason, count in sorted(agent.reclaimed_by_reason.items()):
@@ -205,6 +209,7 @@ def _message_families(agents: list[AgentSnapshot]) -> Iterator[Metric]:
         dead,
         malformed,
         reconnects,
+        trimmed,
         in_flight,
         dlq,
         reclaimed,

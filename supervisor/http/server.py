@@ -101,6 +101,8 @@ def readiness(snap: FleetSnapshot) -> list[str]:
             reasons.append(
                 f"agent {agent.name}: {agent.ready_replicas}/{agent.desired_replicas} ready"
             )
+        elif agent.state == "degraded":  # all up, none making progress (hung handlers)
+            reasons.append(f"agent {agent.name}: degraded: {agent.last_error}")
     return reasons
 
 

@@ -4,12 +4,16 @@ Pure bookkeeping on the worker table's records (no I/O besides log events),
 called by :class:`~supervisor.runtime.table.WorkerTable` only, so the exit
 path is: reap → ``table.exited`` (:func:`record_exit`) → reclaim → reconcile.
 Reasons are told truthfully: our own kill causes (watchdog, memory limit,
-start timeout) win over the raw status, a SIGKILL we did not send is flagged
-as a likely OOM kill, and an exit before READY that we did not ask for is a
+start timeout, handler stuck) win over the raw status; a SIGKILL we did not
+send is an OOM kill only on evidence (the cgroup's ``oom_kill`` counter rose),
+otherwise ``killed by SIGKILL (not sent by this supervisor)``; and an exit
+before READY that we did not ask for is a
 failed start (kept as the agent's ``last_start_error`` for ``/status``).
 """
 
 from __future__ import annotations
+
+import signal
 
 from core_bus.log import get_logger
 from supervisor.runtime.lifecycle import (
@@ -17,23 +21,33 @@ from supervisor.runtime.lifecycle import (
     CAUSE_RESTART,
     CAUSE_START_TIMEOUT,
     CAUSE_STOP,
+    CAUSE_STUCK,
     CAUSE_WATCHDOG,
     ExitInfo,
     WorkerState,
 )
 from supervisor.runtime.process import ExitStatus
 from supervisor.runtime.records import AgentRuntime, Worker
+from supervisor.runtime.resources import OomEvidence
 
 log = get_logger("supervisor.fleet.daemon")
 
 #: Kill causes of ours that name an exit better than the signal we sent.
-OWN_KILL_CAUSES = (CAUSE_WATCHDOG, CAUSE_MEMORY, CAUSE_START_TIMEOUT)
+OWN_KILL_CAUSES = (CAUSE_WATCHDOG, CAUSE_MEMORY, CAUSE_START_TIMEOUT, CAUSE_STUCK)
+
+#: The supervisor's cgroup OOM counter (baseline read when the daemon imports this).
+OOM = OomEvidence()
+OOM_KILL = "signal SIGKILL (OOM kill: cgroup oom_kill rose)"
 
 
-def exit_reason(worker: Worker, status: ExitStatus, we_sent_kill: bool) -> str:
+def exit_reason(
+    worker: Worker, status: ExitStatus, we_sent_kill: bool, oom: OomEvidence = OOM
+) -> str:
     """``watchdog`` / ``memory limit`` / ``start timeout``, else ``exit N`` / ``signal …``."""
     if worker.kill_cause in OWN_KILL_CAUSES:
         return worker.kill_cause
+    if status.signal == signal.SIGKILL and not we_sent_kill:
+        return OOM_KILL if oom.rose() else "killed by SIGKILL (not sent by this supervisor)"
     return status.describe(we_sent_kill=we_sent_kill)
 
 
@@ -47,9 +61,22 @@ def record_exit(
 ) -> WorkerState:
     """Feed the exit to the lifecycle, count it, fold the worker's message totals, log."""
     was_ready = worker.lifecycle.ready_at is not None
+    # Running a crash suspect alone, or replaced for a stuck handler: the message failed.
+    message_failure = worker.isolating is not None or worker.kill_cause == CAUSE_STUCK
     state = worker.lifecycle.on_exit(
-        now, ExitInfo(status.code, status.signal, worker.kill_cause, reason)
+        now,
+        ExitInfo(status.code, status.signal, worker.kill_cause, reason, message_failure),
     )
+    if message_failure:
+        runtime.message_crashes += 1
+        log.warning(
+            "worker died on a message",
+            agent=runtime.name,
+            worker=worker.key,
+            entry=worker.isolating,
+            reason=reason,
+        )
+    worker.isolating = None
     runtime.exits_by_reason[reason] += 1
     if worker.stats is not None:
         stats = worker.stats

@@ -10,6 +10,13 @@ States::
     starting -> ready -> stopping -> exited -> backoff -> starting ...
                                              \\-> fatal   (start limit hit; cleared by start_agent)
                                              \\-> stopped (not restarted: policy, or we stopped it)
+
+Start limit (as PM2's min_uptime and systemd's StartLimitBurst): only
+*unstable* restarts count toward ``start_limit`` — a worker that died before
+READY, or within ``min_uptime`` of READY. A worker that ran stably and was
+killed restarts with backoff but never goes fatal, and neither does one that
+died on a message (it was running a crash suspect alone, or a handler was
+stuck): that is the message's failure, handled by dead-lettering it.
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ CAUSE_MEMORY = "memory limit"
 CAUSE_START_TIMEOUT = "start timeout"
 CAUSE_STOP = "stop"  # stop requested: do not restart
 CAUSE_RESTART = "restart"  # restart requested: restart without counting a failure
+CAUSE_STUCK = "handler stuck"  # a handler ignored its cancellation: replaced
 
 #: Causes that count as a failure of the worker.
-FAILURE_CAUSES = frozenset({CAUSE_WATCHDOG, CAUSE_MEMORY, CAUSE_START_TIMEOUT})
+FAILURE_CAUSES = frozenset({CAUSE_WATCHDOG, CAUSE_MEMORY, CAUSE_START_TIMEOUT, CAUSE_STUCK})
 
 
 class AgentLike(Protocol):
@@ -78,6 +86,9 @@ class AgentLike(Protocol):
     @property
     def watchdog(self) -> float | None: ...
 
+    @property
+    def min_uptime(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class RestartPolicy:
@@ -98,6 +109,8 @@ class RestartPolicy:
     watchdog: float | None = None
     #: +/- fraction of random jitter applied to each backoff delay.
     jitter: float = 0.2
+    #: Dying within this many seconds of READY is an unstable restart (start limit).
+    min_uptime: float = 10.0
 
     @classmethod
     def from_agent(cls, agent: AgentLike) -> RestartPolicy:
@@ -115,6 +128,7 @@ class RestartPolicy:
             start_timeout=agent.start_timeout,
             ready_after=ready_after,
             watchdog=agent.watchdog,
+            min_uptime=agent.min_uptime,
         )
 
 
@@ -128,6 +142,8 @@ class ExitInfo:
     cause: str | None = None
     #: Human text: "exit 1", "signal SIGSEGV", "watchdog" ...
     reason: str = ""
+    #: It died on a message (crash suspect run alone, stuck handler): never toward fatal.
+    message_failure: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,7 +221,9 @@ class WorkerLifecycle:
         """The process is gone; decide restart / backoff / fatal / stopped."""
         cause = exit_info.cause or self.stop_cause
         if cause != exit_info.cause:
-            exit_info = ExitInfo(exit_info.code, exit_info.signal, cause, exit_info.reason)
+            exit_info = ExitInfo(
+                exit_info.code, exit_info.signal, cause, exit_info.reason, exit_info.message_failure
+            )
         self.last_exit = exit_info
         was_ready = self.ready_at is not None
         uptime = now - self.started_at if self.started_at is not None else 0.0
@@ -215,11 +233,15 @@ class WorkerLifecycle:
             return self.state
 
         failed = self._is_failure(exit_info) or not was_ready
+        stable = was_ready and (
+            self.ready_at is not None and now - self.ready_at >= self.policy.min_uptime
+        )
+        unstable = not stable and not exit_info.message_failure
         if was_ready and uptime >= self.policy.backoff_reset_after:
             self.failures_in_row = 0
-        if failed:
+        if failed and not exit_info.message_failure:
             self.failures_in_row += 1
-        else:
+        elif not failed:
             self.failures_in_row = 0
         if not was_ready and cause != CAUSE_RESTART:
             self.boot_failures_in_row += 1
@@ -228,11 +250,11 @@ class WorkerLifecycle:
             self.state = WorkerState.STOPPED
             return self.state
 
-        # Start limit: more than start_limit restarts within the window -> fatal.
+        # Start limit: more than start_limit unstable restarts within the window -> fatal.
         window_start = now - self.policy.start_limit_window
         while self._restart_times and self._restart_times[0] < window_start:
             self._restart_times.popleft()
-        if cause != CAUSE_RESTART:
+        if cause != CAUSE_RESTART and unstable:
             if len(self._restart_times) >= self.policy.start_limit:
                 return self._fatal(
                     f"{len(self._restart_times) + 1} starts within "

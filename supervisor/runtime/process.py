@@ -90,7 +90,7 @@ class ExitStatus:
         return cls(returncode, None)
 
     def describe(self, *, we_sent_kill: bool = False) -> str:
-        """'exit 1', 'signal SIGSEGV', 'signal SIGKILL (likely OOM kill)' ..."""
+        """'exit 1', 'signal SIGSEGV', 'killed by SIGKILL (not sent by this supervisor)' ..."""
         if self.signal is None:
             return f"exit {self.code}"
         try:
@@ -98,7 +98,7 @@ class ExitStatus:
         except ValueError:
             name = str(self.signal)
         if self.signal == signal.SIGKILL and not we_sent_kill:
-            return f"signal {name} (likely OOM kill)"
+            return f"killed by {name} (not sent by this supervisor)"
         return f"signal {name}"
 
 

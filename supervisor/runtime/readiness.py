@@ -17,12 +17,33 @@ def agent_state(runtime: AgentRuntime) -> str:
         return "fatal"
     ready = len(runtime.ready_workers())
     if ready >= runtime.desired:
+        if runtime.desired and stalled_reason(runtime):
+            return "degraded"
         return "running" if runtime.desired else "stopped"
     if not runtime.gate_open:
         return "starting"
     if any(w.lifecycle.restarts for w in runtime.workers.values()):
         return "degraded"
     return "starting"
+
+
+def stalled_reason(runtime: AgentRuntime) -> str | None:
+    """Why an agent whose workers are all up still makes no progress, if it does not.
+
+    Every ready worker reports (X_AG1_STATS) that all its handler slots have been
+    busy for longer than ``claim_idle``, or that handlers ignore their cancellation.
+    """
+    ready = runtime.ready_workers()
+    if not ready:
+        return None
+    reports = [w.stats for w in ready]
+    if any(s is None or not (s.stalled or s.stuck) for s in reports):
+        return None
+    stuck = sum(s.stuck for s in reports if s is not None)
+    return (
+        f"handlers stalled on all {len(ready)} ready workers "
+        f"(every slot busy longer than claim_idle; {stuck} stuck past handler_timeout)"
+    )
 
 
 def dependencies_ready(agents: dict[str, AgentRuntime], runtime: AgentRuntime) -> bool:

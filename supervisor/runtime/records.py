@@ -57,6 +57,10 @@ class Worker:
     stats: SubscriptionStats | None = None
     usage: Usage | None = None
     kill_cause: str | None = None
+    #: "<stream> <id>" of the crash suspect it runs alone now (X_AG1_ISOLATING)
+    isolating: str | None = None
+    #: handlers it reported stuck (X_AG1_STUCK)
+    stuck: int = 0
     retired: bool = False  # remove once stopped (scale down, replaced by a roll)
     changed: anyio.Event = field(default_factory=anyio.Event)
     capture: CaptureStats = field(default_factory=CaptureStats)
@@ -87,6 +91,7 @@ class AgentRuntime:
     totals: SubscriptionStats = field(default_factory=SubscriptionStats)
     exits_by_reason: Counter[str] = field(default_factory=Counter)
     restarts_total: int = 0
+    message_crashes: int = 0  # workers that died on a message (never toward fatal)
     orphans: list[str] = field(default_factory=list)
     stale_cleaned: bool = False
     last_sweep: float = 0.0

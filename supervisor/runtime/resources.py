@@ -1,4 +1,5 @@
-"""RSS and CPU% of each worker's process tree, sampled periodically (psutil).
+"""RSS and CPU% of each worker's process tree, sampled periodically (psutil);
+OOM evidence from the cgroup's ``memory.events``.
 
 One sample walks the machine's process table once (parent links) and reads
 each tree member's memory and CPU times; the daemon runs it in a worker
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -75,3 +77,51 @@ class ResourceSampler:
             if pid not in seen:
                 del self._procs[pid]
         return result
+
+
+class OomEvidence:
+    """Did the kernel OOM-kill something in our cgroup? (cgroup v2 ``memory.events``).
+
+    The ``oom_kill`` counter (hierarchical: our workers live in the
+    supervisor's cgroup unless something moved them) is read at start and at
+    each unexplained SIGKILL; only a rise is evidence. Where the file is not
+    readable (cgroup v1, containers without it) there is no evidence.
+    """
+
+    def __init__(self, events_path: Path | None = None) -> None:
+        self.path = events_path if events_path is not None else _own_memory_events()
+        self._last = self._read()
+
+    def _read(self) -> int | None:
+        if self.path is None:
+            return None
+        try:
+            text = self.path.read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                with contextlib.suppress(ValueError):
+                    return int(value)
+        return None
+
+    def rose(self) -> bool:
+        """True when ``oom_kill`` grew since the last look."""
+        now = self._read()
+        if now is None:
+            return False
+        before, self._last = self._last, now
+        return before is not None and now > before
+
+
+def _own_memory_events() -> Path | None:
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            path = Path("/sys/fs/cgroup") / line[3:].lstrip("/") / "memory.events"
+            return path if path.exists() else None
+    return None

@@ -32,7 +32,9 @@ from supervisor.runtime.exits import exit_reason
 from supervisor.runtime.lifecycle import (
     CAUSE_START_TIMEOUT,
     CAUSE_STOP,
+    CAUSE_STUCK,
     CAUSE_WATCHDOG,
+    WorkerState,
 )
 from supervisor.runtime.logcapture import LineCapture, TokenBucket
 from supervisor.runtime.notify import NotifyMessage, SenderIndex
@@ -71,6 +73,7 @@ class WorkerRunner:
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._delivery: DeliveryHooks | None = None
+        self._drain_notify: Callable[[], list[NotifyMessage]] | None = None
         self._supervisor_name = ""
         #: Set once the supervisor stops: nothing new is spawned.
         self.stopping = False
@@ -78,10 +81,20 @@ class WorkerRunner:
         self.force_stop = False
 
     def bind(
-        self, tg: anyio.abc.TaskGroup, *, supervisor_name: str, delivery: DeliveryHooks
+        self,
+        tg: anyio.abc.TaskGroup,
+        *,
+        supervisor_name: str,
+        delivery: DeliveryHooks,
+        drain_notify: Callable[[], list[NotifyMessage]] | None = None,
     ) -> None:
-        """Start owning children: their watchers and stops run in ``tg``."""
+        """Start owning children: their watchers and stops run in ``tg``.
+
+        ``drain_notify`` reads datagrams queued on the notify socket; an exit
+        applies them first (a worker's last word, e.g. the suspect it ran).
+        """
         self._tg = tg
+        self._drain_notify = drain_notify
         self._supervisor_name = supervisor_name
         self._delivery = delivery
 
@@ -180,13 +193,19 @@ class WorkerRunner:
     def _on_exit(
         self, runtime: AgentRuntime, worker: Worker, process: ChildProcess, status: ExitStatus
     ) -> None:
+        if self._drain_notify is not None:
+            for message in self._drain_notify():
+                try:
+                    self.on_notify(message)
+                except Exception as exc:  # same rule as the notify server's loop
+                    log.warning("notify handler failed", error=f"{type(exc).__name__}: {exc}")
         self._senders.remove(process.pid)
         reason = exit_reason(worker, status, we_sent_kill=process.sent_kill)
         self._table.exited(runtime, worker, anyio.current_time(), status, reason, process.pid)
         dead = worker.consumer
         if dead is not None and self._tg is not None:
             why = REASON_EXIT if status.code == 0 else REASON_CRASH  # a drain is no crash
-            self._tg.start_soon(self._reclaim, runtime, dead, why)
+            self._tg.start_soon(self._reclaim, runtime, dead, why, reason)
         self._after_exit_state(worker)
 
     def _after_exit_state(self, worker: Worker) -> None:
@@ -267,13 +286,39 @@ class WorkerRunner:
             self.mark_ready(runtime, worker, now)
         if message.stopping:
             log.info("worker stopping", agent=runtime.name, worker=key, pid=worker.pid)
+        self._message_reports(runtime, worker, message)
+
+    def _message_reports(
+        self, runtime: AgentRuntime, worker: Worker, message: NotifyMessage
+    ) -> None:
+        """X_AG1_ISOLATING (the suspect run alone now) and X_AG1_STUCK (replace the worker)."""
+        isolating = message.fields.get("X_AG1_ISOLATING")
+        if isolating is not None:
+            worker.isolating = isolating or None
+        stuck = message.fields.get("X_AG1_STUCK")
+        if stuck is None:
+            return
+        worker.stuck = int(stuck) if stuck.isdigit() else 0
+        if worker.stuck and worker.lifecycle.state == WorkerState.READY:
+            log.error(
+                "worker replaced: handler stuck",
+                agent=runtime.name,
+                worker=worker.key,
+                pid=worker.pid,
+                stuck=worker.stuck,
+            )
+            self.stop(worker, CAUSE_STUCK, kill=True)
 
     # -- delivery ------------------------------------------------------------------------------
     async def _reclaim(
-        self, runtime: AgentRuntime, dead_consumer: str, reason: str | None = None
+        self,
+        runtime: AgentRuntime,
+        dead_consumer: str,
+        reason: str | None = None,
+        exit_reason: str | None = None,
     ) -> None:
         if self._delivery is not None:
-            await self._delivery.reclaim(runtime, dead_consumer, reason)
+            await self._delivery.reclaim(runtime, dead_consumer, reason, exit_reason)
 
     async def _cleanup_stale(self, runtime: AgentRuntime) -> None:
         if self._delivery is None:

@@ -16,6 +16,7 @@ supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
   ``AG1_WATCHDOG_USEC`` when the agent has a watchdog, ``PYTHONUNBUFFERED=1``;
 - handler agents (run by :mod:`supervisor.worker`): ``AG1_HANDLER``,
   ``AG1_CONCURRENCY``, ``AG1_COUNT``, ``AG1_MAX_DELIVERIES``, ``AG1_DLQ``,
+  ``AG1_HANDLER_TIMEOUT``, ``AG1_HANDLER_TIMEOUT_GRACE``, ``AG1_CLAIM_IDLE``, ``AG1_DLQ_MAXLEN``,
   ``AG1_DRAIN_TIMEOUT``, and for ordered agents ``AG1_ORDERED``,
   ``AG1_SHARDS``, ``AG1_BASE_STREAMS``.
 
@@ -101,6 +102,10 @@ def worker_environment(
                 "AG1_COUNT": str(agent.count),
                 "AG1_MAX_DELIVERIES": str(agent.max_deliveries),
                 "AG1_DLQ": agent.dlq_stream,
+                "AG1_HANDLER_TIMEOUT": f"{float(agent.handler_timeout):g}",
+                "AG1_HANDLER_TIMEOUT_GRACE": f"{float(agent.handler_timeout_grace):g}",
+                "AG1_CLAIM_IDLE": f"{float(agent.claim_idle):g}",
+                "AG1_DLQ_MAXLEN": str(agent.dead_letter_maxlen),
                 # Leave a margin under stop_timeout so acks land before SIGKILL.
                 "AG1_DRAIN_TIMEOUT": f"{max(agent.stop_timeout * 0.8, 0.1):g}",
             }
