@@ -260,3 +260,42 @@ async def test_dead_letter_maxlen_trims_and_counts(redis: Any) -> None:
         await sub.stop()
     length = await redis.xlen(KEYS.dead_letter(GROUP))
     assert length < 400 and sub.stats.dlq_trimmed == 400 - length
+
+
+async def test_a_drained_workers_leftovers_are_no_suspects(redis: Any) -> None:
+    """A worker that exited 0 after a drain (rolling restart, scale down) crashed on
+    nothing: its read-ahead moves without a delivery counted and without suspect marks,
+    so the receiver runs it concurrently, not one entry at a time."""
+    ids = await leave_pending(redis, 20)
+    running = 0
+    overlaps: list[int] = []
+
+    async def handler(env: Envelope, r: Any) -> None:
+        nonlocal running
+        running += 1
+        overlaps.append(running)
+        await anyio.sleep(0.05)
+        running -= 1
+
+    sub = await subscribe(
+        redis,
+        STREAM,
+        handler,
+        group=GROUP,
+        consumer="live",
+        concurrency=8,
+        **{**FAST, "pending_check_interval": 60.0},
+    )
+    try:
+        await sub.started()
+        rebalancer = Rebalancer(redis, KEYS, "t")
+        moved = await rebalancer.reclaim_dead(target(), "dead", ["live"], reason="exit")
+        assert moved == {"live": 20}
+        assert [await delivered(redis, i) for i in ids[:3]] == [1, 1, 1]  # JUSTID: no count
+        assert await redis.hlen(KEYS.suspects(GROUP)) == 0
+        sub.check_pending()
+        await eventually(lambda: sub.stats.processed == 20, timeout=20)
+    finally:
+        await sub.stop()
+    assert sub.stats.isolated == 0
+    assert max(overlaps) > 1, "a drained worker's entries were run one at a time"

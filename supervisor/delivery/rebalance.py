@@ -60,6 +60,7 @@ from supervisor.delivery.consumers import (
 )
 from supervisor.delivery.group_target import (
     REASON_CRASH,
+    REASON_EXIT,
     REASON_IDLE,
     REASON_STARTUP,
     GroupTarget,
@@ -136,7 +137,9 @@ class Rebalancer:
             moved = await self._evict_ordered(target, dead_consumer, live)
         for stream in target.streams:
             if live and not target.ordered:
-                await self._reclaim_stream(target, stream, dead_consumer, live, moved, exit_reason)
+                await self._reclaim_stream(
+                    target, stream, dead_consumer, live, moved, exit_reason, reason != REASON_EXIT
+                )
             with anyio.CancelScope(shield=True):
                 result = await self._deleter.delete_if_empty(stream, target.group, dead_consumer)
             if result == DELETE_HAS_PENDING:
@@ -199,6 +202,7 @@ class Rebalancer:
         live: list[str],
         moved: dict[str, int],
         exit_reason: str = "",
+        suspect: bool = True,
     ) -> None:
         for _ in range(MAX_BATCHES):
             rows = await pending_entries(
@@ -208,7 +212,7 @@ class Rebalancer:
                 return
             with anyio.CancelScope(shield=True):
                 progressed = await self._reclaim_batch(
-                    target, stream, dead, rows, live, moved, exit_reason
+                    target, stream, dead, rows, live, moved, exit_reason, suspect
                 )
             if not progressed:
                 return  # everything left is owned elsewhere now or cannot move: stop
@@ -223,7 +227,14 @@ class Rebalancer:
         live: list[str],
         moved: dict[str, int],
         exit_reason: str = "",
+        suspect: bool = True,
     ) -> bool:
+        """One batch of a dead consumer's entries: dead-letter the blamed, move the rest.
+
+        After a crash the moved entries are *suspects* (the receiver runs them
+        alone); after a clean exit (``suspect`` False: a drained worker's
+        read-ahead, never started) they are moved without a mark and run as usual.
+        """
         limit = target.max_deliveries
         blamed = await self._blamed(target, stream, dead, rows)
         crashed = [r for r in rows if r.id in blamed and r.deliveries >= limit]
@@ -258,7 +269,7 @@ class Rebalancer:
         for i, row in enumerate(movable):
             plan = counted if row.id in blamed or not target.suspects_key else free
             plan.setdefault(live[(offset + i) % len(live)], []).append(row.id)
-        if target.suspects_key:
+        if target.suspects_key and suspect:
             async with self.redis.pipeline(transaction=False) as pipe:
                 queue_mark_suspects(pipe, target.suspects_key, [(stream, r.id) for r in movable])
                 await pipe.execute()
