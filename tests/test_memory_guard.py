@@ -2,12 +2,13 @@
 
 Real supervisor (full resource sample every 5 s, the default), real worker
 process, real redis-server: a handler that leaks 40 MiB per message (touched,
-so it is resident) gets messages at a steady pace. The test samples the
+so it is resident) gets messages at a steady pace, or a burst that waits in the
+worker's read-ahead while one handler holds its 40 MiB. The test samples the
 worker's process tree itself with psutil every 20 ms: the worker must be
 restarted for memory after the message that crossed the limit, with nothing
 handled after it (nor during the drain), and its RSS must never get 10 % above
 the limit. With only the 5 s sample, several more messages (40 MiB each) land
-before the supervisor looks.
+before the supervisor looks (275 MiB in both cases).
 
 One message's allocation cannot be stopped from outside the process (only a
 cgroup ``memory.max`` could, by OOM-killing): the handler therefore pads the
@@ -39,6 +40,7 @@ LIMIT = 150 * MiB
 START = 75 * MiB
 LEAK = 40 * MiB
 LEAK_HANDLER = f"""
+import asyncio
 import os
 
 LEAK = []
@@ -54,11 +56,16 @@ async def handle(env, redis):
     if not LEAK:
         LEAK.append(bytearray(b"\\x01") * max(0, {START} - rss()))
     LEAK.append(bytearray(b"\\x01") * {LEAK})  # every page written: resident
-    await redis.incr("leak:handled")
+    await asyncio.sleep(float(env.content))  # the burst case: entries queue up meanwhile
+    await redis.incr(f"leak:handled:{{os.getpid()}}")
 """
 INBOX = "AG1:agent:leak:inbox"
-#: one message per interval: 40 MiB/s of growth
+#: steady: one message a second (40 MiB/s of growth), handled at once
 PACE = 1.0
+#: burst: this many published at once to a worker running one handler at a time that
+#: holds each for HOLD seconds, so the rest wait in its read-ahead when SIGTERM comes
+BURST = 8
+HOLD = 1.0
 
 
 def tree_rss(pid: int) -> int:
@@ -95,9 +102,12 @@ class PeakWatcher:
 
 @pytest.mark.anyio
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("pace", ["steady", "burst"])
 async def test_leaking_worker_is_stopped_within_ten_percent_of_its_limit(
-    tmp_path: Path, redis: Any, redis_url: str
+    tmp_path: Path, redis: Any, redis_url: str, pace: str
 ) -> None:
+    """steady: the guard is faster than the messages; burst: the drain after SIGTERM
+    finishes the running handler and takes nothing from the read-ahead."""
     (tmp_path / "leak_agent.py").write_text(LEAK_HANDLER)
     toml = fleet_toml(
         agent_toml(
@@ -106,6 +116,7 @@ async def test_leaking_worker_is_stopped_within_ten_percent_of_its_limit(
             memory_limit="150MiB",
             stop_timeout="10s",
             start_seconds="30s",
+            concurrency=1 if pace == "burst" else 16,
         ),
         url=redis_url,
     )
@@ -121,10 +132,14 @@ async def test_leaking_worker_is_stopped_within_ten_percent_of_its_limit(
 
             async def publish_steadily() -> None:
                 while True:
-                    await publish_many(redis, INBOX, [Envelope(role="user", content="leak")])
+                    await publish_many(redis, INBOX, [Envelope(role="user", content="0")])
                     await anyio.sleep(PACE)
 
-            tg.start_soon(publish_steadily)
+            if pace == "burst":
+                envs = [Envelope(role="user", content=str(HOLD)) for _ in range(BURST)]
+                await publish_many(redis, INBOX, envs)
+            else:
+                tg.start_soon(publish_steadily)
             await eventually(
                 lambda: worker(daemon, "leak").last_exit == "memory limit",
                 timeout=60,
@@ -133,10 +148,10 @@ async def test_leaking_worker_is_stopped_within_ten_percent_of_its_limit(
             )
             tg.cancel_scope.cancel()
         assert agent(daemon, "leak").exits_by_reason["memory limit"] >= 1
-        handled = int(await redis.get("leak:handled") or 0)
+        handled = int(await redis.get(f"leak:handled:{pid}") or 0)
     print(
         f"baseline {baseline / MiB:.0f} MiB, peak {watcher.peak / MiB:.0f} MiB "
-        f"(limit {LIMIT / MiB:.0f} MiB, {watcher.readings} readings), {handled} handled"
+        f"(limit {LIMIT / MiB:.0f} MiB, {watcher.readings} readings), {handled} handled ({pace})"
     )
     assert watcher.readings > 10
     assert watcher.peak > LIMIT, "the leak never reached the limit: the test measures nothing"
@@ -152,16 +167,15 @@ def test_resident_bytes_reads_what_psutil_reads(python_exe: str) -> None:
     """The guard's statm reading is psutil's rss; the sampler remembers each tree's members,
     and a reading of processes that are all gone is None (not 0: no evidence)."""
     import subprocess
-    import time
 
     from supervisor.runtime.resources import ResourceSampler, resident_bytes
 
-    child = subprocess.Popen([python_exe, "-c", "import time; time.sleep(60)"])
+    code = "import time; print('up', flush=True); time.sleep(60)"
+    child = subprocess.Popen([python_exe, "-c", code], stdout=subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"up\n"  # started and idle: its RSS holds still
         me = psutil.Process()
-        deadline = time.monotonic() + 10
-        while not me.children() and time.monotonic() < deadline:
-            time.sleep(0.01)
         sampler = ResourceSampler()
         usage = sampler.sample([me.pid])
         assert set(sampler.members(me.pid)) >= {me.pid, child.pid}
@@ -173,4 +187,6 @@ def test_resident_bytes_reads_what_psutil_reads(python_exe: str) -> None:
     finally:
         child.kill()
         child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
     assert resident_bytes([child.pid]) is None
