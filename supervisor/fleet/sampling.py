@@ -96,11 +96,12 @@ async def guard_memory(sampler: ResourceSampler, table: WorkerTable) -> list[Wor
     ]
     if not guarded:
         return []
-    trees = [sampler.members(w.pid) for w in guarded if w.pid is not None]
+    pids = [w.pid for w in guarded]
+    trees = [sampler.members(pid) for pid in pids if pid is not None]
     readings = await anyio.to_thread.run_sync(lambda: [resident_bytes(t) for t in trees])
     over: list[Worker] = []
-    for worker, rss in zip(guarded, readings, strict=True):
-        if rss is None or worker.pid is None:
+    for worker, pid, rss in zip(guarded, pids, readings, strict=True):
+        if rss is None or worker.pid != pid:  # replaced while we read: not its reading
             continue
         cpu = worker.usage.cpu_percent if worker.usage is not None else 0.0
         table.sampled(worker, Usage(rss, cpu))
