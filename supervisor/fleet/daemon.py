@@ -36,7 +36,7 @@ from supervisor.delivery.hooks import DeliveryHooks
 from supervisor.delivery.rebalance import Rebalancer
 from supervisor.fleet.controller import FleetController, FleetFacts
 from supervisor.fleet.reconciler import Reconciler
-from supervisor.fleet.sampling import RedisHealth, sample_workers
+from supervisor.fleet.sampling import GUARD_INTERVAL, RedisHealth, guard_memory, sample_workers
 from supervisor.fleet.systemd_status import SystemdStatus, watchdog_interval
 from supervisor.runtime.lifecycle import CAUSE_MEMORY
 from supervisor.runtime.notify import NotifyServer
@@ -195,6 +195,7 @@ class FleetDaemon:
                         tg.start_soon(self._reconciler.run)
                         tg.start_soon(self._health.ping_loop, facts.redis_url or "")
                         tg.start_soon(self._sample_loop, redis, delivery)
+                        tg.start_soon(self._memory_guard_loop)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
                         if self._watchdog_interval is not None:
                             tg.start_soon(self._systemd.watchdog_loop, self._watchdog_interval)
@@ -261,6 +262,15 @@ class FleetDaemon:
             await self._health.probe(redis, delivery, self.table.runtimes(), REDIS_TIMEOUT)
             self._systemd.update(self.table.agents)
             await anyio.sleep(self.sample_interval)
+
+    async def _memory_guard_loop(self) -> None:
+        """Between full samples: the RSS of workers with a ``memory_limit``, every
+        GUARD_INTERVAL; one over it gets the same graceful restart (it leaves READY
+        with the stop, so it is stopped once)."""
+        while True:
+            for worker in await guard_memory(self._sampler, self.table):
+                self._runner.stop(worker, CAUSE_MEMORY)
+            await anyio.sleep(GUARD_INTERVAL)
 
 
 def _address_text(address: tuple[str, int] | None) -> str | None:

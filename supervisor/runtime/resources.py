@@ -1,15 +1,20 @@
 """RSS and CPU% of each worker's process tree, sampled periodically (psutil);
-OOM evidence from the cgroup's ``memory.events``.
+a cheap RSS reading of the trees it found (``/proc/<pid>/statm``); OOM evidence
+from the cgroup's ``memory.events``.
 
 One sample walks the machine's process table once (parent links) and reads
 each tree member's memory and CPU times; the daemon runs it in a worker
-thread every few seconds, never per event.
+thread every few seconds, never per event. Between samples the memory guard
+re-reads only the resident size of the members each sample found (one tiny
+file per process, the same number psutil reports as ``rss``), several times a
+second, so a leaking worker is stopped close to its ``memory_limit``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,8 @@ class ResourceSampler:
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        #: root pid -> the live members of its tree at the last sample (root first)
+        self.trees: dict[int, tuple[int, ...]] = {}
 
     def _proc(self, pid: int) -> psutil.Process | None:
         proc = self._procs.get(pid)
@@ -44,6 +51,7 @@ class ResourceSampler:
         roots = list(roots)
         if not roots:
             self._procs.clear()
+            self.trees = {}
             return {}
         children: dict[int, list[int]] = {}
         for proc in psutil.process_iter(["ppid"]):
@@ -52,6 +60,7 @@ class ResourceSampler:
                 children.setdefault(ppid, []).append(proc.pid)
         seen: set[int] = set()
         result: dict[int, Usage] = {}
+        trees: dict[int, tuple[int, ...]] = {}
         for root in roots:
             tree = [root]
             i = 0
@@ -61,6 +70,7 @@ class ResourceSampler:
             rss = 0
             cpu = 0.0
             alive = False
+            members: list[int] = []
             for pid in tree:
                 found = self._proc(pid)
                 if found is None:
@@ -71,12 +81,42 @@ class ResourceSampler:
                     cpu += proc.cpu_percent(None)
                     alive = True
                     seen.add(pid)
+                    members.append(pid)
             if alive:
                 result[root] = Usage(rss, cpu)
+                trees[root] = tuple(members)
         for pid in list(self._procs):
             if pid not in seen:
                 del self._procs[pid]
+        self.trees = trees
         return result
+
+    def members(self, root: int) -> tuple[int, ...]:
+        """The tree under ``root`` as the last sample found it (just the root before one)."""
+        return self.trees.get(root) or (root,)
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(pids: Sequence[int]) -> int | None:
+    """Summed resident size of ``pids`` from ``/proc/<pid>/statm`` (a few µs each);
+    members that exited count 0, None when none is left (or there is no /proc)."""
+    total = 0
+    found = False
+    for pid in pids:
+        try:  # os.open/os.read: half the cost of open(), this runs several times a second
+            fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+            try:
+                fields = os.read(fd, 256).split()
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        with contextlib.suppress(IndexError, ValueError):
+            total += int(fields[1]) * _PAGE_SIZE
+            found = True
+    return total if found else None
 
 
 class OomEvidence:
