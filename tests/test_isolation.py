@@ -299,3 +299,25 @@ async def test_a_drained_workers_leftovers_are_no_suspects(redis: Any) -> None:
         await sub.stop()
     assert sub.stats.isolated == 0
     assert max(overlaps) > 1, "a drained worker's entries were run one at a time"
+
+
+async def test_acks_of_entries_lost_to_the_sweep_leave_no_empty_xack(redis: Any) -> None:
+    """A resumed worker drops the acks of entries the sweep gave away; when that was
+    every ack of a stream, the flush sends nothing for it (an XACK without ids is an
+    error reply that used to kill the worker) and acks the rest."""
+    import structlog
+
+    from core_bus.consume.acks import AckBatcher
+    from core_bus.consume.held import HeldEntries
+    from core_bus.consume.stats import SubscriptionStats
+    from core_bus.streams.connwatch import ConnectionWatch
+
+    ids = await leave_pending(redis, 2, consumer="me")
+    other = "AG1:agent:iso:other"
+    stats = SubscriptionStats()
+    held = HeldEntries([STREAM, other])
+    acks = AckBatcher(redis, GROUP, held, stats, ConnectionWatch(structlog.get_logger(), stats))
+    acks.add(STREAM, ids[0], True)
+    acks.pending[other] = []  # what dropping the only ack of a stream used to leave
+    assert await acks.flush()
+    assert [await delivered(redis, i) for i in ids] == [0, 1]  # ids[0] acked, ids[1] kept

@@ -112,7 +112,11 @@ class AckBatcher:
 
     async def _send(self, batch: dict[str, list[str]]) -> None:
         """One XACK per stream: a plain command for one stream (the common case,
-        cheaper than a pipeline object), pipelined for several."""
+        cheaper than a pipeline object), pipelined for several. Streams whose ids
+        were all dropped meanwhile (lost to the sweep) send nothing."""
+        batch = {stream: ids for stream, ids in batch.items() if ids}
+        if not batch:
+            return
         if len(batch) == 1:
             for stream, ids in batch.items():
                 await self._r.xack(stream, self._group, *ids)

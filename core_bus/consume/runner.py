@@ -323,7 +323,10 @@ class HandlerRunner:
         if ids:
             left = [i for i in ids if i not in gone]
             self._acks.counted -= len(ids) - len(left)
-            self._acks.pending[stream] = left
+            if left:
+                self._acks.pending[stream] = left
+            else:  # an empty list would become an XACK without ids (an error reply)
+                del self._acks.pending[stream]
         self.lost.update(k for k in self.running if k[0] == stream and k[1] in gone)
 
     async def watch_handlers(self) -> None:
