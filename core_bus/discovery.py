@@ -33,7 +33,6 @@ from core_bus.keys import StreamKeyBuilder, default_consumer_name
 from core_bus.log import get_logger
 from core_bus.settings import get_settings
 from core_bus.streams.closewatch import watch_client
-from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.finder import StreamFinder
 from core_bus.streams.patterns import glob_match
 from core_bus.streams.replies import text
@@ -134,12 +133,8 @@ class BusSubscriptions(SubscriptionHandle):
                     self._scope = scope
                     if self._stopping:
                         scope.cancel()
-                    try:
-                        await self.finder.initial()
-                    except TRANSIENT_ERRORS as exc:  # keep trying in the background
-                        self._log.warning("discovery_redis_unavailable", error=repr(exc))
-                        self._mark_started()
-                        await self.finder.retrying(self.finder.initial)
+                    # Redis away at start: report started, keep trying in the background.
+                    await self.finder.retrying(self.finder.initial, self._mark_started)
                     self._mark_started()
                     await self.finder.follow()
             finally:

@@ -27,7 +27,6 @@ from core_bus.consume.subscription import Subscription, subscription
 from core_bus.keys import StreamKeyBuilder, default_consumer_name
 from core_bus.log import get_logger
 from core_bus.settings import get_settings
-from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.finder import StreamFinder
 from core_bus.streams.patterns import glob_match, is_pattern
 from core_bus.streams.replies import text
@@ -108,12 +107,8 @@ class FollowingSubscription(SubscriptionHandle):
                         scope.cancel()
                     if self.plain:
                         await self._add(self.plain)
-                    if self.patterns:
-                        try:
-                            await self.finder.initial()
-                        except TRANSIENT_ERRORS as exc:  # READY waits for Redis, as plain ones do
-                            self._log.warning("discovery_redis_unavailable", error=repr(exc))
-                            await self.finder.retrying(self.finder.initial)
+                    if self.patterns:  # READY waits for Redis, as plain streams do
+                        await self.finder.retrying(self.finder.initial)
                     if self.subscription is not None:
                         await self.subscription.started()
                     self._mark_started()

@@ -88,8 +88,13 @@ class StreamFinder:
             tg.start_soon(self.retrying, self._follow_notices)
             tg.start_soon(self.retrying, self._poll)
 
-    async def retrying(self, step: Callable[[], Awaitable[None]]) -> None:
-        """Run ``step`` to completion, backing off while Redis is unreachable (logged once)."""
+    async def retrying(
+        self,
+        step: Callable[[], Awaitable[None]],
+        on_unavailable: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``step`` to completion, backing off while Redis is unreachable (logged
+        once; ``on_unavailable`` runs then too, e.g. to report a start that waits)."""
         attempt = 0
         while True:
             try:
@@ -99,6 +104,8 @@ class StreamFinder:
                 attempt += 1
                 if attempt == 1:
                     self._log.warning("discovery_redis_unavailable", error=repr(exc))
+                    if on_unavailable is not None:
+                        on_unavailable()
                 await anyio.sleep(RETRY.delay(attempt))
 
     async def _follow_notices(self) -> None:
