@@ -195,5 +195,22 @@ class StreamKeyBuilder:
         """Short-lived lock (always with a TTL) for supervisor bookkeeping."""
         return f"{self.ns}:fleet:lock:{name}"
 
+    # -- fleet membership (supervisor.membership) ------------------------------------
+    def fleet_members(self) -> str:
+        """Hash of every supervisor of the fleet: name -> JSON record, rewritten each renewal.
+
+        A dead member stays here until a live one has reclaimed its consumers."""
+        return f"{self.ns}:fleet:members"
+
+    def fleet_lease(self, supervisor_name: str) -> str:
+        """A supervisor's membership lease: a string holding its incarnation, ``PX lease_ttl``.
+
+        ``fleet:member:`` (not ``fleet:lease:``, which holds ordered shard leases)."""
+        return f"{self.ns}:fleet:member:{supervisor_name}"
+
+    def fleet_departed(self) -> str:
+        """Stream of members that left or expired, and what was reclaimed from them."""
+        return f"{self.ns}:fleet:departed"
+
 
 DEFAULT_KEYS = StreamKeyBuilder()

@@ -1,0 +1,1 @@
+"""Fleet membership across hosts: leases, the member directory, cross-host reclaim."""
