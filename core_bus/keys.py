@@ -212,5 +212,14 @@ class StreamKeyBuilder:
         """Stream of members that left or expired, and what was reclaimed from them."""
         return f"{self.ns}:fleet:departed"
 
+    # -- fleet-wide control (supervisor.fleetctl) --------------------------------------
+    def fleet_commands(self) -> str:
+        """Stream of control commands to supervisors (``target`` names one), MAXLEN ~1000."""
+        return f"{self.ns}:fleet:commands"
+
+    def fleet_command_acks(self) -> str:
+        """Stream of the answers: one entry per command a supervisor ran (``cmd`` = its id)."""
+        return f"{self.ns}:fleet:command-acks"
+
 
 DEFAULT_KEYS = StreamKeyBuilder()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -35,6 +36,9 @@ from supervisor.fleet.systemd_status import SystemdStatus
 from supervisor.runtime.lifecycle import CAUSE_RESTART
 from supervisor.runtime.runner import WorkerRunner
 from supervisor.runtime.table import AgentRuntime, WorkerTable
+
+if TYPE_CHECKING:
+    from supervisor.fleetctl.service import FleetCommands
 
 log = get_logger("supervisor.fleet.daemon")
 
@@ -86,6 +90,7 @@ class FleetController:
         self._config_loader = config_loader
         self._reload_lock = anyio.Lock()
         self.delivery: DeliveryHooks | None = None
+        self.fleet: FleetCommands | None = None  # the fleet view and fleet-wide restarts
         self.last_reload_error: str | None = None
         self.last_reload_at: float | None = None
 

@@ -38,6 +38,9 @@ from supervisor.fleet.controller import FleetController, FleetFacts
 from supervisor.fleet.reconciler import Reconciler
 from supervisor.fleet.sampling import GUARD_INTERVAL, RedisHealth, guard_memory, sample_workers
 from supervisor.fleet.systemd_status import SystemdStatus, watchdog_interval
+from supervisor.fleetctl.execute import execute_command
+from supervisor.fleetctl.follower import CommandFollower
+from supervisor.fleetctl.service import FleetCommands
 from supervisor.runtime.lifecycle import CAUSE_MEMORY
 from supervisor.runtime.notify import NotifyServer
 from supervisor.runtime.process import probe_spawn_tools
@@ -164,6 +167,14 @@ class FleetDaemon:
                 self.table,
             )
             self.control.delivery = delivery
+            keys = StreamKeyBuilder(self.config.redis.namespace)
+            self.control.fleet = FleetCommands(redis, keys, facts.supervisor_name)
+            commands = CommandFollower(
+                redis,
+                keys,
+                facts.supervisor_name,
+                partial(execute_command, self.control, self.table, self._runner),
+            )
             with (
                 NotifyServer(state_dir=self.config.supervisor.state_dir) as notify_server,
                 anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
@@ -197,6 +208,7 @@ class FleetDaemon:
                         tg.start_soon(self._sample_loop, redis, delivery)
                         tg.start_soon(self._memory_guard_loop)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
+                        tg.start_soon(commands.run)  # fleet-wide commands addressed to us
                         if self._watchdog_interval is not None:
                             tg.start_soon(self._systemd.watchdog_loop, self._watchdog_interval)
                         log.info(

@@ -44,6 +44,8 @@ from supervisor.fleet.snapshot import (
     ReloadResult,
     UnknownAgentError,
 )
+from supervisor.fleetctl.http import fleet_restart_call, fleet_view_reply
+from supervisor.fleetctl.service import FleetCommands
 from supervisor.http.control import (
     BadRequest,
     Operation,
@@ -235,6 +237,8 @@ class _Handlers:
                 return _json(base, status=409)
             return _json(base)
         base["ok"] = True
+        if isinstance(result, dict):  # a fleet restart: each host's outcome
+            base.update(result)
         return _json(base)
 
     async def restart(self, request: web.Request) -> web.Response:
@@ -244,7 +248,9 @@ class _Handlers:
             rolling = body.get("rolling", False)
             if not isinstance(rolling, bool):
                 raise BadRequest('"rolling" must be true or false')
-            no_extra(body, {"rolling"})
+            if body.get("fleet", False) is not False:
+                return fleet_restart_call(self._fleet(), name, body)
+            no_extra(body, {"rolling", "fleet"})
             return lambda: self.control.restart_agent(name, rolling=rolling)
 
         return await self._control(request, "restart", call)
@@ -281,6 +287,20 @@ class _Handlers:
             return lambda: method(name)
 
         return await self._control(request, action, call)
+
+    def _fleet(self) -> FleetCommands | None:
+        fleet = getattr(self.control, "fleet", None)
+        return fleet if isinstance(fleet, FleetCommands) else None
+
+    async def fleet(self, request: web.Request) -> web.Response:
+        """``GET /v1/fleet``: every supervisor of the fleet (token required when set)."""
+        if not bearer_authorized(request.headers.get("Authorization", ""), self.token):
+            log.warning("control_unauthorized", action="fleet", peer=request.remote)
+            resp = _error(401, "unauthorized: send Authorization: Bearer <AG1_CONTROL_TOKEN>")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="ag1-fleet"'
+            return resp
+        status, data = await fleet_view_reply(self._fleet(), self.request_timeout)
+        return _json(data, status=status)
 
     async def reload(self, request: web.Request) -> web.Response:
         def call(body: dict[str, Any]) -> Operation:
@@ -375,6 +395,7 @@ def build_app(
             web.post("/v1/agents/{name}/stop", h.stop),
             web.post("/v1/agents/{name}/start", h.start),
             web.post("/v1/reload", h.reload),
+            web.get("/v1/fleet", h.fleet),
         ]
     )
     return app
