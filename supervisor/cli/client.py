@@ -145,7 +145,7 @@ class ControlClient:
         request.add_header("Accept", "application/json")
         if data is not None:
             request.add_header("Content-Type", "application/json")
-        if self.token and method != "GET":
+        if self.token and (method != "GET" or path.startswith("/v1/")):  # GET /v1/fleet too
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:

@@ -33,6 +33,8 @@ examples:
   ag1-fleet run -c fleet.example.toml        run the example fleet (Ctrl-C stops it)
   ag1-fleet status                           agents, workers, groups of the running fleet
   ag1-fleet restart echo --rolling           replace echo's workers one by one
+  ag1-fleet restart echo --rolling --fleet   the same on every host, host by host
+  ag1-fleet status --fleet                   every supervisor on this Redis, per host
   ag1-fleet scale echo 3                     run 3 workers of echo
   ag1-fleet reload                           re-read the running fleet's config file
 
@@ -126,9 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Ask the running supervisor for its state: each agent (state, ready workers, "
         "restarts, messages, dead letters), each worker, each group's pending and lag, "
         "and orphan groups no fleet reads.",
-        ["ag1-fleet status", "ag1-fleet status --json", "ag1-fleet status --url http://h:8765"],
+        [
+            "ag1-fleet status",
+            "ag1-fleet status --json",
+            "ag1-fleet status --url http://h:8765",
+            "ag1-fleet status --fleet",
+        ],
     )
     _control_args(status)
+    status.add_argument(
+        "--fleet",
+        action="store_true",
+        help="every supervisor of the fleet (all hosts on this Redis), read from Redis",
+    )
 
     restart = _command(
         sub,
@@ -136,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         "restart an agent's workers",
         "Restart every worker of AGENT: all at once (each drains first), or with "
         "--rolling one batch at a time, replacements ready before the old ones stop.",
-        ["ag1-fleet restart echo --rolling", "ag1-fleet restart echo"],
+        [
+            "ag1-fleet restart echo --rolling",
+            "ag1-fleet restart echo",
+            "ag1-fleet restart echo --rolling --fleet",
+        ],
     )
     _control_args(restart)
     _agent_arg(restart)
@@ -144,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--rolling",
         action="store_true",
         help="start replacements first and wait for them to be ready (no downtime)",
+    )
+    restart.add_argument(
+        "--fleet",
+        action="store_true",
+        help="on every host that runs AGENT, one host after the other (each READY again "
+        "before the next starts); any supervisor of the fleet coordinates it",
+    )
+    restart.add_argument(
+        "--host-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --fleet: how long one host may take (default 120)",
+    )
+    restart.add_argument(
+        "--wait",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="with --fleet: how long to follow the roll before leaving it running (default 900)",
     )
 
     scale = _command(

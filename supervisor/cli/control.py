@@ -35,6 +35,12 @@ def main(args: argparse.Namespace) -> int:
             getattr(args, "config", None), getattr(args, "url", None)
         )
         client = ControlClient(base_url, token=token_from_env(), timeout=timeout)
+        if getattr(args, "fleet", False):  # across hosts: supervisor.cli.fleet
+            from supervisor.cli import fleet
+
+            if args.command == "status":
+                return fleet.status(client, args.json)
+            return fleet.restart(client, args)
         if args.command == "status":
             return _status(client, args.json)
         return _control(client, args)
