@@ -180,7 +180,12 @@ def _yes(flag: Any) -> str:
 def _ago(at_ms: Any, now_ms: int) -> str:
     if not at_ms or not now_ms:
         return "-"
-    return f"{max(0, now_ms - int(at_ms)) / 1000:.0f}s"
+    seconds = max(0, now_ms - int(at_ms)) // 1000
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
 
 
 def _counts(counts: Any) -> str:
