@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -86,6 +87,8 @@ class FleetController:
         self._config_loader = config_loader
         self._reload_lock = anyio.Lock()
         self.delivery: DeliveryHooks | None = None
+        #: supervisor.membership.service.Membership, set by the daemon (snapshot() only)
+        self.membership: Any = None
         self.last_reload_error: str | None = None
         self.last_reload_at: float | None = None
 
@@ -123,6 +126,7 @@ class FleetController:
             last_reload_error=self.last_reload_error,
             last_reload_at=self.last_reload_at,
             ready=self.ready,
+            membership=self.membership.snapshot() if self.membership is not None else None,
         )
 
     def _runtime(self, name: str) -> AgentRuntime:

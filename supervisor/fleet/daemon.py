@@ -38,6 +38,7 @@ from supervisor.fleet.controller import FleetController, FleetFacts
 from supervisor.fleet.reconciler import Reconciler
 from supervisor.fleet.sampling import GUARD_INTERVAL, RedisHealth, guard_memory, sample_workers
 from supervisor.fleet.systemd_status import SystemdStatus, watchdog_interval
+from supervisor.membership.service import Membership
 from supervisor.runtime.lifecycle import CAUSE_MEMORY
 from supervisor.runtime.notify import NotifyServer
 from supervisor.runtime.process import probe_spawn_tools
@@ -114,6 +115,7 @@ class FleetDaemon:
             namespace=self.config.redis.namespace,
             notify_socket=self._notify.address,
             config_dir=self.config.config_dir,
+            lease_ttl=float(self.config.supervisor.lease_ttl),
         )
 
     # -- main ----------------------------------------------------------------------------
@@ -164,6 +166,16 @@ class FleetDaemon:
                 self.table,
             )
             self.control.delivery = delivery
+            membership = Membership(
+                name=facts.supervisor_name,
+                lease_ttl=float(self.config.supervisor.lease_ttl),
+                redis_url=facts.redis_url or "",
+                keys=StreamKeyBuilder(self.config.redis.namespace),
+                table=self.table,
+                hooks=delivery,
+                http_address=lambda: _address_text(facts.http_address),
+            )
+            self.control.membership = membership
             with (
                 NotifyServer(state_dir=self.config.supervisor.state_dir) as notify_server,
                 anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
@@ -197,6 +209,7 @@ class FleetDaemon:
                         tg.start_soon(self._sample_loop, redis, delivery)
                         tg.start_soon(self._memory_guard_loop)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
+                        tg.start_soon(membership.run)
                         if self._watchdog_interval is not None:
                             tg.start_soon(self._systemd.watchdog_loop, self._watchdog_interval)
                         log.info(
@@ -211,6 +224,7 @@ class FleetDaemon:
                         await self._stop_requested.wait()
                         self._systemd.stopping()
                         await self._reconciler.stop_all()
+                        await membership.leave()  # workers drained: drop the lease now
                         tg.cancel_scope.cancel()
                 finally:
                     self._notify = None

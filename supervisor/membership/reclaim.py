@@ -244,7 +244,6 @@ class CrossHostReclaimer:
                 "member_retired",
                 member=member.name,
                 incarnation=member.incarnation,
-                reclaimed=member.reclaimed,
             )
 
     async def _reclaim_agent(
