@@ -6,7 +6,9 @@ AG1_HANDLER, AG1_STREAMS, AG1_GROUP, AG1_CONSUMER, REDIS_URL, NOTIFY_SOCKET
 subscribes, reports READY=1 once its group exists, then sends WATCHDOG=1 with
 its counters (X_AG1_STATS) from the event loop itself. SIGTERM drains
 (stop reading, finish in-flight, ack) and exits 0; SIGUSR1 makes it look at
-its own pending list now (the supervisor just gave it reclaimed entries).
+its own pending list now (the supervisor just gave it reclaimed entries);
+SIGUSR2 pauses it (its supervisor is cut off from the fleet: take no entries,
+ack only after an ownership re-check) until the next SIGUSR1.
 
 Exit codes: 0 after a drain, 3 when the handler cannot be imported (a boot
 failure the supervisor does not retry forever), 1 on any other error.
@@ -98,6 +100,8 @@ class WorkerEnv:
     handler_timeout_grace: float = 10.0
     claim_idle: float = 0.0
     dead_letter_maxlen: int | None = None
+    ownership_fence: float = 0.0
+    shard_lease_ttl: float = 10.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> WorkerEnv:
@@ -147,6 +151,8 @@ class WorkerEnv:
             handler_timeout_grace=seconds("AG1_HANDLER_TIMEOUT_GRACE", 10.0),
             claim_idle=seconds("AG1_CLAIM_IDLE", 0.0),
             dead_letter_maxlen=num("AG1_DLQ_MAXLEN", -1) if "AG1_DLQ_MAXLEN" in environ else None,
+            ownership_fence=seconds("AG1_OWNERSHIP_FENCE", 0.0),
+            shard_lease_ttl=seconds("AG1_SHARD_LEASE_TTL", 10.0) or 10.0,
         )
 
 
@@ -202,6 +208,7 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
             max_deliveries=env.max_deliveries,
             dlq_stream=env.dlq_stream,
             keys=StreamKeyBuilder(env.namespace),
+            lease_ttl=env.shard_lease_ttl,
         )
     if any(is_pattern(stream) for stream in env.streams):  # plain names and patterns
         from core_bus.following import follow_streams
@@ -236,6 +243,7 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
         handler_timeout_grace=env.handler_timeout_grace,
         claim_idle=env.claim_idle,
         dead_letter_maxlen=env.dead_letter_maxlen,
+        ownership_fence=env.ownership_fence,
     )
 
 
@@ -270,7 +278,7 @@ async def _started_or_stopped(sub: Any, signals: Any) -> bool:
                     stopped = True
                     tg.cancel_scope.cancel()
                     return
-                # SIGUSR1 before ready: nothing is pending for us yet.
+                # SIGUSR1/SIGUSR2 before ready: nothing is pending for us yet.
 
         tg.start_soon(watch)
         await sub.started()
@@ -285,7 +293,9 @@ async def run_worker(env: WorkerEnv, handler: Callable[..., Any]) -> int:
     notifier = Notifier()
     redis = connect(env.redis_url)
     try:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with anyio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2
+        ) as signals:
             sub = await _subscribe(redis, env, handler)
             if not await _started_or_stopped(sub, signals):
                 # SIGTERM before we were ready (Redis unreachable, slow start): leave now.
@@ -320,7 +330,13 @@ async def run_worker(env: WorkerEnv, handler: Callable[..., Any]) -> int:
                 tg.start_soon(watch_subscription)
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
+                        if getattr(sub, "paused", False):
+                            sub.resume()  # re-checks what it holds, then looks at pending
                         sub.check_pending()
+                        continue
+                    if signum == signal.SIGUSR2:
+                        if hasattr(sub, "pause"):
+                            sub.pause()  # our supervisor is cut off from the fleet
                         continue
                     _log().info("worker draining", agent=env.agent, worker=env.worker)
                     notifier.send("STOPPING=1")

@@ -12,8 +12,11 @@ they go idle and the sweep hands them to a sibling instead of leaving them
 behind hung handlers.
 
 :meth:`LeaseKeeper.stale` tells the runner when the last successful renewal
-is older than ``claim_idle`` (the process was paused, or Redis away): then
-ownership is re-checked before any handler starts or any ack is sent.
+is older than ``claim_idle`` (the process was paused, or Redis away), or a
+shorter ``fence`` (the supervisor's membership lease: a host paused that long
+may have been declared dead and reclaimed), and after every lost connection
+(:meth:`LeaseKeeper.invalidate`): then ownership is re-checked before any
+handler starts or any ack is sent.
 """
 
 from __future__ import annotations
@@ -61,11 +64,16 @@ class LeaseKeeper:
         before_renew: Callable[[], None] | None = None,
         watch: ConnectionWatch,
         log: Any,
+        fence: float = 0.0,
     ) -> None:
         self._r = redis
         self._group = group
         self._consumer = consumer
-        self.claim_idle = claim_idle
+        # The threshold that counts: claim_idle, or a shorter fence (a supervisor's
+        # membership lease: a host paused that long may have been reclaimed).
+        self.claim_idle = min(t for t in (claim_idle, fence, float("inf")) if t > 0)
+        if self.claim_idle == float("inf"):
+            self.claim_idle = 0.0
         self._held_ids = held_ids
         self._lost = lost
         self._before_renew = before_renew
@@ -77,6 +85,12 @@ class LeaseKeeper:
     @property
     def enabled(self) -> bool:
         return self.claim_idle > 0
+
+    def invalidate(self) -> None:
+        """Redis was lost (or the worker paused): re-check everything held before
+        the next handler starts or the next ack goes out."""
+        if self.enabled:
+            self.renewed_at = float("-inf")
 
     def stale(self, now: float) -> bool:
         """True when the last renewal is older than ``claim_idle`` (sweeps may have run)."""

@@ -31,6 +31,9 @@ class SubscriptionOptions:
     claim_idle: float = 0.0
     #: Dead-letter stream length kept (approximately; None: the default 100,000; 0: untrimmed)
     dead_letter_maxlen: int | None = None
+    #: Re-check ownership of held entries when they were not re-leased for this long
+    #: even if claim_idle is longer (a supervisor's membership fence; 0: claim_idle only).
+    ownership_fence: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.concurrency, self.count, self.max_deliveries, self.block_ms) < 1:

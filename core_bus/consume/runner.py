@@ -101,11 +101,24 @@ class HandlerRunner:
         self.isolating = False
         self.gate = asyncio.Event()
         self.gate.set()
+        #: workers take no entries while paused (the supervisor is cut off)
+        self.paused = False
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
         #: set by the subscription: re-checks ownership when leases are stale
         self.leases: Any = None
         #: called with the number of stuck handlers whenever it changes
         self.on_stuck: Callable[[int], None] | None = None
         self._stuck_reported: set[tuple[str, str]] = set()
+
+    def pause(self) -> None:
+        """No queued entry starts until :meth:`resume` (running handlers finish)."""
+        self.paused = True
+        self._unpaused.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._unpaused.set()
 
     def stop(self) -> None:
         """Workers take no new entries from now on (running handlers finish)."""
@@ -146,12 +159,15 @@ class HandlerRunner:
             if self.isolating:
                 await self.gate.wait()
                 continue
+            if self.paused:
+                await self._unpaused.wait()
+                continue
             if not queue:
                 await work_queue.wait_for_work()
                 continue
             mark = perf()
             while queue:
-                if self.isolating:
+                if self.isolating or self.paused:
                     break
                 if claim_idle and mark - leases.renewed_at > claim_idle:
                     await self.revalidate()  # paused? drop what the sweep took first

@@ -146,8 +146,12 @@ class Subscription(SubscriptionHandle):
             before_renew=self._release_if_stalled,
             watch=self._watch,
             log=self._log,
+            fence=options.ownership_fence,
         )
+        self._watch.on_lost = self.leases.invalidate
         self._runner.leases = self.leases
+        self._resumed = anyio.Event()
+        self._resumed.set()
         self._acks.before_flush = self._check_leases
         self._check_requested = False
         self._blocked_read = False  # the reader waits in XREADGROUP BLOCK right now
@@ -167,6 +171,41 @@ class Subscription(SubscriptionHandle):
         if self._wait_scope is not None and not self._blocked_read:
             self._wait_scope.cancel()  # waiting for queue space, not in Redis
         self._nudge.set()
+
+    def pause(self) -> None:
+        """Take no new entries (the supervisor is cut off from the fleet).
+
+        Nothing is read and no queued entry starts; running handlers finish, and
+        their acks go out only after an ownership re-check (what was reclaimed
+        elsewhere meanwhile is dropped, never acked). Non-blocking."""
+        if self.paused:
+            return
+        self.paused = True
+        self._resumed = anyio.Event()
+        self._runner.pause()
+        self.leases.invalidate()
+        held = sum(len(ids) for _stream, ids in self.held.snapshot())
+        self._log.warning("subscription_paused", held=held)
+
+    def resume(self) -> None:
+        """Go on after :meth:`pause`: re-check ownership of everything held first
+        (the next handler start or ack does), then read and look at our pending list."""
+        if not self.paused:
+            return
+        self.paused = False
+        self.leases.invalidate()
+        self._runner.resume()
+        self._resumed.set()
+        self._log.info("subscription_resumed")
+        self.check_pending()
+
+    @property
+    def paused(self) -> bool:
+        return self._runner.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._runner.paused = value
 
     async def add_streams(self, streams: Sequence[str]) -> list[str]:
         """Read ``streams`` too from now on (the group is created on each first); returns
@@ -298,6 +337,8 @@ class Subscription(SubscriptionHandle):
             interval = self.options.pending_check_interval
             next_check = time.monotonic() + interval
             while True:
+                if not self._resumed.is_set():
+                    await self._resumed.wait()  # paused: read nothing
                 if self._check_requested or time.monotonic() >= next_check:
                     self._check_requested = False
                     next_check = time.monotonic() + interval
@@ -570,6 +611,7 @@ def subscription(
     claim_idle: float = 0.0,
     isolate_suspects: bool = True,
     dead_letter_maxlen: int | None = None,
+    ownership_fence: float = 0.0,
 ) -> Subscription:
     """A :class:`Subscription` not started yet: ``async with`` it or ``await tg.start(sub.run)``.
 
@@ -578,7 +620,8 @@ def subscription(
     cancels a handler at its deadline; ``claim_idle`` (seconds, 0 = off) is the
     idle threshold of whoever sweeps the group: held entries are re-leased every
     third of it. Crash suspects claimed to us are run alone unless
-    ``isolate_suspects`` is False.
+    ``isolate_suspects`` is False. ``ownership_fence`` (seconds, 0 = off): re-check
+    ownership of held entries after a pause this long even below ``claim_idle``.
     """
     streams = [stream] if isinstance(stream, str | bytes) else list(stream)
     streams = [text(s) for s in streams]
@@ -604,6 +647,7 @@ def subscription(
         handler_timeout_grace=handler_timeout_grace,
         claim_idle=claim_idle,
         dead_letter_maxlen=dead_letter_maxlen,
+        ownership_fence=ownership_fence,
     )
     return Subscription(redis, streams, handler, options)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from core_bus.consume.stats import SubscriptionStats
@@ -16,8 +17,12 @@ class ConnectionWatch:
         self.lost_since: bool = False
         #: Set when the owner closed the client on purpose (reported once elsewhere).
         self.silenced = False
+        #: Called at every loss (not only the first): what we hold must be re-checked.
+        self.on_lost: Callable[[], None] | None = None
 
     def lost(self, exc: BaseException, where: str) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
         if not self.lost_since and not self.silenced:
             self.lost_since = True
             self._log.warning("connection_lost", where=where, error=f"{type(exc).__name__}: {exc}")

@@ -152,6 +152,9 @@ class SupervisorConfig(_Model):
     log_format: LogFormat = "auto"
     #: Most workers the whole fleet may run (the sum of every agent's replicas).
     max_workers: Int = Field(default=DEFAULT_MAX_WORKERS, ge=1, le=100_000)
+    #: Fleet membership lease in Redis, renewed every third of it; a supervisor not
+    #: renewing for this long is dead to the others (its entries are reclaimed).
+    lease_ttl: Duration = Field(default=3.0, ge=1.0, le=60.0)
 
     @field_validator("name")
     @classmethod

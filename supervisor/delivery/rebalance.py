@@ -36,7 +36,7 @@ from redis.asyncio import Redis as AsyncRedis
 from core_bus.consume.suspects import isolating_consumers, queue_mark_suspects
 from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
-from core_bus.ordered import assigned, evict_consumer, shard_units
+from core_bus.ordered import assigned, evict_consumer, members_key, shard_units
 from core_bus.streams.deadletter import REASON_CRASHED, REASON_POISON, REASON_TIMEOUT, TrimReport
 from core_bus.streams.replies import Entry
 from supervisor.delivery.claims import (
@@ -121,12 +121,22 @@ class Rebalancer:
         *,
         reason: str = REASON_CRASH,
         exit_reason: str = "",
+        registry: ConsumerRegistry | None = None,
+        release_leases: bool = True,
     ) -> dict[str, int]:
         """Move ``dead_consumer``'s pending entries to ``live_consumers`` and delete it.
 
         Returns ``{receiver: entries claimed}``; the caller should nudge each
         receiver to look at its pending list. With no live consumer nothing is
         claimed; the dead consumer is still deleted where it owns nothing.
+
+        ``registry``: where the consumer is forgotten once deleted (default this
+        supervisor's; a cross-host reclaim passes the dead member's, and then a
+        consumer that still owns entries is not kept for a later sweep: the
+        caller retries it). ``release_leases`` False (cross-host): an ordered
+        consumer only leaves the shard membership; its shard leases run out on
+        their own TTL, which its worker fences itself against (a cut-off worker
+        may still believe it owns a lease that was deleted under it).
         """
         live = [c for c in dict.fromkeys(live_consumers) if c != dead_consumer]
         moved: dict[str, int] = {}
@@ -134,7 +144,7 @@ class Rebalancer:
         existed = False
         started = time.monotonic()
         if target.ordered:
-            moved = await self._evict_ordered(target, dead_consumer, live)
+            moved = await self._evict_ordered(target, dead_consumer, live, release_leases)
         for stream in target.streams:
             if live and not target.ordered:
                 await self._reclaim_stream(
@@ -152,8 +162,8 @@ class Rebalancer:
             counters.deleted_consumers += 1
         if deleted_everywhere:
             with anyio.CancelScope(shield=True):
-                await self.registry.forget([dead_consumer])
-        else:
+                await (registry or self.registry).forget([dead_consumer])
+        elif registry is None:
             self._graveyard.setdefault((target.agent, target.group), set()).add(dead_consumer)
         if total or existed:
             log.info(
@@ -170,7 +180,7 @@ class Rebalancer:
         return moved
 
     async def _evict_ordered(
-        self, target: GroupTarget, dead: str, live: list[str]
+        self, target: GroupTarget, dead: str, live: list[str], release: bool = True
     ) -> dict[str, int]:
         """Ordered shards: release the dead consumer's leases and membership at once.
 
@@ -181,7 +191,10 @@ class Rebalancer:
         """
         bases = target.base_streams or target.streams
         shards = max(1, target.shards)
-        await evict_consumer(self.redis, self.keys, target.group, bases, shards, dead)
+        if release:
+            await evict_consumer(self.redis, self.keys, target.group, bases, shards, dead)
+        else:
+            await self.redis.zrem(members_key(self.keys, target.group), dead)
         moved: dict[str, int] = {}
         if not live:
             return moved

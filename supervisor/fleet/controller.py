@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -91,6 +91,8 @@ class FleetController:
         self._reload_lock = anyio.Lock()
         self.delivery: DeliveryHooks | None = None
         self.fleet: FleetCommands | None = None  # the fleet view and fleet-wide restarts
+        #: supervisor.membership.service.Membership, set by the daemon (snapshot() only)
+        self.membership: Any = None
         self.last_reload_error: str | None = None
         self.last_reload_at: float | None = None
 
@@ -128,6 +130,7 @@ class FleetController:
             last_reload_error=self.last_reload_error,
             last_reload_at=self.last_reload_at,
             ready=self.ready,
+            membership=self.membership.snapshot() if self.membership is not None else None,
         )
 
     def _runtime(self, name: str) -> AgentRuntime:

@@ -41,6 +41,7 @@ from supervisor.fleet.systemd_status import SystemdStatus, watchdog_interval
 from supervisor.fleetctl.execute import execute_command
 from supervisor.fleetctl.follower import CommandFollower
 from supervisor.fleetctl.service import FleetCommands
+from supervisor.membership.service import Membership
 from supervisor.runtime.lifecycle import CAUSE_MEMORY
 from supervisor.runtime.notify import NotifyServer
 from supervisor.runtime.process import probe_spawn_tools
@@ -117,6 +118,7 @@ class FleetDaemon:
             namespace=self.config.redis.namespace,
             notify_socket=self._notify.address,
             config_dir=self.config.config_dir,
+            lease_ttl=float(self.config.supervisor.lease_ttl),
         )
 
     # -- main ----------------------------------------------------------------------------
@@ -175,6 +177,16 @@ class FleetDaemon:
                 facts.supervisor_name,
                 partial(execute_command, self.control, self.table, self._runner),
             )
+            membership = Membership(
+                name=facts.supervisor_name,
+                lease_ttl=float(self.config.supervisor.lease_ttl),
+                redis_url=facts.redis_url or "",
+                keys=StreamKeyBuilder(self.config.redis.namespace),
+                table=self.table,
+                hooks=delivery,
+                http_address=lambda: _address_text(facts.http_address),
+            )
+            self.control.membership = membership
             with (
                 NotifyServer(state_dir=self.config.supervisor.state_dir) as notify_server,
                 anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals,
@@ -209,6 +221,7 @@ class FleetDaemon:
                         tg.start_soon(self._memory_guard_loop)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
                         tg.start_soon(commands.run)  # fleet-wide commands addressed to us
+                        tg.start_soon(membership.run)
                         if self._watchdog_interval is not None:
                             tg.start_soon(self._systemd.watchdog_loop, self._watchdog_interval)
                         log.info(
@@ -223,6 +236,7 @@ class FleetDaemon:
                         await self._stop_requested.wait()
                         self._systemd.stopping()
                         await self._reconciler.stop_all()
+                        await membership.leave()  # workers drained: drop the lease now
                         tg.cancel_scope.cancel()
                 finally:
                     self._notify = None

@@ -94,6 +94,8 @@ class FleetSnapshot:
     last_reload_error: str | None = None
     last_reload_at: float | None = None
     ready: bool = False  # the first plan is up
+    #: fleet membership as this supervisor sees it (supervisor.membership.service)
+    membership: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -78,6 +78,7 @@ def collect_families(snap: FleetSnapshot) -> Iterator[Metric]:
     yield from _worker_families(snap.agents)
     yield from _message_families(snap.agents)
     yield from _group_families(snap)
+    yield from _membership_families(snap)
 
 
 def _supervisor_families(snap: FleetSnapshot) -> Iterator[Metric]:
@@ -285,3 +286,48 @@ def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[byte
     """The exposition for ``accept`` (text format by default, OpenMetrics on request)."""
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
+
+
+def _membership_families(snap: FleetSnapshot) -> Iterator[Metric]:
+    """Fleet membership as this supervisor sees it (absent before the daemon wires it)."""
+    view = snap.membership
+    if not view:
+        return
+    me = [snap.supervisor_name]
+    members = GaugeMetricFamily(
+        "ag1_fleet_members",
+        "Supervisors of the fleet by lease state (alive, or dead and not yet reclaimed).",
+        labels=["supervisor", "state"],
+    )
+    members.add_metric([*me, "alive"], float(view.get("members", 0)))
+    members.add_metric([*me, "dead"], float(view.get("dead_members", 0)))
+    yield members
+    cut_off = GaugeMetricFamily(
+        "ag1_fleet_cut_off",
+        "1 while this supervisor could not renew its membership lease for lease_ttl.",
+        labels=["supervisor"],
+    )
+    cut_off.add_metric(me, 1.0 if view.get("cut_off") else 0.0)
+    yield cut_off
+    rejoins = CounterMetricFamily(
+        "ag1_fleet_rejoins",
+        "Times this supervisor rejoined under a new incarnation (its lease had lapsed).",
+        labels=["supervisor"],
+    )
+    rejoins.add_metric(me, float(view.get("rejoins", 0)))
+    yield rejoins
+    reclaimed = CounterMetricFamily(
+        "ag1_fleet_reclaimed_entries",
+        "Entries this supervisor reclaimed from each dead member.",
+        labels=["supervisor", "member"],
+    )
+    for member, n in sorted((view.get("reclaimed_entries") or {}).items()):
+        reclaimed.add_metric([*me, member], float(n))
+    yield reclaimed
+    expired = CounterMetricFamily(
+        "ag1_fleet_members_expired",
+        "Dead member incarnations this supervisor noticed (lease expired).",
+        labels=["supervisor"],
+    )
+    expired.add_metric(me, float(view.get("expired_seen", 0)))
+    yield expired

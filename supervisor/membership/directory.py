@@ -74,6 +74,13 @@ class MemberInfo:
     pttl_ms: int | None = None
     heartbeat_age_ms: int | None = None
     pending_left: dict[str, int] = field(default_factory=dict)
+    #: it stopped gracefully but left entries pending (peers reclaim them like a death's)
+    left: bool = False
+    #: entries live peers reclaimed from it so far (agent -> n), and who did
+    reclaimed: dict[str, int] = field(default_factory=dict)
+    reclaimed_by: tuple[str, ...] = ()
+    #: ``group`` and ``streams`` of each agent as it ran them (for pending counts)
+    groups: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The record as status/JSON shows it (15b's fleet view)."""
@@ -89,6 +96,9 @@ class MemberInfo:
             "alive": self.alive,
             "heartbeat_age_ms": self.heartbeat_age_ms,
             "pending_left": dict(self.pending_left),
+            "left": self.left,
+            "reclaimed": dict(self.reclaimed),
+            "reclaimed_by": list(self.reclaimed_by),
         }
 
 
@@ -185,7 +195,21 @@ def member_info(name: str, record: dict[str, Any], lease_value: Any, pttl: Any) 
         pttl_ms=remaining,
         heartbeat_age_ms=max(0, ttl_ms - remaining) if alive and remaining is not None else None,
         pending_left=_counts(record.get("pending_left")),
+        left=bool(record.get("left")),
+        reclaimed=_counts(record.get("reclaimed")),
+        reclaimed_by=tuple(str(b) for b in record.get("reclaimed_by") or () if b),
+        groups=_groups(record.get("agents")),
     )
+
+
+def _groups(raw: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    if isinstance(raw, dict):
+        for name, row in raw.items():
+            if isinstance(row, dict) and row.get("group"):
+                streams = row.get("streams") or []
+                out[str(name)] = (str(row["group"]), tuple(str(s) for s in streams))
+    return out
 
 
 async def members(redis: AsyncRedis, keys: StreamKeyBuilder) -> list[MemberInfo]:

@@ -17,7 +17,8 @@ supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
 - handler agents (run by :mod:`supervisor.worker`): ``AG1_HANDLER``,
   ``AG1_CONCURRENCY``, ``AG1_COUNT``, ``AG1_MAX_DELIVERIES``, ``AG1_DLQ``,
   ``AG1_HANDLER_TIMEOUT``, ``AG1_HANDLER_TIMEOUT_GRACE``, ``AG1_CLAIM_IDLE``, ``AG1_DLQ_MAXLEN``,
-  ``AG1_DRAIN_TIMEOUT``, and for ordered agents ``AG1_ORDERED``,
+  ``AG1_DRAIN_TIMEOUT``, ``AG1_OWNERSHIP_FENCE`` and ``AG1_SHARD_LEASE_TTL`` (from
+  ``[supervisor] lease_ttl``), and for ordered agents ``AG1_ORDERED``,
   ``AG1_SHARDS``, ``AG1_BASE_STREAMS``.
 
 The agent's own ``env`` table is applied last and wins.
@@ -64,6 +65,7 @@ class FleetContext:
     namespace: str
     notify_socket: str
     config_dir: Any  # default working directory: the directory holding fleet.toml
+    lease_ttl: float = 0.0  # the supervisor's membership lease (0: none)
 
 
 def working_dir(agent: AgentConfig, fleet: FleetContext) -> Path:
@@ -110,6 +112,12 @@ def worker_environment(
                 "AG1_DRAIN_TIMEOUT": f"{max(agent.stop_timeout * 0.8, 0.1):g}",
             }
         )
+        if fleet.lease_ttl:
+            # Workers re-check what they hold when they could not renew for 2/3 of the
+            # membership lease (a paused host: its entries may be reclaimed elsewhere),
+            # and ordered shard leases last no longer than the membership lease.
+            env["AG1_OWNERSHIP_FENCE"] = f"{fleet.lease_ttl * 2 / 3:g}"
+            env["AG1_SHARD_LEASE_TTL"] = f"{min(10.0, fleet.lease_ttl):g}"
         if agent.ordered:
             env.update(
                 {
