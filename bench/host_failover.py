@@ -14,6 +14,7 @@ time until its entries were acked elsewhere, and after SIGCONT the time until
 the host logged ``member_cut_off`` (workers paused) and ``member_rejoined``.
 
     .venv/bin/python bench/host_failover.py [--kills 20] [--rate 500] [--lease-ttl 3s]
+    .venv/bin/python bench/host_failover.py --netns [--partitions 3]   # real link cuts (root)
 """
 
 from __future__ import annotations
@@ -299,8 +300,19 @@ def main() -> int:
     parser.add_argument("--lease-ttl", default="3s", help='[supervisor] lease_ttl, e.g. "3s"')
     parser.add_argument("--partitions", type=int, default=3, help="SIGSTOP cases")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="instead: --partitions link cuts across network-namespace hosts (root; "
+        "bench/netns_partition.py)",
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.kills, args.rate, args.lease_ttl, args.partitions))
+    if args.netns:
+        from netns_partition import run_netns
+
+        result = asyncio.run(run_netns(args.partitions, args.rate, args.lease_ttl))
+    else:
+        result = asyncio.run(run(args.kills, args.rate, args.lease_ttl, args.partitions))
     if args.json:
         print(json.dumps(result))
     else:
