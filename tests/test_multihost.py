@@ -413,7 +413,7 @@ async def test_cut_off_host_rejoins_and_loses_nothing(
             return int(by_host.get(b"h2", 0)) >= 40
 
         await eventually(h2_busy, 15, message="h2 handling entries")
-        lab.cut(h2)
+        await anyio.to_thread.run_sync(lab.cut, h2)
         cut_at = time.monotonic()
         try:
             await eventually(
@@ -424,7 +424,8 @@ async def test_cut_off_host_rejoins_and_loses_nothing(
             )
             await anyio.sleep(max(0.0, cut_at + LEASE_TTL + 1.0 - time.monotonic()))
         finally:
-            lab.heal(h2)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lab.heal, h2)
         await eventually(lambda: all_handled(redis, load), 45, interval=0.1, message="handled")
         sampling = False
     assert load.published >= load.total
