@@ -231,6 +231,33 @@ async def test_fleet_rolling_restart_goes_host_by_host(lab: NetnsLab, redis: Red
     assert view["last_roll"]["id"] == roll["id"] and view["last_roll"]["state"] == "done"
 
 
+@pytest.mark.timeout(60)
+async def test_fleet_restart_stops_at_a_failing_host(lab: NetnsLab, redis: Redis) -> None:
+    """h1's handler cannot be imported any more: its replacement fails, h1 acks ok=0, the
+    roll stops there with a clear error, h2 gets no command and keeps its workers; h1's
+    old workers keep running."""
+    h1, h2 = lab.members["h1"], lab.members["h2"]
+    before = {h.name: await anyio.to_thread.run_sync(echo_pids, lab, h) for h in (h1, h2)}
+    commands_before = await redis.xlen(KEYS.fleet_commands())
+    handler = h1.dir / "mh_agent.py"
+    handler.write_text("this is not python\n")
+    try:
+        done = await anyio.to_thread.run_sync(
+            lambda: lab.cli(h2, "restart", "echo", "--rolling", "--fleet", timeout=60)
+        )
+    finally:
+        handler.write_text(HANDLER)
+    assert done.returncode == 1, done.stdout
+    assert "fleet restart of echo stopped at h1:" in done.stderr
+    assert "did not become ready" in done.stderr and "not started: h2" in done.stderr
+    assert "h1: failed" in done.stderr and "h2: waiting" in done.stderr
+    new = await redis.xrange(KEYS.fleet_commands(), count=100)
+    targets = [text(f[b"target"]) for _i, f in new[commands_before:]]
+    assert targets == ["h1"]
+    after = {h.name: await anyio.to_thread.run_sync(echo_pids, lab, h) for h in (h1, h2)}
+    assert after == before
+
+
 # ----------------------------------------------------------------------------- faults
 
 
