@@ -127,7 +127,7 @@ def format_fleet(view: dict[str, Any]) -> str:
         lines += [
             "",
             f"{m['name']}: lease gone, not yet reclaimed",
-            *[f"  {n}" for n in m["notes"]],
+            *[f"  {n}" for n in m.get("notes") or []],
         ]
     departed = view.get("departed") or []
     if departed:
@@ -168,9 +168,6 @@ def format_fleet(view: dict[str, Any]) -> str:
         if roll.get("error"):
             lines.append(f"  error: {roll['error']}")
     return "\n".join(lines)
-
-
-DEPARTED_HEADERS = ["NAME", "INCARNATION", "REASON", "AGO", "BY", "RECLAIMED", "PENDING LEFT"]
 
 
 def _yes(flag: Any) -> str:
