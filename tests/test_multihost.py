@@ -75,6 +75,7 @@ async def ordered(env, redis):
 
 
 def fleet_toml(lab: NetnsLab, host: NetnsHost) -> str:
+    """request_timeout 2 s: a fleet roll outlasts it, so the CLI's 202 path is the one run."""
     lease = f'lease_ttl = "{LEASE_TTL:g}s"' if "lease_ttl" in SupervisorConfig.model_fields else ""
     return f"""
 [supervisor]
@@ -87,6 +88,7 @@ sweep_interval = "1s"
 url = "{lab.redis_url}"
 [http]
 listen = "127.0.0.1:8765"
+request_timeout = "2s"
 [[agents]]
 name = "echo"
 handler = "mh_agent:handle"
@@ -229,6 +231,8 @@ async def test_fleet_rolling_restart_goes_host_by_host(lab: NetnsLab, redis: Red
         assert len(after[name]) == 2 and not after[name] & before[name], name
     view = await fleet(lab, h2)
     assert view["last_roll"]["id"] == roll["id"] and view["last_roll"]["state"] == "done"
+    # the roll outlasted request_timeout (2 s): the CLI got 202 and followed /v1/fleet
+    assert h2.events("control_accepted")
 
 
 @pytest.mark.timeout(60)
