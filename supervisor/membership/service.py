@@ -174,6 +174,8 @@ class Membership:
                 self._cut_off()
             try:
                 if not self.joined or self.cut_off or not await self._lease.renew(self.record()):
+                    if self._stopping:
+                        return  # we just left: the lease is gone on purpose
                     await self._join()
                 else:
                     self.last_ok = started
