@@ -129,6 +129,12 @@ class Membership:
             "reclaimed_entries": dict(counters.entries),
             "reclaimed_consumers": dict(counters.consumers),
             "expired_seen": counters.expired_seen,
+            # dead members waiting to be reclaimed, and what no live supervisor can take
+            "dead": [
+                {"name": m.name, "incarnation": m.incarnation, "pending_left": m.pending_left}
+                for m in self.view
+                if m.lease_incarnation is None
+            ],
         }
 
     def record(self) -> dict[str, Any]:
@@ -174,6 +180,8 @@ class Membership:
                 self._cut_off()
             try:
                 if not self.joined or self.cut_off or not await self._lease.renew(self.record()):
+                    if self._stopping:
+                        return  # we just left: the lease is gone on purpose
                     await self._join()
                 else:
                     self.last_ok = started
@@ -184,6 +192,8 @@ class Membership:
                 if not self._redis_lost:
                     self._redis_lost = True
                     log.warning("membership_redis_lost", supervisor=self.name, error=_error(exc))
+            except Exception as exc:  # a reply we did not expect: never take the daemon down
+                log.error("membership_renew_failed", supervisor=self.name, error=_error(exc))
             elapsed = time.monotonic() - started
             await anyio.sleep(max(0.01, self.interval - elapsed))
 
@@ -261,6 +271,8 @@ class Membership:
                     wait = min(wait, min(due) + EXPIRY_SLACK)
             except TRANSIENT_ERRORS:
                 pass  # the lease loop reports the state of Redis
+            except Exception as exc:  # next round retries; never take the daemon down
+                log.error("membership_watch_failed", supervisor=self.name, error=_error(exc))
             await anyio.sleep(max(0.01, wait))
 
     # -- graceful stop ----------------------------------------------------------------
