@@ -52,6 +52,8 @@ import asyncio
 import os
 import time
 
+time.sleep(0.3)  # a worker that takes a while to start: a roll outlasts request_timeout
+
 LOG = os.path.join(os.environ.get("AG1_WORKING_DIR", "."), "ordered-%d.log" % os.getpid())
 
 
@@ -75,7 +77,8 @@ async def ordered(env, redis):
 
 
 def fleet_toml(lab: NetnsLab, host: NetnsHost) -> str:
-    """request_timeout 2 s: a fleet roll outlasts it, so the CLI's 202 path is the one run."""
+    """request_timeout 1 s: a fleet roll (4 replacements, each importing the handler for
+    at least 0.3 s) outlasts it, so the CLI's 202 path is the one run."""
     lease = f'lease_ttl = "{LEASE_TTL:g}s"' if "lease_ttl" in SupervisorConfig.model_fields else ""
     return f"""
 [supervisor]
@@ -88,7 +91,7 @@ sweep_interval = "1s"
 url = "{lab.redis_url}"
 [http]
 listen = "127.0.0.1:8765"
-request_timeout = "2s"
+request_timeout = "1s"
 [[agents]]
 name = "echo"
 handler = "mh_agent:handle"
@@ -231,7 +234,7 @@ async def test_fleet_rolling_restart_goes_host_by_host(lab: NetnsLab, redis: Red
         assert len(after[name]) == 2 and not after[name] & before[name], name
     view = await fleet(lab, h2)
     assert view["last_roll"]["id"] == roll["id"] and view["last_roll"]["state"] == "done"
-    # the roll outlasted request_timeout (2 s): the CLI got 202 and followed /v1/fleet
+    # the roll outlasted request_timeout (1 s): the CLI got 202 and followed /v1/fleet
     assert h2.events("control_accepted")
 
 
@@ -332,26 +335,58 @@ async def restart_host(lab: NetnsLab, host: NetnsHost) -> None:
     await anyio.to_thread.run_sync(wait_ready, host)
 
 
+async def ensure_running(lab: NetnsLab, host: NetnsHost) -> None:
+    """Start ``host``'s supervisor again if a failed test left it dead (no cascade)."""
+    if host.proc is None or host.proc.poll() is not None:
+        await restart_host(lab, host)
+
+
+async def eventually_described(
+    condition: Any, timeout: float, redis: Redis, host: NetnsHost, message: str
+) -> None:
+    """``eventually`` whose failure says how far the host got (counts, held, its log)."""
+    try:
+        await eventually(condition, timeout, interval=0.05, message=message)
+    except AssertionError as exc:
+        by_host = {text(k): int(v) for k, v in (await redis.hgetall("mh:by-host")).items()}
+        held = await held_by(redis, f"{host.name}/")
+        raise AssertionError(
+            f"{exc}; handled by host {by_host}, held by {host.name}: {held}; "
+            f"{host.name} log tail: {host.tail()[-1500:]}"
+        ) from None
+
+
 @pytest.mark.timeout(90)
 async def test_killed_host_loses_nothing(lab: NetnsLab, redis: Redis, record_property: Any) -> None:
     """SIGKILL of h2's whole process tree (supervisor and workers, one instant) mid-load:
     h1 reclaims what h2 held once h2's lease expires; every entry is handled, nothing
     stays pending, h2 is listed as departed (expired, reclaimed by h1). Needs 15a."""
     h1, h2 = lab.members["h1"], lab.members["h2"]
+    await ensure_running(lab, h2)
     await eventually(lambda: live_names(lab, h1), 20, interval=0.2)
-    load = Load(redis, total=400)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(load.run)
+    load = Load(redis, total=600)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load.run)
 
-        async def h2_busy() -> bool:
-            by_host = await redis.hgetall("mh:by-host")
-            return int(by_host.get(b"h2", 0)) >= 40 and await held_by(redis, "h2/") >= 4
+            async def h2_busy() -> bool:
+                by_host = await redis.hgetall("mh:by-host")
+                return int(by_host.get(b"h2", 0)) >= 40 and await held_by(redis, "h2/") >= 4
 
-        await eventually(h2_busy, 15, message="h2 handling entries")
-        killed_at = time.monotonic()
-        killed = await anyio.to_thread.run_sync(lab.kill_host, h2)
-        assert killed and not lab.host_pids(h2)
-        held = await held_by(redis, "h2/")
+            await eventually_described(h2_busy, 15, redis, h2, "h2 handling and holding entries")
+            killed_at = time.monotonic()
+            killed = await anyio.to_thread.run_sync(lab.kill_host, h2)
+            assert killed and not lab.host_pids(h2)
+            held = await held_by(redis, "h2/")
+        await _after_kill(lab, redis, load, held, killed_at, record_property)
+    finally:
+        await ensure_running(lab, h2)  # a failure here must not take the next test with it
+
+
+async def _after_kill(
+    lab: NetnsLab, redis: Redis, load: Load, held: int, killed_at: float, record_property: Any
+) -> None:
+    h1, h2 = lab.members["h1"], lab.members["h2"]
     await eventually(lambda: all_handled(redis, load), 30, interval=0.1, message="all handled")
     recovered = time.monotonic() - killed_at
     counts = await seen(redis)
@@ -414,6 +449,7 @@ async def test_cut_off_host_rejoins_and_loses_nothing(
     owner only through their leases (sampled over time) and no shard was ever handled by
     two consumers at once; duplicates counted. Needs 15a."""
     h1, h2 = lab.members["h1"], lab.members["h2"]
+    await ensure_running(lab, h2)
 
     async def both() -> list[dict[str, Any]] | None:
         members = (await fleet(lab, h1))["members"]
@@ -425,7 +461,7 @@ async def test_cut_off_host_rejoins_and_loses_nothing(
             path.unlink()
     leases = [KEYS.shard_lease("ledger", LEDGER, i) for i in range(SHARDS)]
     owners: list[tuple[float, list[str | None]]] = []
-    load = Load(redis, total=400)
+    load = Load(redis, total=600)
     load.ordered = True
     sampling = True
 
@@ -443,7 +479,7 @@ async def test_cut_off_host_rejoins_and_loses_nothing(
             by_host = await redis.hgetall("mh:by-host")
             return int(by_host.get(b"h2", 0)) >= 40
 
-        await eventually(h2_busy, 15, message="h2 handling entries")
+        await eventually_described(h2_busy, 15, redis, h2, "h2 handling entries")
         await anyio.to_thread.run_sync(lab.cut, h2)
         cut_at = time.monotonic()
         try:

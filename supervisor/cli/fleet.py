@@ -37,35 +37,36 @@ def status(client: ControlClient, as_json: bool) -> int:
 
 
 def restart(client: ControlClient, args: argparse.Namespace) -> int:
-    """POST the fleet restart, then follow it to its end; one line per host."""
+    """POST the fleet restart, then follow it to its end; one line per host.
+
+    Success: the roll's lines on stdout, exit 0. Failure (whether the server
+    answered 409 at once or the roll failed after a 202): the lines and the
+    error on stderr, exit 1.
+    """
     before = (fleet_view(client).get("last_roll") or {}).get("id")
     body: dict[str, Any] = {"rolling": bool(args.rolling), "fleet": True}
     if args.host_timeout is not None:
         body["timeout"] = args.host_timeout
     reply = client.post(f"/v1/agents/{args.agent}/restart", body)
+    error = ""
     if reply.status == 202:
         roll = _follow(client, before, args.agent, args.wait)
     elif reply.status == 200:
         roll = reply.body.get("roll") or {}
     else:
-        if args.json and reply.body:
-            print(json.dumps(reply.body, indent=2, sort_keys=True))
         error = str(reply.body.get("error", "")).strip() or f"supervisor answered {reply.status}"
-        print(f"ag1-fleet restart: {error}", file=sys.stderr)
-        roll = (fleet_view(client).get("last_roll") or {}) if reply.status == 409 else {}
-        if roll.get("id") != before and roll.get("hosts") and not args.json:
-            print("\n".join(roll_lines(roll)), file=sys.stderr)
-        return EXIT_FAILED
+        last = (fleet_view(client).get("last_roll") or {}) if reply.status == 409 else {}
+        roll = last if last.get("id") != before else {}
+    ok = not error and roll.get("state") == "done"
+    error = error or str(roll.get("error") or "") or "the roll did not finish"
     if args.json:
-        print(json.dumps(roll, indent=2, sort_keys=True))
-    else:
-        print("\n".join(roll_lines(roll)))
-    if roll.get("state") != "done":
-        print(
-            f"ag1-fleet restart: {roll.get('error') or 'the roll did not finish'}", file=sys.stderr
-        )
-        return EXIT_FAILED
-    return EXIT_OK
+        print(json.dumps(roll or reply.body, indent=2, sort_keys=True))
+    elif roll.get("hosts"):
+        print("\n".join(roll_lines(roll)), file=sys.stdout if ok else sys.stderr)
+    if ok:
+        return EXIT_OK
+    print(f"ag1-fleet restart: {error}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _follow(client: ControlClient, before: str | None, agent: str, wait: float) -> dict[str, Any]:
