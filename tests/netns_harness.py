@@ -309,11 +309,17 @@ class NetnsLab:
     def heal(self, host: NetnsHost) -> None:
         _ip("-n", self.redis_ns, "link", "set", host.switch_veth, "up")
 
-    def kill_host(self, host: NetnsHost) -> list[int]:
-        """SIGKILL every process in the host's namespace (supervisor and workers at once)."""
+    def kill_host(self, host: NetnsHost, timeout: float = 10.0) -> list[int]:
+        """SIGKILL every process in the host's namespace (supervisor and workers at once);
+        returns once none is left (killed children are reaped by init, not at once)."""
         pids = _kill_netns_pids(host.ns)
         if host.proc is not None:
-            host.proc.wait(10)
+            host.proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while _kill_netns_pids(host.ns):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host.name}: processes left after SIGKILL")
+            time.sleep(0.01)
         return pids
 
     def host_pids(self, host: NetnsHost) -> list[int]:

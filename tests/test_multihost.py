@@ -52,7 +52,7 @@ import asyncio
 import os
 import time
 
-time.sleep(0.3)  # a worker that takes a while to start: a roll outlasts request_timeout
+time.sleep(0.15)  # a worker that takes a while to start: a roll outlasts request_timeout
 
 LOG = os.path.join(os.environ.get("AG1_WORKING_DIR", "."), "ordered-%d.log" % os.getpid())
 
@@ -78,7 +78,7 @@ async def ordered(env, redis):
 
 def fleet_toml(lab: NetnsLab, host: NetnsHost) -> str:
     """request_timeout 1 s: a fleet roll (4 replacements, each importing the handler for
-    at least 0.3 s) outlasts it, so the CLI's 202 path is the one run."""
+    at least 0.15 s) outlasts it, so the CLI's 202 path is the one run."""
     lease = f'lease_ttl = "{LEASE_TTL:g}s"' if "lease_ttl" in SupervisorConfig.model_fields else ""
     return f"""
 [supervisor]
