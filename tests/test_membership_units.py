@@ -29,7 +29,8 @@ BASE = {"host": "h", "pid": 1, "http": None, "agents": {"a": {"workers": 2, "rea
 
 async def test_lease_renew_refuses_after_expiry_and_leave_records_departure(redis: Any) -> None:
     """Renew only extends our own incarnation; an expired lease forces a rejoin with a new
-    incarnation; leave drops the lease and the record and XADDs departed 'left'."""
+    incarnation (closing the dead one's record with departed 'expired'); leave drops the
+    lease and the record and XADDs departed 'left'."""
     lease = MemberLease(redis, KEYS, "s1", ttl_ms=1000)
     assert await lease.join(BASE) == ""
     first = lease.incarnation
@@ -46,8 +47,10 @@ async def test_lease_renew_refuses_after_expiry_and_leave_records_departure(redi
     assert await lease.leave({})
     assert await redis.exists(KEYS.fleet_lease("s1")) == 0
     assert await members(redis, KEYS) == []
-    [gone] = await departed(redis, KEYS)
+    gone, closed = await departed(redis, KEYS)  # newest first
     assert (gone.name, gone.reason, gone.incarnation) == ("s1", "left", lease.incarnation)
+    # the rejoin closed the dead incarnation's record peers had not retired yet
+    assert (closed.reason, closed.incarnation) == ("expired", first)
 
 
 async def test_leave_with_entries_left_keeps_the_record_for_peers(redis: Any) -> None:
