@@ -102,6 +102,7 @@ class WorkerEnv:
     dead_letter_maxlen: int | None = None
     ownership_fence: float = 0.0
     shard_lease_ttl: float = 10.0
+    member_lease_key: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> WorkerEnv:
@@ -153,6 +154,7 @@ class WorkerEnv:
             dead_letter_maxlen=num("AG1_DLQ_MAXLEN", -1) if "AG1_DLQ_MAXLEN" in environ else None,
             ownership_fence=seconds("AG1_OWNERSHIP_FENCE", 0.0),
             shard_lease_ttl=seconds("AG1_SHARD_LEASE_TTL", 10.0) or 10.0,
+            member_lease_key=environ.get("AG1_MEMBER_LEASE") or "",
         )
 
 
@@ -244,6 +246,7 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
         claim_idle=env.claim_idle,
         dead_letter_maxlen=env.dead_letter_maxlen,
         ownership_fence=env.ownership_fence,
+        member_lease_key=env.member_lease_key,
     )
 
 

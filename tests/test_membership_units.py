@@ -9,6 +9,7 @@ the code before issue 15.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from core_bus.consume.subscription import subscribe
 from core_bus.keys import StreamKeyBuilder
 from supervisor.membership.directory import departed, live_members, members
 from supervisor.membership.lease import MemberLease
+from tests.test_metrics import exposition, rich_snapshot, samples
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -29,7 +31,8 @@ BASE = {"host": "h", "pid": 1, "http": None, "agents": {"a": {"workers": 2, "rea
 
 async def test_lease_renew_refuses_after_expiry_and_leave_records_departure(redis: Any) -> None:
     """Renew only extends our own incarnation; an expired lease forces a rejoin with a new
-    incarnation; leave drops the lease and the record and XADDs departed 'left'."""
+    incarnation (closing the dead one's record with departed 'expired'); leave drops the
+    lease and the record and XADDs departed 'left'."""
     lease = MemberLease(redis, KEYS, "s1", ttl_ms=1000)
     assert await lease.join(BASE) == ""
     first = lease.incarnation
@@ -46,8 +49,10 @@ async def test_lease_renew_refuses_after_expiry_and_leave_records_departure(redi
     assert await lease.leave({})
     assert await redis.exists(KEYS.fleet_lease("s1")) == 0
     assert await members(redis, KEYS) == []
-    [gone] = await departed(redis, KEYS)
+    gone, closed = await departed(redis, KEYS)  # newest first
     assert (gone.name, gone.reason, gone.incarnation) == ("s1", "left", lease.incarnation)
+    # the rejoin closed the dead incarnation's record peers had not retired yet
+    assert (closed.reason, closed.incarnation) == ("expired", first)
 
 
 async def test_leave_with_entries_left_keeps_the_record_for_peers(redis: Any) -> None:
@@ -83,3 +88,25 @@ async def test_paused_subscription_takes_nothing_until_resumed(redis: Any) -> No
         await eventually(lambda: len(seen) == 5, timeout=5)
     finally:
         await sub.stop(2.0)
+
+
+def test_fleet_metrics_from_the_membership_view() -> None:
+    """ag1_fleet_members (alive/dead), cut-off, rejoins and per-dead-member reclaims are
+    exposed with a supervisor label; no membership view, no fleet families."""
+    view = {
+        "members": 2,
+        "dead_members": 1,
+        "cut_off": False,
+        "rejoins": 1,
+        "reclaimed_entries": {"h0": 7},
+        "expired_seen": 1,
+    }
+    got = samples(exposition(replace(rich_snapshot(), membership=view)))
+    me = ("supervisor", "test-host")
+    assert got[("ag1_fleet_members", (("state", "alive"), me))] == 2
+    assert got[("ag1_fleet_members", (("state", "dead"), me))] == 1
+    assert got[("ag1_fleet_cut_off", (me,))] == 0
+    assert got[("ag1_fleet_rejoins_total", (me,))] == 1
+    assert got[("ag1_fleet_reclaimed_entries_total", (("member", "h0"), me))] == 7
+    assert got[("ag1_fleet_members_expired_total", (me,))] == 1
+    assert not [k for k in samples(exposition(rich_snapshot())) if k[0].startswith("ag1_fleet")]

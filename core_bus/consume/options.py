@@ -34,6 +34,9 @@ class SubscriptionOptions:
     #: Re-check ownership of held entries when they were not re-leased for this long
     #: even if claim_idle is longer (a supervisor's membership fence; 0: claim_idle only).
     ownership_fence: float = 0.0
+    #: The supervisor's membership lease key: after a pause, ownership is re-checked only
+    #: once it exists again ("": no supervisor membership).
+    member_lease_key: str = ""
 
     def __post_init__(self) -> None:
         if min(self.concurrency, self.count, self.max_deliveries, self.block_ms) < 1:

@@ -155,6 +155,7 @@ class HandlerRunner:
         running, lost, timeout = self.running, self.lost, self.timeout
         leases = self.leases
         claim_idle = leases.claim_idle if leases is not None and leases.enabled else 0.0
+        fence = leases.fence if claim_idle else 0.0
         while True:
             if self.isolating:
                 await self.gate.wait()
@@ -169,8 +170,11 @@ class HandlerRunner:
             while queue:
                 if self.isolating or self.paused:
                     break
-                if claim_idle and mark - leases.renewed_at > claim_idle:
-                    await self.revalidate()  # paused? drop what the sweep took first
+                if claim_idle and (
+                    mark - leases.renewed_at > claim_idle
+                    or (fence and mark - leases.ticked_at > fence)
+                ):
+                    await self.revalidate()  # paused? drop what was claimed elsewhere first
                     mark = perf()
                     continue
                 work = queue.popleft()
@@ -303,6 +307,8 @@ class HandlerRunner:
         """
         if self.leases is None:
             return
+        if self.leases.fence and time.perf_counter() - self.leases.ticked_at > self.leases.fence:
+            self.leases.invalidate()  # a pause the ticker has not seen yet
         try:
             await self.leases.renew()
         except TRANSIENT_ERRORS as exc:

@@ -147,6 +147,7 @@ class Subscription(SubscriptionHandle):
             watch=self._watch,
             log=self._log,
             fence=options.ownership_fence,
+            member_key=options.member_lease_key,
         )
         self._watch.on_lost = self.leases.invalidate
         self._runner.leases = self.leases
@@ -285,6 +286,7 @@ class Subscription(SubscriptionHandle):
                     services.start_soon(self._waker)
                     services.start_soon(self.isolator.run)
                     services.start_soon(self._lease_loop)
+                    services.start_soon(self.leases.watch_pauses)
                     services.start_soon(self._runner.watch_handlers)
                     async with anyio.create_task_group() as workers:
                         for _ in range(self.options.concurrency):
@@ -612,6 +614,7 @@ def subscription(
     isolate_suspects: bool = True,
     dead_letter_maxlen: int | None = None,
     ownership_fence: float = 0.0,
+    member_lease_key: str = "",
 ) -> Subscription:
     """A :class:`Subscription` not started yet: ``async with`` it or ``await tg.start(sub.run)``.
 
@@ -621,7 +624,9 @@ def subscription(
     idle threshold of whoever sweeps the group: held entries are re-leased every
     third of it. Crash suspects claimed to us are run alone unless
     ``isolate_suspects`` is False. ``ownership_fence`` (seconds, 0 = off): re-check
-    ownership of held entries after a pause this long even below ``claim_idle``.
+    ownership of held entries after a pause this long even below ``claim_idle``;
+    ``member_lease_key``: the supervisor's membership lease, which must exist again
+    before such a re-check (peers may be reclaiming while it is gone).
     """
     streams = [stream] if isinstance(stream, str | bytes) else list(stream)
     streams = [text(s) for s in streams]
@@ -648,6 +653,7 @@ def subscription(
         claim_idle=claim_idle,
         dead_letter_maxlen=dead_letter_maxlen,
         ownership_fence=ownership_fence,
+        member_lease_key=member_lease_key,
     )
     return Subscription(redis, streams, handler, options)
 

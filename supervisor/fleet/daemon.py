@@ -119,6 +119,9 @@ class FleetDaemon:
             notify_socket=self._notify.address,
             config_dir=self.config.config_dir,
             lease_ttl=float(self.config.supervisor.lease_ttl),
+            member_lease_key=StreamKeyBuilder(self.config.redis.namespace).fleet_lease(
+                str(self.config.supervisor.name)
+            ),
         )
 
     # -- main ----------------------------------------------------------------------------

@@ -26,10 +26,34 @@ from supervisor.membership.directory import REASON_LEFT
 #: Entries kept in the departed stream (approximately: MAXLEN ~).
 DEPARTED_MAXLEN = 200
 
-# KEYS: lease, members; ARGV: name, incarnation, ttl_ms, record.
-# Returns the lease's previous value ("" when there was none).
+# KEYS: lease, members, departed; ARGV: name, incarnation, ttl_ms, record, maxlen.
+# Returns the lease's previous value ("" when there was none). A record of an earlier
+# incarnation whose lease is gone (we died or were cut off, and peers have not retired it
+# yet) is closed with a departed entry before ours replaces it.
 _JOIN = """
 local previous = redis.call('GET', KEYS[1]) or ''
+if previous == '' then
+  local raw = redis.call('HGET', KEYS[2], ARGV[1])
+  local ok, old = false, nil
+  if raw then ok, old = pcall(cjson.decode, raw) end
+  if ok and type(old) == 'table' and old.incarnation and old.incarnation ~= ARGV[2] then
+    local function counts(v)
+      if type(v) == 'table' and next(v) ~= nil then return cjson.encode(v) end
+      return '{}'
+    end
+    local by = ''
+    if type(old.reclaimed_by) == 'table' then by = table.concat(old.reclaimed_by, ',') end
+    local reason = 'expired'
+    if old.left then reason = 'left' end
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'name', ARGV[1],
+      'incarnation', tostring(old.incarnation), 'reason', reason, 'at_ms', tostring(now),
+      'reclaimed_by', by, 'reclaimed', counts(old.reclaimed),
+      'pending_left', counts(old.pending_left),
+      'note', 'rejoined before peers retired it; its start-up cleanup takes what is left')
+  end
+end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 return previous
@@ -119,8 +143,8 @@ class MemberLease:
         self.incarnation = f"{_base36(now)}-{secrets.token_hex(2)}"
         self.started_ms = now
         previous = await self._join(
-            keys=[self._lease, self._members],
-            args=[self.name, self.incarnation, self.ttl_ms, self.record(base)],
+            keys=[self._lease, self._members, self.keys.fleet_departed()],
+            args=[self.name, self.incarnation, self.ttl_ms, self.record(base), DEPARTED_MAXLEN],
         )
         return text(previous) if previous else ""
 

@@ -17,9 +17,9 @@ supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
 - handler agents (run by :mod:`supervisor.worker`): ``AG1_HANDLER``,
   ``AG1_CONCURRENCY``, ``AG1_COUNT``, ``AG1_MAX_DELIVERIES``, ``AG1_DLQ``,
   ``AG1_HANDLER_TIMEOUT``, ``AG1_HANDLER_TIMEOUT_GRACE``, ``AG1_CLAIM_IDLE``, ``AG1_DLQ_MAXLEN``,
-  ``AG1_DRAIN_TIMEOUT``, ``AG1_OWNERSHIP_FENCE`` and ``AG1_SHARD_LEASE_TTL`` (from
-  ``[supervisor] lease_ttl``), and for ordered agents ``AG1_ORDERED``,
-  ``AG1_SHARDS``, ``AG1_BASE_STREAMS``.
+  ``AG1_DRAIN_TIMEOUT``, ``AG1_OWNERSHIP_FENCE``, ``AG1_SHARD_LEASE_TTL`` and
+  ``AG1_MEMBER_LEASE`` (from ``[supervisor] lease_ttl`` and name), and for
+  ordered agents ``AG1_ORDERED``, ``AG1_SHARDS``, ``AG1_BASE_STREAMS``.
 
 The agent's own ``env`` table is applied last and wins.
 """
@@ -66,6 +66,7 @@ class FleetContext:
     notify_socket: str
     config_dir: Any  # default working directory: the directory holding fleet.toml
     lease_ttl: float = 0.0  # the supervisor's membership lease (0: none)
+    member_lease_key: str = ""  # and its key
 
 
 def working_dir(agent: AgentConfig, fleet: FleetContext) -> Path:
@@ -118,6 +119,8 @@ def worker_environment(
             # and ordered shard leases last no longer than the membership lease.
             env["AG1_OWNERSHIP_FENCE"] = f"{fleet.lease_ttl * 2 / 3:g}"
             env["AG1_SHARD_LEASE_TTL"] = f"{min(10.0, fleet.lease_ttl):g}"
+            if fleet.member_lease_key:
+                env["AG1_MEMBER_LEASE"] = fleet.member_lease_key
         if agent.ordered:
             env.update(
                 {
