@@ -62,6 +62,7 @@ from core_bus.streams.pending import (
     own_pending,
 )
 from core_bus.streams.replies import stream_pairs, text
+from core_bus.streams.slots import keys_for, slot_groups
 
 #: CLIENT UNBLOCK attempts before a nudge falls back to cancelling the read.
 UNBLOCK_TRIES = 5
@@ -107,6 +108,8 @@ class Subscription(SubscriptionHandle):
             self._names[name] = name
             self._names[name.encode()] = name
         self._read_spec = dict.fromkeys(streams, ">")
+        self._specs: list[dict[str, str]] = []
+        self._specs_for: dict[str, str] | None = None
         self.held = HeldEntries(streams)
         self._work = WorkQueue(low_water=options.count)
         self._acks = AckBatcher(self._r, options.group, self.held, self.stats, self._watch)
@@ -379,18 +382,22 @@ class Subscription(SubscriptionHandle):
         await self._reader_client_id()
         if self._check_requested:
             return  # the read loop looks at our pending list first
+        specs = self._slot_specs()
         reply: Any = None
         with anyio.CancelScope() as scope:
             self._wait_scope = scope
             self._blocked_read = True
             try:
-                reply = await self._reader.xreadgroup(
-                    self.group,
-                    self.consumer,
-                    self._read_spec,  # type: ignore[arg-type]
-                    count=self.options.count,
-                    block=block_ms,
-                )
+                if len(specs) == 1:
+                    reply = await self._reader.xreadgroup(
+                        self.group,
+                        self.consumer,
+                        specs[0],  # type: ignore[arg-type]
+                        count=self.options.count,
+                        block=block_ms,
+                    )
+                else:
+                    await self._read_slots(specs, block_ms)
             finally:
                 self._blocked_read = False
         if scope.cancelled_caught:
@@ -398,6 +405,35 @@ class Subscription(SubscriptionHandle):
         self._wait_scope = None
         if reply:
             self._dispatch(reply)
+
+    def _slot_specs(self) -> list[dict[str, str]]:
+        """One XREADGROUP spec per cluster slot (a single spec off a cluster)."""
+        if self._specs_for is not self._read_spec:
+            groups = slot_groups(self._reader, list(self._read_spec))
+            self._specs = [dict.fromkeys(group, ">") for group in groups]
+            self._specs_for = self._read_spec
+        return self._specs
+
+    async def _read_slots(self, specs: list[dict[str, str]], block_ms: int) -> None:
+        """Redis Cluster, streams in several slots: one blocked XREADGROUP per slot at once;
+        the first reply with entries is dispatched and ends the others (cancelled reads
+        cost their connections, which the cluster client's pools replace)."""
+        async with anyio.create_task_group() as group:
+
+            async def read(spec: dict[str, str]) -> None:
+                reply = await self._reader.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    spec,  # type: ignore[arg-type]
+                    count=self.options.count,
+                    block=block_ms,
+                )
+                if reply:
+                    self._dispatch(reply)
+                    group.cancel_scope.cancel()
+
+            for spec in specs:
+                group.start_soon(read, spec)
 
     def _dispatch(self, reply: Any) -> None:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each).
@@ -585,7 +621,7 @@ def subscription(
     if not streams:
         raise ValueError("subscribe needs at least one stream")
     settings = get_settings()
-    keys = keys or StreamKeyBuilder(settings.bus_namespace)
+    keys = keys or keys_for(redis, settings.bus_namespace)
     options = SubscriptionOptions(
         group=group,
         consumer=consumer or default_consumer_name(),

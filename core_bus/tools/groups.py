@@ -9,7 +9,7 @@ import json
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.errors import BusError
-from core_bus.keys import StreamKeyBuilder
+from core_bus.keys import StreamKeyBuilder, cluster_from_env
 from core_bus.settings import get_settings
 from core_bus.streams.groups import UnknownStream, group_infos
 from core_bus.streams.orphans import known_groups, namespace_groups
@@ -20,7 +20,7 @@ class GroupRefused(BusError):
 
 
 def _keys() -> StreamKeyBuilder:
-    return StreamKeyBuilder(get_settings().bus_namespace)
+    return StreamKeyBuilder(get_settings().bus_namespace, cluster=cluster_from_env())
 
 
 async def namespace_table(redis: AsyncRedis, *, as_json: bool) -> str:
