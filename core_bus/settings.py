@@ -142,6 +142,7 @@ def connect(url: str | None = None, mode: str | None = None, **kwargs: Any) -> A
     if (mode or os.environ.get("REDIS_MODE", "")).strip().lower() == "cluster":
         from redis.asyncio.cluster import RedisCluster
 
-        options.pop("single_connection_client", None)
+        for unsupported in ("single_connection_client", "retry_on_timeout"):
+            options.pop(unsupported, None)
         return RedisCluster.from_url(url, **options)
     return redis_asyncio.Redis.from_url(url, **options)

@@ -186,8 +186,8 @@ async def test_rpc_and_discovery_on_cluster(rc: Any, cluster: RedisClusterHarnes
 
     names = [f"AG1:found:{i}" for i in range(6)]
     assert len({slot_of(n) for n in names}) > 1
-    for name in names[:3]:
-        await publish_envelope(rc, name, Envelope(role="user", content=name))
+    for name in names[:3]:  # no discovery notice: only SCAN over every master finds them
+        await rc.xadd(name, {"data": Envelope(role="user", content=name).to_json()})
     seen: list[str] = []
 
     async def collect(env: Envelope) -> None:
@@ -251,3 +251,79 @@ async def test_ag1_bus_groups_dlq_and_tail_on_cluster(
 
     tail = _bus(cluster, "tail", streams[0], "--last", "1", "--count", "1")
     assert tail.returncode == 0 and streams[0] in tail.stdout, tail.stderr
+
+
+HANGING_HANDLER = """
+import os
+from pathlib import Path
+
+import anyio
+
+HERE = Path(__file__).parent
+
+
+async def handle(env, redis):
+    flag = HERE / ("hang-" + os.environ["AG1_WORKER"].replace("/", "-"))
+    while flag.exists():
+        await anyio.sleep(0.05)
+    await redis.sadd("reclaim:seen", env.envelope_id)
+"""
+
+
+@pytest.mark.timeout(90)
+async def test_fleet_on_cluster_idle_sweep_then_crash_reclaim(
+    rc: Any, cluster: RedisClusterHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real fleet with REDIS_MODE=cluster (supervisor and workers on the cluster, tagged
+    keys): a hung worker's queued entries are swept to its sibling after claim_idle, then
+    SIGKILLing it reclaims the entry it was running at once; every entry is handled once
+    and nothing stays pending."""
+    import signal
+
+    from tests.fleet_harness import agent, agent_toml, fleet_toml, running, worker
+
+    monkeypatch.setenv("REDIS_MODE", "cluster")
+    inbox = KC.agent_inbox("hold")
+    (tmp_path / "hold_agent.py").write_text(HANGING_HANDLER)
+    (tmp_path / "hang-hold-0").write_text("")
+    (tmp_path / "hang-hold-1").write_text("")
+    toml = fleet_toml(
+        agent_toml(
+            "hold",
+            handler="hold_agent:handle",
+            stop_timeout="1s",
+            replicas=2,
+            concurrency=1,
+            claim_idle="500ms",
+            sweep_interval="200ms",
+            max_deliveries=100,
+        ),
+        url=cluster.url,
+    )
+
+    async def pending_of(consumer: str) -> int:
+        return len(await rc.xpending_range(inbox, "hold", "-", "+", 1000, consumername=consumer))
+
+    async def group_pending_is(n: int) -> bool:
+        return int((await rc.xpending(inbox, "hold"))["pending"]) == n
+
+    async def seen_is(n: int) -> bool:
+        return int(await rc.scard("reclaim:seen")) == n
+
+    async with running(tmp_path, toml) as daemon:
+        await eventually(lambda: agent(daemon, "hold").ready_replicas == 2, timeout=30)
+        hung = worker(daemon, "hold", 0)
+        total = 0
+        while total < 50 and await pending_of(hung.consumer or "") < 2:
+            batch = [Envelope(role="user", content=total + i) for i in range(10)]
+            await publish_many(rc, inbox, batch)
+            total += 10
+            await eventually(lambda n=total: group_pending_is(n), timeout=15)
+        assert await pending_of(hung.consumer or "") >= 2, "the hung worker never queued one"
+        (tmp_path / "hang-hold-1").unlink()
+        await eventually(lambda: seen_is(total - 1), timeout=30, message="swept to the sibling")
+        assert agent(daemon, "hold").reclaimed_by_reason.get("idle", 0) >= 1
+        os.kill(hung.pid or 0, signal.SIGKILL)
+        await eventually(lambda: seen_is(total), timeout=15, message="crash reclaim")
+        await eventually(lambda: group_pending_is(0), timeout=15)
+        assert agent(daemon, "hold").reclaimed_by_reason.get("crash", 0) >= 1

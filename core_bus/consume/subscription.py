@@ -62,7 +62,7 @@ from core_bus.streams.pending import (
     own_pending,
 )
 from core_bus.streams.replies import stream_pairs, text
-from core_bus.streams.slots import keys_for, slot_groups
+from core_bus.streams.slots import keys_for, read_slots, slot_groups
 
 #: CLIENT UNBLOCK attempts before a nudge falls back to cancelling the read.
 UNBLOCK_TRIES = 5
@@ -415,25 +415,15 @@ class Subscription(SubscriptionHandle):
         return self._specs
 
     async def _read_slots(self, specs: list[dict[str, str]], block_ms: int) -> None:
-        """Redis Cluster, streams in several slots: one blocked XREADGROUP per slot at once;
-        the first reply with entries is dispatched and ends the others (cancelled reads
-        cost their connections, which the cluster client's pools replace)."""
-        async with anyio.create_task_group() as group:
+        """Redis Cluster, streams in several slots: one blocked XREADGROUP per slot."""
 
-            async def read(spec: dict[str, str]) -> None:
-                reply = await self._reader.xreadgroup(
-                    self.group,
-                    self.consumer,
-                    spec,  # type: ignore[arg-type]
-                    count=self.options.count,
-                    block=block_ms,
-                )
-                if reply:
-                    self._dispatch(reply)
-                    group.cancel_scope.cancel()
+        async def read(spec: dict[Any, Any]) -> Any:
+            return await self._reader.xreadgroup(
+                self.group, self.consumer, spec, count=self.options.count, block=block_ms
+            )
 
-            for spec in specs:
-                group.start_soon(read, spec)
+        for reply in await read_slots(specs, read):
+            self._dispatch(reply)
 
     def _dispatch(self, reply: Any) -> None:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each).

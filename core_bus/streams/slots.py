@@ -8,9 +8,10 @@ on a standalone or Sentinel-managed server every key is in "one slot".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+import anyio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -58,3 +59,23 @@ def keys_for(redis: Any, namespace: str) -> StreamKeyBuilder:
     """The key builder for a client: cluster names (hash tags) for a cluster client or
     when ``REDIS_MODE=cluster``, the prototype's names otherwise."""
     return StreamKeyBuilder(namespace, cluster=is_cluster(redis) or cluster_from_env())
+
+
+async def read_slots(
+    specs: Sequence[dict[Any, Any]], read: Callable[[dict[Any, Any]], Awaitable[Any]]
+) -> list[Any]:
+    """Blocked reads of several slots at once (one XREAD/XREADGROUP per slot): as soon as
+    one returns entries the others are cancelled (their connections are dropped and the
+    cluster client's pools replace them). Returns the non-empty replies."""
+    replies: list[Any] = []
+    async with anyio.create_task_group() as group:
+
+        async def one(spec: dict[Any, Any]) -> None:
+            reply = await read(spec)
+            if reply:
+                replies.append(reply)
+                group.cancel_scope.cancel()
+
+        for spec in specs:
+            group.start_soon(one, spec)
+    return replies

@@ -29,6 +29,7 @@ from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.patterns import glob_match, is_pattern
 from core_bus.streams.replies import Fields, fields_of, streams_of, text
+from core_bus.streams.slots import read_slots, slot_groups
 
 READ_COUNT = 500
 BLOCK_SECONDS = 1.0
@@ -260,7 +261,8 @@ class Tailer:
             self.positions[stream] = "0-0"
 
     async def read_once(self) -> None:
-        """One XREAD over every stream (and the discovery notices when following patterns)."""
+        """One XREAD over every stream (and the discovery notices when following patterns);
+        on Redis Cluster one per slot."""
         query = dict(self.positions)
         notices = self.keys.discovery_stream()
         if self.patterns and notices not in query:
@@ -268,10 +270,17 @@ class Tailer:
         if not query:
             await anyio.sleep(BLOCK_SECONDS)
             return
-        spec: dict[Any, Any] = query
         block = blocking_ms(self.redis, BLOCK_SECONDS)
-        reply = await self.redis.xread(spec, count=READ_COUNT, block=block)
-        for stream, entries in streams_of(reply):
+
+        async def read(spec: dict[Any, Any]) -> Any:
+            return await self.redis.xread(spec, count=READ_COUNT, block=block)
+
+        specs = [{s: query[s] for s in group} for group in slot_groups(self.redis, list(query))]
+        if len(specs) == 1:
+            replies = [await read(specs[0])]
+        else:  # Redis Cluster: one XREAD per slot
+            replies = await read_slots(specs, read)
+        for stream, entries in (pair for reply in replies for pair in streams_of(reply)):
             if not entries:
                 continue
             if stream == notices and self.patterns:
