@@ -77,7 +77,7 @@ def load_config(
     context = {
         "config_dir": config_dir,
         "namespace": _namespace_of(raw),
-        "cluster": _cluster_of(raw),
+        "cluster": _cluster_of(raw, env),
     }
     supervisor = _validate(SupervisorConfig, raw, ("supervisor",), context, problems)
     redis = _validate(RedisConfig, raw, ("redis",), context, problems)
@@ -201,13 +201,13 @@ def _check_structure(raw: dict[str, Any], problems: Problems) -> None:
             problems.add(("agents", index), "must be a table ([[agents]])")
 
 
-def _cluster_of(raw: dict[str, Any]) -> bool:
+def _cluster_of(raw: dict[str, Any], env: Mapping[str, str]) -> bool:
     """``[redis] mode = "cluster"`` (or ``REDIS_MODE=cluster``): agents' keys get hash tags."""
     redis = raw.get("redis")
     mode = redis.get("mode") if isinstance(redis, dict) else None
     if isinstance(mode, str):
         return mode.strip().lower() == "cluster"
-    return cluster_from_env()
+    return cluster_from_env(env)
 
 
 def _namespace_of(raw: dict[str, Any]) -> str:
