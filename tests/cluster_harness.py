@@ -120,7 +120,8 @@ class RedisClusterHarness:
         return self
 
     def wait_ok(self, timeout: float = 30.0, ports: list[int] | None = None) -> None:
-        """Until every listed node (default: all alive) says cluster_state:ok, same epoch view."""
+        """Until every listed node (default: all alive) says cluster_state:ok, they agree
+        on the masters and every replica's link to its master is up (synced)."""
         binary = self.nodes[0].binary
         assert binary is not None
         cli = _cli(binary)
@@ -129,7 +130,9 @@ class RedisClusterHarness:
         while True:
             states = [_info(cli, p, "cluster", "info") for p in wanted]
             slot_views = {_info(cli, p, "cluster", "shards").count("master") for p in wanted}
-            if all("cluster_state:ok" in s for s in states) and len(slot_views) == 1:
+            replicas = [_info(cli, p, "info", "replication") for p in wanted]
+            synced = all("role:master" in r or "master_link_status:up" in r for r in replicas)
+            if all("cluster_state:ok" in s for s in states) and len(slot_views) == 1 and synced:
                 return
             if time.monotonic() > deadline:
                 raise RedisServerError(f"cluster not ok after {timeout}s: {states}")

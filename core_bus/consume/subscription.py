@@ -422,8 +422,7 @@ class Subscription(SubscriptionHandle):
                 self.group, self.consumer, spec, count=self.options.count, block=block_ms
             )
 
-        for reply in await read_slots(specs, read):
-            self._dispatch(reply)
+        await read_slots(specs, read, self._dispatch)
 
     def _dispatch(self, reply: Any) -> None:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each).

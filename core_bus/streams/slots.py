@@ -62,20 +62,32 @@ def keys_for(redis: Any, namespace: str) -> StreamKeyBuilder:
 
 
 async def read_slots(
-    specs: Sequence[dict[Any, Any]], read: Callable[[dict[Any, Any]], Awaitable[Any]]
-) -> list[Any]:
-    """Blocked reads of several slots at once (one XREAD/XREADGROUP per slot): as soon as
-    one returns entries the others are cancelled (their connections are dropped and the
-    cluster client's pools replace them). Returns the non-empty replies."""
-    replies: list[Any] = []
+    specs: Sequence[dict[Any, Any]],
+    read: Callable[[dict[Any, Any]], Awaitable[Any]],
+    on_reply: Callable[[Any], None],
+) -> None:
+    """Blocked reads of several slots at once (one XREAD/XREADGROUP per slot).
+
+    ``on_reply`` gets each non-empty reply as it arrives; the first one ends the
+    other reads (their connections are dropped, the cluster client's pools replace
+    them). An error of any read ends them all and is raised as itself, not as an
+    exception group, so callers' retry-on-transient-error handling applies.
+    """
+    errors: list[Exception] = []
     async with anyio.create_task_group() as group:
 
         async def one(spec: dict[Any, Any]) -> None:
-            reply = await read(spec)
+            try:
+                reply = await read(spec)
+            except Exception as exc:
+                errors.append(exc)
+                group.cancel_scope.cancel()
+                return
             if reply:
-                replies.append(reply)
+                on_reply(reply)
                 group.cancel_scope.cancel()
 
         for spec in specs:
             group.start_soon(one, spec)
-    return replies
+    if errors:
+        raise errors[0]

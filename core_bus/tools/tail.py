@@ -276,10 +276,11 @@ class Tailer:
             return await self.redis.xread(spec, count=READ_COUNT, block=block)
 
         specs = [{s: query[s] for s in group} for group in slot_groups(self.redis, list(query))]
+        replies: list[Any] = []
         if len(specs) == 1:
-            replies = [await read(specs[0])]
+            replies.append(await read(specs[0]))
         else:  # Redis Cluster: one XREAD per slot
-            replies = await read_slots(specs, read)
+            await read_slots(specs, read, replies.append)
         for stream, entries in (pair for reply in replies for pair in streams_of(reply)):
             if not entries:
                 continue
