@@ -110,7 +110,7 @@ async def test_master_killed_mid_load_keeps_every_entry_it_still_has(
     lost_by_bus = stored - set(handled)
     print(
         f"cluster failover: killed master :{victim_port}; published {len(published)}/{TOTAL} "
-        f"(publishing done {recovered:.2f}s after the kill), lost by Redis failover {len(lost_by_redis)}, "
+        f"(done {recovered:.2f}s after the kill), lost by Redis failover {len(lost_by_redis)}, "
         f"handled twice {duplicates}, stored but never handled {len(lost_by_bus)}"
     )
     assert len(published) == TOTAL
