@@ -194,3 +194,26 @@ def test_no_keys_command_anywhere() -> None:
         if pattern.search(path.read_text())
     ]
     assert not offenders
+
+
+def test_check_warns_what_an_untagged_stream_costs_in_cluster_mode(tmp_path: Path) -> None:
+    """``ag1-fleet check`` in cluster mode: a stream (or pattern) outside the agent's slot
+    gets one warning naming the split dead-letter path and the per-slot reads; a tagged
+    stream none; standalone mode none."""
+    from supervisor.config.load import load_config
+
+    (tmp_path / "fleet.toml").write_text(
+        '[supervisor]\nname = "t"\n[redis]\nurl = "redis://127.0.0.1:1/0"\n'
+        '[[agents]]\nname = "echo"\nhandler = "m:h"\n'
+        '[[agents]]\nname = "billing"\nhandler = "m:h"\n'
+        'streams = ["payments", "AG1:agent:{billing}:inbox", "AG1:orders:*"]\n'
+    )
+    config = load_config(
+        tmp_path / "fleet.toml", environ={"REDIS_MODE": "cluster"}, check_imports=False
+    )
+    cluster = [w for w in config.warnings if "Redis Cluster" in w]
+    assert len(cluster) == 1 and "agents[1].streams" in cluster[0], config.warnings
+    assert "'payments', 'AG1:orders:*'" in cluster[0] and "XADD then XACK" in cluster[0]
+    assert "one connection per slot (2 slots)" in cluster[0]
+    plain = load_config(tmp_path / "fleet.toml", environ={}, check_imports=False)
+    assert not [w for w in plain.warnings if "Redis Cluster" in w]
