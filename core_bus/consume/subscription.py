@@ -415,14 +415,21 @@ class Subscription(SubscriptionHandle):
         return self._specs
 
     async def _read_slots(self, specs: list[dict[str, str]], block_ms: int) -> None:
-        """Redis Cluster, streams in several slots: one blocked XREADGROUP per slot."""
+        """Redis Cluster, streams in several slots: one XREADGROUP lane per slot until
+        the read loop's next pending check; a nudge cancels them all (the check that
+        follows finds what a cancelled read delivered)."""
 
-        async def read(spec: dict[Any, Any]) -> Any:
+        async def read(spec: dict[Any, Any], block: int) -> Any:
             return await self._reader.xreadgroup(
-                self.group, self.consumer, spec, count=self.options.count, block=block_ms
+                self.group, self.consumer, spec, count=self.options.count, block=block
             )
 
-        await read_slots(specs, read, self._dispatch)
+        async def before_read() -> bool:
+            while self._work.needs_space() and not self._check_requested:
+                await self._work.wait_for_space()
+            return not self._check_requested and not self._stopping
+
+        await read_slots(specs, read, self._dispatch, block_ms, before_read)
 
     def _dispatch(self, reply: Any) -> None:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each).

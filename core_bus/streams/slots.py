@@ -8,6 +8,7 @@ on a standalone or Sentinel-managed server every key is in "one slot".
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -63,31 +64,38 @@ def keys_for(redis: Any, namespace: str) -> StreamKeyBuilder:
 
 async def read_slots(
     specs: Sequence[dict[Any, Any]],
-    read: Callable[[dict[Any, Any]], Awaitable[Any]],
+    read: Callable[[dict[Any, Any], int], Awaitable[Any]],
     on_reply: Callable[[Any], None],
+    block_ms: int,
+    before_read: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
-    """Blocked reads of several slots at once (one XREAD/XREADGROUP per slot).
+    """One read lane per slot (one XREAD/XREADGROUP per slot), for up to ``block_ms``.
 
-    ``on_reply`` gets each non-empty reply as it arrives; the first one ends the
-    other reads (their connections are dropped, the cluster client's pools replace
-    them). An error of any read ends them all and is raised as itself, not as an
-    exception group, so callers' retry-on-transient-error handling applies.
+    Each lane loops on its own: ``before_read()`` (may wait; False ends the lane),
+    then a read blocking at most until the round's deadline, whose non-empty reply
+    goes to ``on_reply``. A busy slot is read again at once while an idle one
+    blocks; no lane cancels another (a cancelled read may already have delivered
+    entries). An error of any lane ends the round and is raised as itself, not as
+    an exception group, so callers' retry-on-transient-error handling applies.
     """
+    deadline = time.monotonic() + block_ms / 1000
     errors: list[Exception] = []
     async with anyio.create_task_group() as group:
 
-        async def one(spec: dict[Any, Any]) -> None:
+        async def lane(spec: dict[Any, Any]) -> None:
             try:
-                reply = await read(spec)
+                while before_read is None or await before_read():
+                    remaining = int((deadline - time.monotonic()) * 1000)
+                    if remaining < 1:
+                        return
+                    reply = await read(spec, remaining)
+                    if reply:
+                        on_reply(reply)
             except Exception as exc:
                 errors.append(exc)
                 group.cancel_scope.cancel()
-                return
-            if reply:
-                on_reply(reply)
-                group.cancel_scope.cancel()
 
         for spec in specs:
-            group.start_soon(one, spec)
+            group.start_soon(lane, spec)
     if errors:
         raise errors[0]

@@ -272,16 +272,22 @@ class Tailer:
             return
         block = blocking_ms(self.redis, BLOCK_SECONDS)
 
-        async def read(spec: dict[Any, Any]) -> Any:
-            return await self.redis.xread(spec, count=READ_COUNT, block=block)
+        async def read(spec: dict[Any, Any], block_ms: int) -> Any:
+            reply = await self.redis.xread(spec, count=READ_COUNT, block=block_ms)
+            for stream, entries in streams_of(reply):
+                if entries:  # a lane reads on from where its last reply ended
+                    spec[stream] = entries[-1][0]
+            return reply
 
         specs = [{s: query[s] for s in group} for group in slot_groups(self.redis, list(query))]
-        replies: list[Any] = []
         if len(specs) == 1:
-            replies.append(await read(specs[0]))
-        else:  # Redis Cluster: one XREAD per slot
-            await read_slots(specs, read, replies.append)
-        for stream, entries in (pair for reply in replies for pair in streams_of(reply)):
+            self._take(await read(specs[0], block), notices)
+        else:  # Redis Cluster: one XREAD lane per slot
+            await read_slots(specs, read, lambda reply: self._take(reply, notices), block)
+
+    def _take(self, reply: Any, notices: str) -> None:
+        """Show one XREAD reply's entries; adopt streams named by discovery notices."""
+        for stream, entries in streams_of(reply):
             if not entries:
                 continue
             if stream == notices and self.patterns:
