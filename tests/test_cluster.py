@@ -224,7 +224,8 @@ async def test_ag1_bus_groups_dlq_and_tail_on_cluster(
 ) -> None:
     """``ag1-bus groups`` lists groups of streams on every master, ``dlq`` lists and
     replays a group's dead letters (split path back to an untagged stream) and
-    ``tail -n`` prints a stream's last entries, all with REDIS_MODE=cluster."""
+    ``tail`` of a pattern prints the backlog of streams in four slots (one XREAD
+    lane per slot), all with REDIS_MODE=cluster."""
     streams = [KC.agent_inbox(f"a{i}") for i in range(4)] + ["AG1:plain"]
     for stream in streams:
         await rc.xgroup_create(stream, "g", id="0", mkstream=True)
@@ -249,8 +250,9 @@ async def test_ag1_bus_groups_dlq_and_tail_on_cluster(
     assert replay.returncode == 0, replay.stderr + replay.stdout
     assert await rc.xlen(KC.dead_letter("g")) == 0 and await rc.xlen("AG1:plain") == 2
 
-    tail = _bus(cluster, "tail", streams[0], "--last", "1", "--count", "1")
-    assert tail.returncode == 0 and streams[0] in tail.stdout, tail.stderr
+    tail = _bus(cluster, "tail", "AG1:agent:*:inbox", "--from-start", "--count", "4")
+    assert tail.returncode == 0, tail.stderr
+    assert all(stream in tail.stdout for stream in streams[:4]), tail.stdout  # 4 slots
 
 
 HANGING_HANDLER = """

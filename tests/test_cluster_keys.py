@@ -217,3 +217,19 @@ def test_check_warns_what_an_untagged_stream_costs_in_cluster_mode(tmp_path: Pat
     assert "one connection per slot (2 slots)" in cluster[0]
     plain = load_config(tmp_path / "fleet.toml", environ={}, check_imports=False)
     assert not [w for w in plain.warnings if "Redis Cluster" in w]
+
+
+def test_nogroup_and_transient_errors_recognised_in_cluster_pipeline_errors() -> None:
+    """redis-py's cluster pipeline shows the server's reply as a tuple; NOGROUP (recreate
+    the group) and READONLY (a failover: back off) must still be recognised."""
+    from redis.exceptions import ResponseError
+
+    from core_bus.streams.errors import is_nogroup, is_transient
+
+    prefix = "Command # 1 (XPENDING s g - + 1000 c) of pipeline caused error: "
+    assert is_nogroup(
+        ResponseError(prefix + "(\"NOGROUP No such key 's' or consumer group 'g'\",)")
+    )
+    assert is_transient(ResponseError(prefix + "('READONLY You can't write against a replica.',)"))
+    assert is_nogroup(ResponseError(prefix + "NOGROUP No such key"))
+    assert not is_nogroup(ResponseError(prefix + "('ERR something else',)"))
