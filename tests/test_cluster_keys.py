@@ -169,13 +169,14 @@ def _key_args(args: list[str]) -> list[str]:
 
 
 def test_every_lua_script_takes_its_keys_from_keys() -> None:
-    """No script builds a key name: each command's key argument is ``KEYS[n]`` (or a loop
-    variable over KEYS), never a concatenation (``..``) or an ARGV value."""
+    """No script builds a key name: each command's key argument is ``KEYS[n]`` (or a local
+    taken straight from KEYS), never a concatenation (``..``) or an ARGV value."""
     scripts = _scripts()
     assert len(scripts) >= 8, sorted(scripts)
     problems = []
     for where, script in scripts.items():
         loop_vars = set(re.findall(r"for\s+\w+\s*,\s*(\w+)\s+in\s+ipairs\(KEYS\)", script))
+        loop_vars |= set(re.findall(r"local\s+(\w+)\s*=\s*KEYS\[.*\]\s*$", script, re.M))
         for match in re.finditer(r"redis\.call\(|pcall\(redis\.call,", script):
             args = _split_args(script[match.end() :])
             for key in _key_args(args):

@@ -17,7 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from core_bus.keys import dead_letter_seen
-from core_bus.streams.deadletter import dead_letter_fields, queue_dead_letter, queue_trim
+from core_bus.streams.deadletter import (
+    DLQ_MAXLEN,
+    dead_letter_fields,
+    queue_dead_letter,
+    queue_trim,
+)
 from core_bus.streams.slots import is_cluster, slot_of
 
 #: How long (ms) a split-path write is remembered; a repeat comes within the claim idle.
@@ -36,6 +41,26 @@ for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 return redis.call('XADD', KEYS[1], '*', unpack(fields))
 """
 
+# KEYS: dead-letter stream, then source streams (one slot); ARGV: group, maxlen (0: no
+# trim), then per record: source key index, id, field count n, n name/value pairs.
+# The MULTI of write_dead_letters as one script (Redis Cluster); returns entries trimmed.
+_ATOMIC = """
+local i = 3
+while i <= #ARGV do
+  local source = KEYS[tonumber(ARGV[i])]
+  local n = tonumber(ARGV[i + 2])
+  local fields = {}
+  for j = 1, 2 * n do fields[j] = ARGV[i + 2 + j] end
+  redis.call('XADD', KEYS[1], '*', unpack(fields))
+  redis.call('XACK', source, ARGV[1], ARGV[i + 1])
+  i = i + 3 + 2 * n
+end
+if tonumber(ARGV[2]) > 0 then
+  return redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[2])
+end
+return 0
+"""
+
 #: ``(source stream, entry id, dead-letter record)``
 Record = tuple[str, str, Mapping[str, Any]]
 
@@ -52,7 +77,10 @@ async def write_dead_letters(
     atomic = [r for r in records if not split_needed(redis, dlq_stream, r[0])]
     split = [r for r in records if split_needed(redis, dlq_stream, r[0])]
     trimmed = 0
-    if atomic or not split:
+    if is_cluster(redis):
+        if atomic:  # redis-py's cluster MULTI runs each command in a thread: one script
+            trimmed = await _write_atomic_script(redis, dlq_stream, group, atomic, maxlen)
+    elif records or maxlen != 0:
         async with redis.pipeline(transaction=True) as pipe:
             for stream, entry_id, fields in atomic:
                 queue_dead_letter(
@@ -74,6 +102,19 @@ async def write_dead_letters(
                 pipe.xack(stream, group, entry_id)
             await pipe.execute()
     return trimmed
+
+
+async def _write_atomic_script(
+    redis: Any, dlq_stream: str, group: str, records: Sequence[Record], maxlen: int | None
+) -> int:
+    streams = list(dict.fromkeys(stream for stream, _id, _fields in records))
+    limit = DLQ_MAXLEN if maxlen is None else maxlen
+    args: list[Any] = [group, limit]
+    for stream, entry_id, fields in records:
+        args += [streams.index(stream) + 2, entry_id, len(fields)]  # KEYS[1] is the DLQ
+        for name, value in fields.items():
+            args += [name, value]
+    return int(await redis.eval(_ATOMIC, 1 + len(streams), dlq_stream, *streams, *args) or 0)
 
 
 async def write_split_dead_letters(
