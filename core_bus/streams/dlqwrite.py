@@ -36,6 +36,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return false end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 return redis.call('XADD', KEYS[1], '*', unpack(fields))
