@@ -234,3 +234,13 @@ def test_nogroup_and_transient_errors_recognised_in_cluster_pipeline_errors() ->
     assert is_transient(ResponseError(prefix + "('READONLY You can't write against a replica.',)"))
     assert is_nogroup(ResponseError(prefix + "NOGROUP No such key"))
     assert not is_nogroup(ResponseError(prefix + "('ERR something else',)"))
+
+
+def test_block_stays_below_a_cluster_clients_socket_timeout() -> None:
+    """A RedisCluster has no connection_pool: its socket timeout still caps BLOCK."""
+    from redis.asyncio.cluster import RedisCluster
+
+    from core_bus.streams.blocking import blocking_ms
+
+    client = RedisCluster(host="127.0.0.1", port=1, socket_timeout=1)
+    assert blocking_ms(client, 2.0) == 500
