@@ -20,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from core_bus import Envelope, publish_many, subscribe
 from core_bus.keys import StreamKeyBuilder, dead_letter_seen
-from core_bus.ordered import subscribe_ordered
+from core_bus.ordered import evict_consumer, subscribe_ordered
 from core_bus.publish import publish_envelope
 from core_bus.streams.deadletter import DeadLetter
 from core_bus.streams.dlqwrite import write_dead_letters
@@ -122,13 +122,16 @@ async def test_split_dead_letter_is_idempotent_by_source_stream_and_id(rc: Any) 
 
 async def test_ordered_shards_spread_across_slots_keep_key_order(rc: Any) -> None:
     """Six shards of one inbox land on more than one master; each shard's lease shares its
-    shard's slot (the fenced ack is one script) and per-key order holds."""
+    shard's slot (the fenced ack is one script), per-key order holds, a poison entry is
+    dead-lettered (split path: the shard is not in the DLQ's slot) and evicting the owner
+    releases its leases on every slot."""
     base, shards, group = KC.agent_inbox("ledger"), 6, "ledger"
     streams = KC.shard_streams(base, shards)
     assert len({slot_of(s) for s in streams}) == shards
     assert all(slot_of(KC.shard_lease(group, base, i)) == slot_of(streams[i]) for i in range(6))
-    owners = {(await rc.cluster_keyslot(s)) for s in streams}
-    assert len(owners) == shards
+    assert [int(await rc.cluster_keyslot(s)) for s in streams] == [slot_of(s) for s in streams]
+    masters = {rc.nodes_manager.get_node_from_slot(slot_of(s)).name for s in streams}
+    assert len(masters) > 1, "the six shards should not all land on one master"
 
     async def record(env: Envelope, redis: Any) -> None:
         await redis.rpush(f"seen:{{{env.meta['key']}}}", env.meta["seq"])
@@ -161,8 +164,12 @@ async def test_ordered_shards_spread_across_slots_keep_key_order(rc: Any) -> Non
             )
 
         await eventually(done, 30, message="every key handled, one dead letter")
+        await eventually(lambda: len(sub.owned()) == shards, 10, message="owns all 6 shards")
+        # the supervisor's eviction of a dead owner: leases over 6 slots, one script each
+        assert await evict_consumer(rc, KC, group, [base], shards, "solo") == shards
     finally:
         await sub.stop(5)
+    assert await rc.zcard(KC.ordered_members(group)) == 0
     for key in keys[1:]:
         assert [int(v) for v in await rc.lrange(f"seen:{{{key}}}", 0, -1)] == list(range(10))
 
