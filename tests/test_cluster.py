@@ -7,6 +7,7 @@ deduplicated), ordered shards spread across slots, RPC, discovery, and ``ag1-bus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -336,3 +337,115 @@ async def test_fleet_on_cluster_idle_sweep_then_crash_reclaim(
         await eventually(lambda: seen_is(total), timeout=15, message="crash reclaim")
         await eventually(lambda: group_pending_is(0), timeout=15)
         assert agent(daemon, "hold").reclaimed_by_reason.get("crash", 0) >= 1
+
+
+CHAOS_HANDLER = """
+import asyncio
+
+
+async def handle(env, redis):
+    pipe = redis.pipeline(transaction=False)
+    pipe.sadd("chaos:seen", env.envelope_id)
+    pipe.incr("chaos:calls")
+    await pipe.execute()
+    await asyncio.sleep(0.001)
+"""
+
+CHAOS_FLEET = """
+[supervisor]
+name = "chaos"
+sweep_interval = "1s"
+stop_timeout = "5s"
+[redis]
+url = "{url}"
+[http]
+enabled = true
+listen = "127.0.0.1:0"
+[[agents]]
+name = "chaos"
+handler = "chaos_agent:handle"
+replicas = 4
+concurrency = 16
+count = 20
+max_deliveries = 10
+claim_idle = "5s"
+backoff_initial = "10ms"
+backoff_max = "100ms"
+start_limit = 10000
+start_limit_window = "60s"
+stop_timeout = "2s"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_chaos_on_cluster_sigkills_lose_nothing(
+    rc: Any, cluster: RedisClusterHarness, tmp_path: Path
+) -> None:
+    """``ag1-fleet run`` on the cluster, 4 workers, a random worker SIGKILLed every 300 ms
+    for 4 s while 3,000 envelopes arrive: every envelope handled, nothing pending, no
+    dead-letter, no dead consumer left in the group; duplicates printed."""
+    import random
+    import signal
+    import time
+
+    import aiohttp
+    import anyio
+
+    from supervisor.delivery.consumers import consumers_of
+    from tests.fleet_harness import FleetProcess
+
+    total, inbox = 3000, KC.agent_inbox("chaos")
+    (tmp_path / "chaos_agent.py").write_text(CHAOS_HANDLER)
+    fleet = FleetProcess(
+        tmp_path, CHAOS_FLEET.format(url=cluster.url), env={"REDIS_MODE": "cluster"}
+    )
+    try:
+        await eventually(lambda: fleet.events("fleet ready"), 30, message="fleet ready")
+        port = int(fleet.events("http_listening")[-1]["port"])
+        envelopes = [Envelope(role="user", content=i) for i in range(total)]
+        kills, started, rng = 0, time.monotonic(), random.Random(16)
+
+        async def publish_steadily() -> None:
+            for start in range(0, total, 150):
+                await publish_many(rc, inbox, envelopes[start : start + 150], maxlen=0)
+                await anyio.sleep(0.15)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish_steadily)
+            while time.monotonic() - started < 4.0:
+                await anyio.sleep(0.3)
+                pids = sorted(fleet.worker_pids())
+                if pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        kills += 1
+
+        async def all_seen() -> bool:
+            return int(await rc.scard("chaos:seen")) == total
+
+        await eventually(all_seen, 45, interval=0.2, message="every envelope handled")
+
+        async def live() -> set[str]:
+            url = f"http://127.0.0.1:{port}/status"
+            async with aiohttp.ClientSession() as session, session.get(url) as resp:
+                snap = await resp.json()
+            return {
+                w["consumer"]
+                for w in snap["agents"][0]["workers"]
+                if w["state"] == "ready" and w["consumer"]
+            }
+
+        async def settled() -> bool:
+            pending = int((await rc.xpending(inbox, "chaos"))["pending"])
+            names = {c.name for c in await consumers_of(rc, inbox, "chaos")}
+            alive = await live()
+            return pending == 0 and len(alive) == 4 and names == alive
+
+        await eventually(settled, 30, interval=0.2, message="nothing pending, no dead consumer")
+        assert await rc.xlen(KC.dead_letter("chaos")) == 0
+        calls = int(await rc.get("chaos:calls"))
+        print(f"cluster chaos: {total} envelopes, {kills} kills, {calls - total} duplicates")
+        assert kills >= 8
+    finally:
+        fleet.close()
