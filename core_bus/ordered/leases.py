@@ -29,7 +29,7 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.streams.deadletter import DLQ_MAXLEN
 from core_bus.streams.dlqwrite import write_split_dead_letters
 from core_bus.streams.replies import text
-from core_bus.streams.slots import by_slot, one_slot
+from core_bus.streams.slots import by_slot, is_cluster, one_slot
 
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -114,7 +114,8 @@ async def set_leases(
 ) -> list[bool]:
     """Acquire, renew or release (``mode``) the leases of ``units``; True where it held."""
     held: dict[str, bool] = {}
-    for batch in by_slot([u.lease for u in units]):  # one script per cluster slot
+    leases = [u.lease for u in units]
+    for batch in by_slot(leases) if is_cluster(redis) else [leases]:  # one per cluster slot
         result = await redis.eval(_LEASES, len(batch), *batch, me, ttl_ms, mode)
         held.update((key, bool(int(x))) for key, x in zip(batch, result, strict=True))
     return [held[u.lease] for u in units]
