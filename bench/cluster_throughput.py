@@ -10,7 +10,8 @@ every shard's group has no lag and nothing pending gives the consume rate.
 
     .venv/bin/python bench/cluster_throughput.py [--messages 20000] [--workers 2]
 
-Prints one ``setup: publish N msgs/s, consume N msgs/s`` line per setup.
+Prints one ``setup: publish N msgs/s, consume N msgs/s`` line per setup, then the
+cost of one XREADGROUP on the cluster client with and without redis-py's routing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from core_bus import Envelope, publish_many  # noqa: E402
 from core_bus.keys import StreamKeyBuilder  # noqa: E402
+from core_bus.streams.slots import routed_xreadgroup  # noqa: E402
 from supervisor.redis.server import RedisServerProcess  # noqa: E402
 from tests.cluster_harness import RedisClusterHarness  # noqa: E402
 
@@ -126,6 +128,25 @@ async def run_setup(
     )
 
 
+async def read_cost(url: str, reads: int = 2000) -> str:
+    """Microseconds per empty XREADGROUP: redis-py's routing (COMMAND GETKEYS first)
+    vs :func:`core_bus.streams.slots.routed_xreadgroup` (the slot's node directly)."""
+    r = RedisCluster.from_url(url)
+    stream = StreamKeyBuilder(cluster=True).agent_inbox("cost")
+    await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    spec = {stream: ">"}
+    start = time.perf_counter()
+    for _ in range(reads):
+        await r.xreadgroup(GROUP, "c", spec, count=100)  # type: ignore[arg-type]
+    plain = (time.perf_counter() - start) / reads * 1e6
+    start = time.perf_counter()
+    for _ in range(reads):
+        await routed_xreadgroup(r, GROUP, "c", spec, 100, None)
+    routed = (time.perf_counter() - start) / reads * 1e6
+    await r.aclose()
+    return f"cluster XREADGROUP: redis-py routing {plain:.0f} us, routed to the slot's node {routed:.0f} us"
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
@@ -173,6 +194,7 @@ async def main() -> None:
                 args.workers,
             )
             print(line, flush=True)
+        print(await read_cost(cluster.url), flush=True)
     finally:
         cluster.close()
 

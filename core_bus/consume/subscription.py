@@ -62,7 +62,13 @@ from core_bus.streams.pending import (
     own_pending,
 )
 from core_bus.streams.replies import stream_pairs, text
-from core_bus.streams.slots import keys_for, read_slots, slot_groups
+from core_bus.streams.slots import (
+    is_cluster,
+    keys_for,
+    read_slots,
+    routed_xreadgroup,
+    slot_groups,
+)
 
 #: CLIENT UNBLOCK attempts before a nudge falls back to cancelling the read.
 UNBLOCK_TRIES = 5
@@ -110,6 +116,7 @@ class Subscription(SubscriptionHandle):
         self._read_spec = dict.fromkeys(streams, ">")
         self._specs: list[dict[str, str]] = []
         self._specs_for: dict[str, str] | None = None
+        self._cluster = is_cluster(redis)
         self.held = HeldEntries(streams)
         self._work = WorkQueue(low_water=options.count)
         self._acks = AckBatcher(self._r, options.group, self.held, self.stats, self._watch)
@@ -388,13 +395,22 @@ class Subscription(SubscriptionHandle):
             self._wait_scope = scope
             self._blocked_read = True
             try:
-                if len(specs) == 1:
+                if len(specs) == 1 and not self._cluster:
                     reply = await self._reader.xreadgroup(
                         self.group,
                         self.consumer,
                         specs[0],  # type: ignore[arg-type]
                         count=self.options.count,
                         block=block_ms,
+                    )
+                elif len(specs) == 1:
+                    reply = await routed_xreadgroup(
+                        self._reader,
+                        self.group,
+                        self.consumer,
+                        specs[0],
+                        self.options.count,
+                        block_ms,
                     )
                 else:
                     await self._read_slots(specs, block_ms)
@@ -420,8 +436,8 @@ class Subscription(SubscriptionHandle):
         follows finds what a cancelled read delivered)."""
 
         async def read(spec: dict[Any, Any], block: int) -> Any:
-            return await self._reader.xreadgroup(
-                self.group, self.consumer, spec, count=self.options.count, block=block
+            return await routed_xreadgroup(
+                self._reader, self.group, self.consumer, spec, self.options.count, block
             )
 
         async def before_read() -> bool:

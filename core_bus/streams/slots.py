@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import anyio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import SlotNotCoveredError
 
 from core_bus.keys import StreamKeyBuilder, cluster_from_env
 
@@ -54,6 +56,44 @@ def slot_groups(redis: Any, streams: Sequence[str]) -> list[list[str]]:
     if not is_cluster(redis):
         return [list(streams)]
     return by_slot(streams)
+
+
+async def _node_for(redis: Any, stream: str) -> Any:
+    """The master serving ``stream``'s slot now (a slot the map lacks is transient)."""
+    if redis._initialize:
+        await redis.initialize()
+    try:
+        return redis.nodes_manager.get_node_from_slot(slot_of(stream))
+    except SlotNotCoveredError as exc:  # mid-failover: back off and retry like a lost link
+        raise RedisConnectionError(str(exc)) from exc
+
+
+async def routed_xreadgroup(
+    redis: Any, group: str, consumer: str, spec: dict[Any, Any], count: int, block: int | None
+) -> Any:
+    """XREADGROUP of streams in one slot, sent straight to that slot's master.
+
+    redis-py's RedisCluster asks a node ``COMMAND GETKEYS`` before every command
+    with movable keys (XREAD, XREADGROUP): a second round trip per read (2-3x the
+    read's cost measured). The slot is known here, so the command goes to its node;
+    a MOVED reply is still followed by redis-py, a lost node raises as usual.
+    """
+    args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+    if block is not None:
+        args += ["BLOCK", block]
+    args += ["STREAMS", *spec.keys(), *spec.values()]
+    node = await _node_for(redis, next(iter(spec)))
+    return await redis.execute_command(*args, target_nodes=node)
+
+
+async def routed_xread(redis: Any, spec: dict[Any, Any], count: int, block: int | None) -> Any:
+    """XREAD of streams in one slot, straight to that slot's master (as above)."""
+    args: list[Any] = ["XREAD", "COUNT", count]
+    if block is not None:
+        args += ["BLOCK", block]
+    args += ["STREAMS", *spec.keys(), *spec.values()]
+    node = await _node_for(redis, next(iter(spec)))
+    return await redis.execute_command(*args, target_nodes=node)
 
 
 def keys_for(redis: Any, namespace: str) -> StreamKeyBuilder:
