@@ -144,7 +144,10 @@ async def read_cost(url: str, reads: int = 2000) -> str:
         await routed_xreadgroup(r, GROUP, "c", spec, 100, None)
     routed = (time.perf_counter() - start) / reads * 1e6
     await r.aclose()
-    return f"cluster XREADGROUP: redis-py routing {plain:.0f} us, routed to the slot's node {routed:.0f} us"
+    return (
+        f"cluster XREADGROUP: redis-py routing {plain:.0f} us, "
+        f"routed to the slot's node {routed:.0f} us"
+    )
 
 
 async def main() -> None:
