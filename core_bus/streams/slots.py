@@ -96,6 +96,13 @@ async def routed_xread(redis: Any, spec: dict[Any, Any], count: int, block: int 
     return await redis.execute_command(*args, target_nodes=node)
 
 
+async def xread(redis: Any, spec: dict[Any, Any], count: int, block: int | None) -> Any:
+    """XREAD of one slot's streams: routed on a cluster, the client's own call otherwise."""
+    if is_cluster(redis):
+        return await routed_xread(redis, spec, count, block)
+    return await redis.xread(spec, count=count, block=block)
+
+
 def keys_for(redis: Any, namespace: str) -> StreamKeyBuilder:
     """The key builder for a client: cluster names (hash tags) for a cluster client or
     when ``REDIS_MODE=cluster``, the prototype's names otherwise."""

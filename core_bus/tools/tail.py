@@ -29,7 +29,8 @@ from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.patterns import glob_match, is_pattern
 from core_bus.streams.replies import Fields, fields_of, streams_of, text
-from core_bus.streams.slots import is_cluster, read_slots, routed_xread, slot_groups
+from core_bus.streams.slots import read_slots, slot_groups
+from core_bus.streams.slots import xread as slot_xread
 
 READ_COUNT = 500
 BLOCK_SECONDS = 1.0
@@ -273,10 +274,7 @@ class Tailer:
         block = blocking_ms(self.redis, BLOCK_SECONDS)
 
         async def read(spec: dict[Any, Any], block_ms: int) -> Any:
-            if is_cluster(self.redis):
-                reply = await routed_xread(self.redis, spec, READ_COUNT, block_ms)
-            else:
-                reply = await self.redis.xread(spec, count=READ_COUNT, block=block_ms)
+            reply = await slot_xread(self.redis, spec, READ_COUNT, block_ms)
             for stream, entries in streams_of(reply):
                 if entries:  # a lane reads on from where its last reply ended
                     spec[stream] = entries[-1][0]
