@@ -26,14 +26,14 @@ from typing import Any
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.envelope import Envelope
-from core_bus.keys import StreamKeyBuilder, cluster_from_env
+from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.publish import DATA_FIELD
 from core_bus.settings import get_settings
 from core_bus.streams.deadletter import DeadLetter
 from core_bus.streams.groups import UnknownStream, ensure_stream, group_infos
 from core_bus.streams.replies import entries_of, text
-from core_bus.streams.slots import one_slot
+from core_bus.streams.slots import keys_for, one_slot
 
 log = get_logger("core_bus.tools.dlq")
 
@@ -71,8 +71,9 @@ class ReplayResult:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (dlq, id, why)
 
 
-def _keys() -> StreamKeyBuilder:
-    return StreamKeyBuilder(get_settings().bus_namespace, cluster=cluster_from_env())
+def _keys(redis: AsyncRedis) -> StreamKeyBuilder:
+    """Tagged names for a cluster client (``--redis-mode cluster`` or ``REDIS_MODE``)."""
+    return keys_for(redis, get_settings().bus_namespace)
 
 
 async def _is_stream(redis: AsyncRedis, key: str) -> bool:
@@ -84,7 +85,7 @@ async def resolve_target(redis: AsyncRedis, target: str) -> DlqTarget:
 
     :raises UnknownStream: none of the three readings names anything that exists.
     """
-    keys = _keys()
+    keys = _keys(redis)
     prefix = keys.dead_letter("")
     if target.startswith(prefix):
         await ensure_stream(redis, target)
@@ -111,7 +112,7 @@ async def _all_dead_letter_streams(redis: AsyncRedis) -> list[str]:
     found = [
         text(key)
         async for key in redis.scan_iter(
-            match=_keys().dead_letter_pattern(), count=1000, _type="stream"
+            match=_keys(redis).dead_letter_pattern(), count=1000, _type="stream"
         )
     ]
     return sorted(found)
