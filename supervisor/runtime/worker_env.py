@@ -11,8 +11,7 @@ supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
   shards expanded; glob patterns as written, to be followed with
   :mod:`core_bus.following`), ``AG1_DISCOVERY_INTERVAL`` (seconds between SCANs,
   only with patterns), ``AG1_WORKING_DIR``;
-- the bus: ``REDIS_URL`` (with the password: never log it), ``BUS_NAMESPACE``,
-  ``REDIS_MODE=cluster`` on Redis Cluster (tagged keys, a cluster client);
+- the bus: ``REDIS_URL`` (with the password: never log it), ``BUS_NAMESPACE``;
 - supervision: ``NOTIFY_SOCKET`` (ours), ``AG1_SUPERVISOR_PID``,
   ``AG1_WATCHDOG_USEC`` when the agent has a watchdog, ``PYTHONUNBUFFERED=1``;
 - handler agents (run by :mod:`supervisor.worker`): ``AG1_HANDLER``,
@@ -91,7 +90,7 @@ def worker_environment(
             "AG1_WORKING_DIR": str(working_dir(agent, fleet)),
         }
     )
-    if agent.keys.cluster:  # the worker connects to the cluster and builds tagged keys
+    if agent.keys.cluster:  # REDIS_MODE=cluster: a cluster client and tagged keys
         env["REDIS_MODE"] = "cluster"
     if agent.watchdog:
         env["AG1_WATCHDOG_USEC"] = str(int(agent.watchdog * 1e6))
