@@ -32,7 +32,7 @@ from core_bus.consume.subscription import ensure_group, subscribe, subscription
 from core_bus.discovery import DEFAULT_GROUP, BusSubscriptions, bus_subscriptions
 from core_bus.envelope import Envelope
 from core_bus.foreground import run_until_stopped
-from core_bus.keys import StreamKeyBuilder
+from core_bus.keys import StreamKeyBuilder, cluster_from_env
 from core_bus.log import get_logger
 from core_bus.publish import publish_envelope
 from core_bus.registration import AgentIdentity, register_with
@@ -60,7 +60,8 @@ __all__ = [
 
 def get_patterns(agent_name: str) -> list[str]:
     """The prototype's helper: the stream patterns of an agent (its inbox)."""
-    return [StreamKeyBuilder(get_settings().bus_namespace).agent_inbox(agent_name)]
+    keys = StreamKeyBuilder(get_settings().bus_namespace, cluster=cluster_from_env())
+    return [keys.agent_inbox(agent_name)]
 
 
 async def get_redis() -> Any:

@@ -26,6 +26,7 @@ from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.replies import streams_of, text
+from core_bus.streams.slots import xread as slot_xread
 
 READ_COUNT = 100
 
@@ -78,8 +79,8 @@ class _Follower:
                     # Pin "$" to an id once: a reconnect must not skip what came meanwhile.
                     newest = await self.redis.xrevrange(self.stream, count=1)
                     self.position = text(newest[0][0]) if newest else "0-0"
-                reply = await self.redis.xread(
-                    {self.stream: self.position}, count=READ_COUNT, block=self.block_ms
+                reply = await slot_xread(
+                    self.redis, {self.stream: self.position}, READ_COUNT, self.block_ms
                 )
             except TRANSIENT_ERRORS as exc:
                 attempt += 1

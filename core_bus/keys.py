@@ -10,6 +10,7 @@ import hashlib
 import os
 import secrets
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "AG1"
@@ -66,11 +67,58 @@ class WorkerConsumer:
         return cls(parts[0], parts[1], int(parts[2]), parts[3])
 
 
-class StreamKeyBuilder:
-    """Builds namespaced stream and key names (``AG1:agent:{id}:inbox`` ...)."""
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes, when it has one (``{...}``, non-empty).
 
-    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+    Redis' rule: the text between the first ``{`` and the first ``}`` after it,
+    if that text is not empty; otherwise the whole key is hashed (``None`` here).
+    """
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+def slot_tag(key: str) -> str:
+    """What decides ``key``'s slot: its hash tag, or the whole key."""
+    tag = hash_tag(key)
+    return key if tag is None else tag
+
+
+def dead_letter_seen(dlq_stream: str) -> str:
+    """Sorted set of ``"<stream> <id>"`` already dead-lettered to ``dlq_stream`` by the
+    non-atomic path (source stream in another cluster slot), scored by when; in the
+    dead-letter stream's slot, so a write repeated after a crash between its XADD and
+    the source's XACK is recognised and skipped."""
+    if hash_tag(dlq_stream) is not None:
+        return f"{dlq_stream}:seen"
+    return f"{{{dlq_stream}}}:seen"
+
+
+class StreamKeyBuilder:
+    """Builds namespaced stream and key names (``AG1:agent:{id}:inbox`` ...).
+
+    ``cluster=True`` (Redis Cluster) puts hash tags in the keys one multi-key
+    operation touches together, so they share a slot: an agent's inbox and
+    outbox are tagged with the agent (``AG1:agent:{echo}:inbox``), the keys of
+    a consumer group (dead letters, suspects, ordered members) with the group
+    (``AG1:dlq:{echo}``; a group defaults to its agent's name, so they land in
+    the inbox's slot), each shard of a base stream gets its own tag
+    (``{echo:3}``) so shards spread across slots, and a shard's lease follows
+    its shard. Without ``cluster`` every name is the prototype's, byte for byte
+    (docs/ARCHITECTURE.md, "Redis Cluster key layout").
+    """
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE, *, cluster: bool = False) -> None:
         self.ns = namespace
+        self.cluster = cluster
+
+    def _tag(self, name: str) -> str:
+        """``{name}`` in cluster mode (an empty name stays empty: it builds prefixes)."""
+        return f"{{{name}}}" if self.cluster and name else name
 
     # -- prototype keys (output must not change) --------------------------------
     def flow_input(self, flow_id: str) -> str:
@@ -80,10 +128,10 @@ class StreamKeyBuilder:
         return f"{self.ns}:flow:{flow_id}:output"
 
     def agent_inbox(self, agent_id: str) -> str:
-        return f"{self.ns}:agent:{agent_id}:inbox"
+        return f"{self.ns}:agent:{self._tag(agent_id)}:inbox"
 
     def agent_outbox(self, agent_id: str) -> str:
-        return f"{self.ns}:agent:{agent_id}:outbox"
+        return f"{self.ns}:agent:{self._tag(agent_id)}:outbox"
 
     def user_inbox(self, user_id: str) -> str:
         return f"{self.ns}:user:{user_id}:inbox"
@@ -111,7 +159,7 @@ class StreamKeyBuilder:
         return f"{self.ns}:edge:{service_name}:{instance}:status"
 
     def agent_user_inbox(self, agent_id: str, user_id: str) -> str:
-        return f"{self.ns}:agent:{agent_id}:{user_id}:inbox"
+        return f"{self.ns}:agent:{self._tag(agent_id)}:{user_id}:inbox"
 
     def sandboxed_agent_inbox(self, agent_name: str, sandbox_id: str) -> str:
         return f"{self.ns}:sandbox:{sandbox_id}:agent:{agent_name}:inbox"
@@ -143,18 +191,24 @@ class StreamKeyBuilder:
     # -- keys added by AG1 Fleet -------------------------------------------------
     def dead_letter(self, group: str) -> str:
         """Dead-letter stream of one consumer group."""
-        return f"{self.ns}:dlq:{group}"
+        return f"{self.ns}:dlq:{self._tag(group)}"
 
     def suspects(self, group: str) -> str:
         """Hash of crash suspects: ``"<id> <stream>"`` -> "" or the isolating consumer."""
-        return f"{self.ns}:suspects:{group}"
+        return f"{self.ns}:suspects:{self._tag(group)}"
 
     def dead_letter_pattern(self) -> str:
         return f"{self.ns}:dlq:*"
 
     def shard_stream(self, base_stream: str, index: int) -> str:
         """Stream of shard ``index`` of ``base_stream`` (``AG1:agent:x:inbox:shard:3``)."""
-        return f"{base_stream}:shard:{index}"
+        if not self.cluster:
+            return f"{base_stream}:shard:{index}"
+        tag = hash_tag(base_stream)
+        if tag is None:  # a user's untagged stream: the shard's tag names base and index
+            return f"{base_stream}:shard:{{{base_stream}:{index}}}"
+        tagged = base_stream.replace(f"{{{tag}}}", f"{{{tag}:{index}}}", 1)
+        return f"{tagged}:shard:{index}"
 
     def shard_streams(self, base_stream: str, shards: int) -> list[str]:
         return [self.shard_stream(base_stream, i) for i in range(shards)]
@@ -173,11 +227,14 @@ class StreamKeyBuilder:
 
     def shard_lease(self, group: str, base_stream: str, index: int) -> str:
         """Lease naming the consumer that owns one ordered shard."""
+        if self.cluster:  # in the shard's slot: the fenced ack checks it with the XACK
+            tag = slot_tag(self.shard_stream(base_stream, index))
+            return f"{self.ns}:fleet:lease:{{{tag}}}:{group}:{base_stream}:{index}"
         return f"{self.ns}:fleet:lease:{group}:{base_stream}:{index}"
 
     def ordered_members(self, group: str) -> str:
         """Live members of an ordered-shard group (scored by their last heartbeat)."""
-        return f"{self.ns}:fleet:ordered-members:{group}"
+        return f"{self.ns}:fleet:ordered-members:{self._tag(group)}"
 
     def supervisor_registry(self, supervisor_name: str) -> str:
         """Hash of the consumer names a supervisor handed out (name -> agent), across runs."""
@@ -220,6 +277,17 @@ class StreamKeyBuilder:
     def fleet_command_acks(self) -> str:
         """Stream of the answers: one entry per command a supervisor ran (``cmd`` = its id)."""
         return f"{self.ns}:fleet:command-acks"
+
+
+#: The environment variable naming the connection mode (``standalone`` | ``sentinel`` |
+#: ``cluster``); the supervisor hands it to every worker.
+MODE_ENV = "REDIS_MODE"
+
+
+def cluster_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``REDIS_MODE`` says ``cluster`` (keys then carry hash tags)."""
+    env = os.environ if environ is None else environ
+    return env.get(MODE_ENV, "").strip().lower() == "cluster"
 
 
 DEFAULT_KEYS = StreamKeyBuilder()

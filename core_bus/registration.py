@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.envelope import Envelope
-from core_bus.keys import StreamKeyBuilder
+from core_bus.keys import StreamKeyBuilder, cluster_from_env
 from core_bus.publish import publish_envelope
 from core_bus.settings import get_settings
 
@@ -57,7 +57,7 @@ class AgentIdentity:
         """
         if isinstance(config, AgentIdentity):
             return config
-        keys = StreamKeyBuilder(get_settings().bus_namespace)
+        keys = StreamKeyBuilder(get_settings().bus_namespace, cluster=cluster_from_env())
         if isinstance(config, str):
             return cls(name=config, group=config, inbox=keys.agent_inbox(config))
         name = next((str(v) for k in NAME_KEYS if (v := _get(config, k))), None)
@@ -94,6 +94,6 @@ class AgentIdentity:
 async def register_with(redis: AsyncRedis, config: Any, platform: str, **extra: Any) -> str:
     """Publish ``config``'s registration envelope to ``platform``'s register stream; its id."""
     identity = AgentIdentity.of(config)
-    keys = StreamKeyBuilder(get_settings().bus_namespace)
+    keys = StreamKeyBuilder(get_settings().bus_namespace, cluster=cluster_from_env())
     stream = register_stream(platform, keys)
     return await publish_envelope(redis, stream, identity.registration(platform, **extra))

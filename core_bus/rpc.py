@@ -39,6 +39,7 @@ from core_bus.settings import get_settings
 from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.replies import streams_of, text
+from core_bus.streams.slots import xread as slot_xread
 
 log = get_logger("core_bus.rpc")
 
@@ -134,10 +135,11 @@ class _ReplyReader:
 
     async def _read_once(self, block_seconds: float) -> None:
         assert self.last_id is not None
-        reply = await self.redis.xread(
+        reply = await slot_xread(
+            self.redis,
             {self.stream: self.last_id},
-            count=READ_COUNT,
-            block=blocking_ms(self.redis, block_seconds),
+            READ_COUNT,
+            blocking_ms(self.redis, block_seconds),
         )
         for _stream, entries in streams_of(reply):
             for entry_id, fields in entries:

@@ -7,6 +7,7 @@ host and no credential in code: the default is a local Redis.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -118,8 +119,11 @@ def _redact_query(query: str) -> str:
     return "&".join(pairs)
 
 
-def connect(url: str | None = None, **kwargs: Any) -> Any:
+def connect(url: str | None = None, mode: str | None = None, **kwargs: Any) -> Any:
     """An asyncio Redis client for ``url`` (default: from the environment).
+
+    ``mode="cluster"`` (default: ``REDIS_MODE``) returns a
+    ``redis.asyncio.cluster.RedisCluster`` seeded from ``url``.
 
     Health checks and keepalive are on so dead connections are noticed (TCP
     keepalive only for TCP: a ``unix://`` socket, as the embedded server uses,
@@ -135,4 +139,10 @@ def connect(url: str | None = None, **kwargs: Any) -> Any:
     if url.startswith("unix:"):
         options.pop("socket_keepalive", None)
         options.pop("socket_keepalive_options", None)
+    if (mode or os.environ.get("REDIS_MODE", "")).strip().lower() == "cluster":
+        from redis.asyncio.cluster import RedisCluster
+
+        for unsupported in ("single_connection_client", "retry_on_timeout"):
+            options.pop(unsupported, None)
+        return RedisCluster.from_url(url, **options)
     return redis_asyncio.Redis.from_url(url, **options)

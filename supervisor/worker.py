@@ -58,7 +58,7 @@ from typing import Any  # noqa: E402
 
 import anyio  # noqa: E402
 
-from core_bus.keys import DEFAULT_NAMESPACE, StreamKeyBuilder  # noqa: E402
+from core_bus.keys import DEFAULT_NAMESPACE, StreamKeyBuilder, cluster_from_env  # noqa: E402
 from core_bus.log import configure_logging, get_logger  # noqa: E402
 from core_bus.streams.patterns import is_pattern  # noqa: E402
 from supervisor.runtime.sdnotify import Notifier  # noqa: E402
@@ -209,7 +209,7 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
             env.consumer,
             max_deliveries=env.max_deliveries,
             dlq_stream=env.dlq_stream,
-            keys=StreamKeyBuilder(env.namespace),
+            keys=StreamKeyBuilder(env.namespace, cluster=cluster_from_env()),
             lease_ttl=env.shard_lease_ttl,
         )
     if any(is_pattern(stream) for stream in env.streams):  # plain names and patterns
@@ -226,7 +226,7 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
             count=env.count,
             max_deliveries=env.max_deliveries,
             dlq_stream=env.dlq_stream,
-            keys=StreamKeyBuilder(env.namespace),
+            keys=StreamKeyBuilder(env.namespace, cluster=cluster_from_env()),
         )
     from core_bus.consume.subscription import subscribe
 
@@ -240,7 +240,7 @@ async def _subscribe(redis: AsyncRedis, env: WorkerEnv, handler: Callable[..., A
         count=env.count,
         max_deliveries=env.max_deliveries,
         dlq_stream=env.dlq_stream,
-        keys=StreamKeyBuilder(env.namespace),
+        keys=StreamKeyBuilder(env.namespace, cluster=cluster_from_env()),
         handler_timeout=env.handler_timeout,
         handler_timeout_grace=env.handler_timeout_grace,
         claim_idle=env.claim_idle,

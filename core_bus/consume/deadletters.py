@@ -27,9 +27,8 @@ from core_bus.streams.connwatch import ConnectionWatch
 from core_bus.streams.deadletter import (
     TrimReport,
     dead_letter_fields,
-    queue_dead_letter,
-    queue_trim,
 )
+from core_bus.streams.dlqwrite import write_dead_letters
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.pending import HeldEntry, pending_rows
 
@@ -157,9 +156,11 @@ class DeadLetterWriter:
         return keep
 
     async def _execute(self, jobs: list[DeadLetterJob]) -> None:
-        async with self._r.pipeline(transaction=True) as pipe:
-            for entry, reason, error in jobs:
-                fields = dead_letter_fields(
+        records = [
+            (
+                entry.stream,
+                entry.entry_id,
+                dead_letter_fields(
                     data=payload_of(entry.fields or {}),
                     original=entry.fields,
                     reason=reason,
@@ -169,17 +170,13 @@ class DeadLetterWriter:
                     source_id=entry.entry_id,
                     group=self._group,
                     consumer=self._consumer,
-                )
-                queue_dead_letter(
-                    pipe,
-                    self.dlq_stream,
-                    stream=entry.stream,
-                    group=self._group,
-                    entry_id=entry.entry_id,
-                    fields=fields,
-                )
-            queue_trim(pipe, self.dlq_stream, self._maxlen)
-            replies = await pipe.execute()
-        if self._maxlen != 0 and replies:
-            self.trims.add(self.dlq_stream, replies[-1], self._maxlen)
+                ),
+            )
+            for entry, reason, error in jobs
+        ]
+        trimmed = await write_dead_letters(
+            self._r, self.dlq_stream, self._group, records, self._maxlen
+        )
+        if self._maxlen != 0:
+            self.trims.add(self.dlq_stream, trimmed, self._maxlen)
             self._stats.dlq_trimmed = self.trims.trimmed

@@ -62,6 +62,13 @@ from core_bus.streams.pending import (
     own_pending,
 )
 from core_bus.streams.replies import stream_pairs, text
+from core_bus.streams.slots import (
+    is_cluster,
+    keys_for,
+    read_slots,
+    routed_xreadgroup,
+    slot_groups,
+)
 
 #: CLIENT UNBLOCK attempts before a nudge falls back to cancelling the read.
 UNBLOCK_TRIES = 5
@@ -107,6 +114,9 @@ class Subscription(SubscriptionHandle):
             self._names[name] = name
             self._names[name.encode()] = name
         self._read_spec = dict.fromkeys(streams, ">")
+        self._specs: list[dict[str, str]] = []
+        self._specs_for: dict[str, str] | None = None
+        self._cluster = is_cluster(redis)
         self.held = HeldEntries(streams)
         self._work = WorkQueue(low_water=options.count)
         self._acks = AckBatcher(self._r, options.group, self.held, self.stats, self._watch)
@@ -422,18 +432,31 @@ class Subscription(SubscriptionHandle):
         await self._reader_client_id()
         if self._check_requested:
             return  # the read loop looks at our pending list first
+        specs = self._slot_specs()
         reply: Any = None
         with anyio.CancelScope() as scope:
             self._wait_scope = scope
             self._blocked_read = True
             try:
-                reply = await self._reader.xreadgroup(
-                    self.group,
-                    self.consumer,
-                    self._read_spec,  # type: ignore[arg-type]
-                    count=self.options.count,
-                    block=block_ms,
-                )
+                if len(specs) == 1 and not self._cluster:
+                    reply = await self._reader.xreadgroup(
+                        self.group,
+                        self.consumer,
+                        specs[0],  # type: ignore[arg-type]
+                        count=self.options.count,
+                        block=block_ms,
+                    )
+                elif len(specs) == 1:
+                    reply = await routed_xreadgroup(
+                        self._reader,
+                        self.group,
+                        self.consumer,
+                        specs[0],
+                        self.options.count,
+                        block_ms,
+                    )
+                else:
+                    await self._read_slots(specs, block_ms)
             finally:
                 self._blocked_read = False
         if scope.cancelled_caught:
@@ -441,6 +464,31 @@ class Subscription(SubscriptionHandle):
         self._wait_scope = None
         if reply:
             self._dispatch(reply)
+
+    def _slot_specs(self) -> list[dict[str, str]]:
+        """One XREADGROUP spec per cluster slot (a single spec off a cluster)."""
+        if self._specs_for is not self._read_spec:
+            groups = slot_groups(self._reader, list(self._read_spec))
+            self._specs = [dict.fromkeys(group, ">") for group in groups]
+            self._specs_for = self._read_spec
+        return self._specs
+
+    async def _read_slots(self, specs: list[dict[str, str]], block_ms: int) -> None:
+        """Redis Cluster, streams in several slots: one XREADGROUP lane per slot until
+        the read loop's next pending check; a nudge cancels them all (the check that
+        follows finds what a cancelled read delivered)."""
+
+        async def read(spec: dict[Any, Any], block: int) -> Any:
+            return await routed_xreadgroup(
+                self._reader, self.group, self.consumer, spec, self.options.count, block
+            )
+
+        async def before_read() -> bool:
+            while self._work.needs_space() and not self._check_requested:
+                await self._work.wait_for_space()
+            return not self._check_requested and not self._stopping
+
+        await read_slots(specs, read, self._dispatch, block_ms, before_read)
 
     def _dispatch(self, reply: Any) -> None:
         """Queue a fresh XREADGROUP ``>`` batch (delivery number 1 each).
@@ -633,7 +681,7 @@ def subscription(
     if not streams:
         raise ValueError("subscribe needs at least one stream")
     settings = get_settings()
-    keys = keys or StreamKeyBuilder(settings.bus_namespace)
+    keys = keys or keys_for(redis, settings.bus_namespace)
     options = SubscriptionOptions(
         group=group,
         consumer=consumer or default_consumer_name(),

@@ -11,7 +11,7 @@ from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
 
-from core_bus.streams.pending import fetch_entries, pending_counts
+from core_bus.streams.pending import fetch_entries, pending_counts, reclaim_for_retry
 from core_bus.streams.replies import text
 
 READ_COUNT = 10
@@ -49,9 +49,5 @@ async def own_pending(redis: AsyncRedis, stream: str, group: str, me: str) -> li
 
 async def redeliver(redis: AsyncRedis, stream: str, group: str, me: str, entry_id: str) -> int:
     """XCLAIM the entry to ourselves again (bumps the counter); 0 when it is gone."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xclaim(stream, group, me, 0, [entry_id])
-        pipe.xpending_range(stream, group, entry_id, entry_id, 1)
-        _claimed, pending = await pipe.execute()
-    rows = pending_counts(pending)
-    return int(rows[0][1]) if rows else 0
+    (claimed,) = await reclaim_for_retry(redis, group, me, [(stream, entry_id, 0)])
+    return claimed.deliveries

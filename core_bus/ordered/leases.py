@@ -12,7 +12,9 @@
   still names the caller in the same atomic step as the write.
 
 Used by :mod:`core_bus.ordered.subscription` (the consume loop) and by the supervisor's
-rebalancer (:func:`evict_consumer`). Requires a non-cluster Redis.
+rebalancer (:func:`evict_consumer`). On Redis Cluster a shard's lease is in the
+shard's slot (:meth:`~core_bus.keys.StreamKeyBuilder.shard_lease`), so the fenced
+ack stays one script; leases of several slots are set one script per slot.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.keys import StreamKeyBuilder
 from core_bus.streams.deadletter import DLQ_MAXLEN
+from core_bus.streams.dlqwrite import write_split_dead_letters
+from core_bus.streams.replies import text
+from core_bus.streams.slots import by_slot, is_cluster, one_slot
 
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -108,9 +113,12 @@ async def set_leases(
     redis: AsyncRedis, units: Sequence[ShardUnit], me: str, ttl_ms: int, mode: str
 ) -> list[bool]:
     """Acquire, renew or release (``mode``) the leases of ``units``; True where it held."""
-    keys = [u.lease for u in units]
-    result = await redis.eval(_LEASES, len(keys), *keys, me, ttl_ms, mode)
-    return [bool(int(x)) for x in result]
+    held: dict[str, bool] = {}
+    leases = [u.lease for u in units]
+    for batch in by_slot(leases) if is_cluster(redis) else [leases]:  # one per cluster slot
+        result = await redis.eval(_LEASES, len(batch), *batch, me, ttl_ms, mode)
+        held.update((key, bool(int(x))) for key, x in zip(batch, result, strict=True))
+    return [held[u.lease] for u in units]
 
 
 async def evict_consumer(
@@ -150,6 +158,8 @@ async def fenced_dead_letter(
     record: Mapping[str, Any],
 ) -> bool:
     """XADD ``record`` to ``dlq_stream`` and XACK the entry, if ``me`` still holds the lease."""
+    if not one_slot(redis, unit.lease, unit.stream, dlq_stream):
+        return await _split_fenced_dead_letter(redis, unit, dlq_stream, me, group, entry_id, record)
     flat: list[Any] = []
     for name, value in record.items():
         flat.extend((name, value))
@@ -166,3 +176,22 @@ async def fenced_dead_letter(
         *flat,
     )
     return int(result) >= 0
+
+
+async def _split_fenced_dead_letter(
+    redis: AsyncRedis,
+    unit: ShardUnit,
+    dlq_stream: str,
+    me: str,
+    group: str,
+    entry_id: str,
+    record: Mapping[str, Any],
+) -> bool:
+    """Redis Cluster, the dead-letter stream in another slot than the shard: check the
+    lease, write the dead letter once (deduplicated by source stream and id), then the
+    fenced ack. A lease lost in between leaves the entry to the shard's next owner, who
+    finds the dead letter already written and only acks."""
+    if text(await redis.get(unit.lease)) != me:
+        return False
+    await write_split_dead_letters(redis, dlq_stream, [(unit.stream, entry_id, record)], None)
+    return await fenced_ack(redis, unit, me, group, entry_id)

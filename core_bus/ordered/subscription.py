@@ -80,6 +80,7 @@ from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup, is_transient
 from core_bus.streams.groups import ensure_group
 from core_bus.streams.pending import entry_fields
 from core_bus.streams.replies import streams_of, text
+from core_bus.streams.slots import keys_for
 
 
 @dataclass(eq=False)
@@ -389,7 +390,7 @@ async def subscribe_ordered(
     and leases are refreshed and how quickly shards move when members change.
     The handler is ``async def h(env)`` or ``async def h(env, redis)``.
     """
-    keys = keys or StreamKeyBuilder(get_settings().bus_namespace)
+    keys = keys or keys_for(redis, get_settings().bus_namespace)
     options = OrderedOptions(
         group=group,
         consumer=consumer,

@@ -17,7 +17,10 @@ def blocking_ms(redis: AsyncRedis, wanted_seconds: float) -> int:
     """BLOCK milliseconds for ``wanted_seconds``, capped below ``redis``'s socket timeout."""
     wanted_ms = max(1, int(wanted_seconds * 1000))
     pool = getattr(redis, "connection_pool", None)
-    kwargs = getattr(pool, "connection_kwargs", {}) or {}
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if kwargs is None:  # a RedisCluster: its nodes' connections share these kwargs
+        kwargs = getattr(redis, "connection_kwargs", None)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
     socket_timeout = kwargs.get("socket_timeout")
     if isinstance(socket_timeout, int | float) and socket_timeout > 0:
         wanted_ms = min(wanted_ms, max(1, int(socket_timeout * 1000 * SOCKET_TIMEOUT_SHARE)))

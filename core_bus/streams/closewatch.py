@@ -13,6 +13,7 @@ then stopped: reconnecting a client its owner closed would only hide the bug.
 from __future__ import annotations
 
 import asyncio
+import sys
 import weakref
 from typing import Any
 
@@ -51,6 +52,10 @@ def _wrap_close(redis: Any) -> bool:
         return False
 
     async def aclose(*args: Any, **kwargs: Any) -> Any:
+        if _called_by_redis_py():
+            # redis-py's RedisCluster closes itself after a connection error and
+            # reopens on its next command (a failover): that is not its owner closing.
+            return await original(*args, **kwargs)
         stopping = _closing(redis, report=not _shutting_down())
         if stopping:
             # Let them end before the pool goes (a script ending right after this
@@ -65,6 +70,12 @@ def _wrap_close(redis: Any) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def _called_by_redis_py() -> bool:
+    """True when the ``aclose`` call comes from inside the redis package itself."""
+    caller = sys._getframe(2)  # 0: here, 1: the wrapper, 2: whoever called aclose
+    return str(caller.f_globals.get("__name__", "")).startswith("redis.")
 
 
 def _shutting_down() -> bool:

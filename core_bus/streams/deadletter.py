@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import Redis as AsyncRedis
-
 from core_bus.streams.replies import Fields, text
 
 DLQ_MAXLEN = 100_000
@@ -199,35 +197,3 @@ class TrimReport:
             )
         self._last = now
         self.trimmed += count
-
-
-async def dead_letter_entry(
-    redis: AsyncRedis,
-    dlq_stream: str,
-    *,
-    stream: str,
-    group: str,
-    entry_id: str,
-    data: bytes | str | None,
-    reason: str,
-    error: str,
-    deliveries: int,
-    consumer: str,
-) -> None:
-    """Move one entry to ``dlq_stream`` and ack it atomically (MULTI/EXEC)."""
-    fields = dead_letter_fields(
-        data=data,
-        reason=reason,
-        error=error,
-        deliveries=deliveries,
-        source_stream=stream,
-        source_id=entry_id,
-        group=group,
-        consumer=consumer,
-    )
-    async with redis.pipeline(transaction=True) as pipe:
-        queue_dead_letter(
-            pipe, dlq_stream, stream=stream, group=group, entry_id=entry_id, fields=fields
-        )
-        queue_trim(pipe, dlq_stream, None)
-        await pipe.execute()

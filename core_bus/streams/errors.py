@@ -58,4 +58,7 @@ def _message(exc: ResponseError) -> str:
     message = str(exc)
     marker = "caused error: "
     at = message.find(marker)
-    return message[at + len(marker) :] if at >= 0 else message
+    if at < 0:
+        return message
+    # redis-py's cluster pipeline shows the server's reply as a tuple: ("NOGROUP ...",)
+    return message[at + len(marker) :].lstrip("(\"'")

@@ -23,6 +23,7 @@ from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.patterns import glob_match
 from core_bus.streams.replies import streams_of, text
+from core_bus.streams.slots import xread as slot_xread
 
 NOTICE_BLOCK_SECONDS = 2.0
 NOTICE_COUNT = 500
@@ -110,10 +111,11 @@ class StreamFinder:
 
     async def _follow_notices(self) -> None:
         while True:
-            reply = await self.redis.xread(
+            reply = await slot_xread(
+                self.redis,
                 {self._notices: self._position},
-                count=NOTICE_COUNT,
-                block=blocking_ms(self.redis, NOTICE_BLOCK_SECONDS),
+                NOTICE_COUNT,
+                blocking_ms(self.redis, NOTICE_BLOCK_SECONDS),
             )
             found: dict[str, None] = {}
             for _stream, entries in streams_of(reply):

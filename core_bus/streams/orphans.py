@@ -30,6 +30,14 @@ class NamespaceGroup:
     owner: str | None  # "supervisor/agent" that records it, None = orphan
 
 
+# KEYS: the hash; ARGV: field, value, ... -> the hash holds exactly those pairs.
+_REPLACE_HASH = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+return 1
+"""
+
+
 async def known_groups(redis: AsyncRedis, keys: StreamKeyBuilder) -> dict[str, str] | None:
     """group -> ``supervisor/agent`` over every supervisor's record; ``None`` when no
     supervisor ever recorded its groups here (then nothing can be called an orphan)."""
@@ -56,11 +64,10 @@ async def record_groups(
 ) -> None:
     """Replace this supervisor's record with ``groups`` (group -> agent), atomically."""
     key = keys.supervisor_groups(supervisor_name)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(key)
-        if groups:
-            pipe.hset(key, mapping=dict(groups.items()))
-        await pipe.execute()
+    flat: list[str] = []
+    for group, agent in groups.items():
+        flat += [group, agent]
+    await redis.eval(_REPLACE_HASH, 1, key, *flat)  # a script: atomic on a cluster too
 
 
 async def namespace_groups(

@@ -13,6 +13,28 @@ from typing import Any
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.streams.replies import stream_pairs, text
+from core_bus.streams.slots import by_slot, is_cluster
+
+# KEYS: stream; ARGV: group, consumer, XPENDING low id, XREADGROUP id, count.
+# history_page's two reads in one atomic step (Redis Cluster).
+_HISTORY = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], '+', ARGV[5], ARGV[2])
+local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[5],
+  'STREAMS', KEYS[1], ARGV[4])
+return {pending, read}
+"""
+
+# KEYS: streams of one slot; ARGV: group, consumer, then (key index, id, min idle ms) per
+# item. reclaim_for_retry's XCLAIM + XPENDING pairs in one atomic step (Redis Cluster).
+_RECLAIM = """
+local out = {}
+for i = 3, #ARGV, 3 do
+  local key = KEYS[tonumber(ARGV[i])]
+  out[#out + 1] = redis.call('XCLAIM', key, ARGV[1], ARGV[2], ARGV[i + 2], ARGV[i + 1])
+  out[#out + 1] = redis.call('XPENDING', key, ARGV[1], ARGV[i + 1], ARGV[i + 1], 1)
+end
+return out
+"""
 
 #: Entry fields (raw redis-py mapping) or ``None`` for an entry that no longer exists.
 RawFields = Mapping[Any, Any] | None
@@ -66,10 +88,15 @@ async def history_page(
     counter by one.
     """
     low = "-" if after == "0" else f"({after}"
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xpending_range(stream, group, low, "+", count, consumer)
-        pipe.xreadgroup(group, consumer, {stream: after}, count=count)
-        pending_reply, read_reply_raw = await pipe.execute()
+    if is_cluster(redis):  # redis-py's cluster MULTI cannot queue XREADGROUP: one script
+        pending_reply, read_reply_raw = await redis.eval(
+            _HISTORY, 1, stream, group, consumer, low, after, count
+        )
+    else:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xpending_range(stream, group, low, "+", count, consumer)
+            pipe.xreadgroup(group, consumer, {stream: after}, count=count)
+            pending_reply, read_reply_raw = await pipe.execute()
     counts = dict(pending_counts(pending_reply))
     entries: list[tuple[str, RawFields]] = []
     for _stream, raw_entries in stream_pairs(read_reply_raw):
@@ -133,13 +160,25 @@ async def reclaim_for_retry(
 
     ``min_idle_ms`` keeps us from stealing an entry somebody else claimed in
     the meantime (a claim resets the idle time). The counter is read back with
-    XPENDING in the same MULTI/EXEC.
+    XPENDING in the same MULTI/EXEC (on Redis Cluster: one script per slot).
     """
-    async with redis.pipeline(transaction=True) as pipe:
-        for stream, entry_id, min_idle in items:
-            pipe.xclaim(stream, group, consumer, min_idle, [entry_id])
-            pipe.xpending_range(stream, group, entry_id, entry_id, 1)
-        replies = await pipe.execute()
+    replies: list[Any] = [None] * (2 * len(items))
+    if not is_cluster(redis):
+        async with redis.pipeline(transaction=True) as pipe:
+            for stream, entry_id, min_idle in items:
+                pipe.xclaim(stream, group, consumer, min_idle, [entry_id])
+                pipe.xpending_range(stream, group, entry_id, entry_id, 1)
+            replies = await pipe.execute()
+    else:  # one script per slot (redis-py's cluster MULTI runs each command in a thread)
+        for batch in by_slot(range(len(items)), key=lambda n: items[n][0]):
+            streams = list(dict.fromkeys(items[n][0] for n in batch))
+            args: list[Any] = [group, consumer]
+            for n in batch:
+                stream, entry_id, min_idle = items[n]
+                args += [streams.index(stream) + 1, entry_id, min_idle]
+            got = await redis.eval(_RECLAIM, len(streams), *streams, *args)
+            for k, n in enumerate(batch):
+                replies[2 * n], replies[2 * n + 1] = got[2 * k], got[2 * k + 1]
     out: list[Claimed] = []
     for index, (_stream, entry_id, _idle) in enumerate(items):
         claimed_reply, pending_reply = replies[2 * index], replies[2 * index + 1]

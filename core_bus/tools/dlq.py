@@ -10,7 +10,9 @@ A target names dead letters in one of three ways, tried in this order:
 
 Replay re-adds the original envelope to its ``source_stream`` and deletes the
 dead letter in one Lua script, so an entry leaves the dead-letter stream only
-once it is back (and two operators replaying at once replay it once). Re-adding
+once it is back (and two operators replaying at once replay it once; on Redis
+Cluster with the two streams in different slots: re-add, then delete, so a crash
+in between replays it twice but never loses it). Re-adding
 resets Redis' delivery counter, so the envelope's ``meta["dlq_replays"]`` counts
 how often it was replayed and ``meta["dlq_last_reason"]`` keeps why it failed.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
 
@@ -30,6 +33,7 @@ from core_bus.settings import get_settings
 from core_bus.streams.deadletter import DeadLetter
 from core_bus.streams.groups import UnknownStream, ensure_stream, group_infos
 from core_bus.streams.replies import entries_of, text
+from core_bus.streams.slots import keys_for, one_slot
 
 log = get_logger("core_bus.tools.dlq")
 
@@ -67,8 +71,9 @@ class ReplayResult:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (dlq, id, why)
 
 
-def _keys() -> StreamKeyBuilder:
-    return StreamKeyBuilder(get_settings().bus_namespace)
+def _keys(redis: AsyncRedis) -> StreamKeyBuilder:
+    """Tagged names for a cluster client (``--redis-mode cluster`` or ``REDIS_MODE``)."""
+    return keys_for(redis, get_settings().bus_namespace)
 
 
 async def _is_stream(redis: AsyncRedis, key: str) -> bool:
@@ -80,7 +85,7 @@ async def resolve_target(redis: AsyncRedis, target: str) -> DlqTarget:
 
     :raises UnknownStream: none of the three readings names anything that exists.
     """
-    keys = _keys()
+    keys = _keys(redis)
     prefix = keys.dead_letter("")
     if target.startswith(prefix):
         await ensure_stream(redis, target)
@@ -107,7 +112,7 @@ async def _all_dead_letter_streams(redis: AsyncRedis) -> list[str]:
     found = [
         text(key)
         async for key in redis.scan_iter(
-            match=_keys().dead_letter_pattern(), count=1000, _type="stream"
+            match=_keys(redis).dead_letter_pattern(), count=1000, _type="stream"
         )
     ]
     return sorted(found)
@@ -182,7 +187,10 @@ async def replay_dead_letters(
                 why = f"not an Envelope ({letter.reason}): {str(exc).splitlines()[0]}"
                 result.skipped.append((dlq, letter.id, why))
                 continue
-        new_id = await script(keys=[dlq, letter.source_stream], args=[letter.id, maxlen, *flat])
+        if one_slot(redis, dlq, letter.source_stream):
+            new_id = await script(keys=[dlq, letter.source_stream], args=[letter.id, maxlen, *flat])
+        else:
+            new_id = await _replay_split(redis, dlq, letter, maxlen, flat)
         if not new_id:
             result.skipped.append((dlq, letter.id, "already gone (replayed or purged meanwhile)"))
             continue
@@ -195,6 +203,20 @@ async def replay_dead_letters(
             new_id=text(new_id),
         )
     return result
+
+
+async def _replay_split(
+    redis: AsyncRedis, dlq: str, letter: DeadLetter, maxlen: int, flat: list[bytes | str]
+) -> Any:
+    """Redis Cluster, source and dead-letter stream in two slots: re-add, then delete the
+    dead letter (a crash in between replays it twice: at least once, never lost). Two
+    operators at once may both re-add; only one XDEL counts, the other is reported."""
+    if not await redis.xrange(dlq, letter.id, letter.id, count=1):
+        return None
+    pairs: dict[Any, Any] = dict(zip(flat[::2], flat[1::2], strict=True))
+    new_id = await redis.xadd(letter.source_stream, pairs, maxlen=maxlen or None, approximate=True)
+    await redis.xdel(dlq, letter.id)
+    return new_id
 
 
 async def purge_dead_letters(

@@ -13,19 +13,21 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.settings import get_settings
 from core_bus.streams.groups import UnknownStream, group_infos
 from core_bus.streams.orphans import known_groups, namespace_groups
+from core_bus.streams.slots import keys_for
 
 
 class GroupRefused(BusError):
     """The group may not be destroyed without --force (exit 1)."""
 
 
-def _keys() -> StreamKeyBuilder:
-    return StreamKeyBuilder(get_settings().bus_namespace)
+def _keys(redis: AsyncRedis) -> StreamKeyBuilder:
+    """Tagged names for a cluster client (``--redis-mode cluster`` or ``REDIS_MODE``)."""
+    return keys_for(redis, get_settings().bus_namespace)
 
 
 async def namespace_table(redis: AsyncRedis, *, as_json: bool) -> str:
     """Every group on every stream of the namespace; ``ORPHAN`` where no fleet records it."""
-    keys = _keys()
+    keys = _keys(redis)
     groups, recorded = await namespace_groups(redis, keys)
     if as_json:
         return json.dumps(
@@ -72,7 +74,7 @@ async def destroy_group(redis: AsyncRedis, stream: str, group: str, *, force: bo
     info = infos.get(group)
     if info is None:
         raise GroupRefused(f"{stream} has no consumer group {group!r}")
-    owner = (await known_groups(redis, _keys()) or {}).get(group)
+    owner = (await known_groups(redis, _keys(redis)) or {}).get(group)
     if not force and owner is not None:
         raise GroupRefused(
             f"group {group!r} is read by {owner}: remove the agent from its fleet.toml and "

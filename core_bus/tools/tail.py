@@ -29,6 +29,8 @@ from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.errors import TRANSIENT_ERRORS
 from core_bus.streams.patterns import glob_match, is_pattern
 from core_bus.streams.replies import Fields, fields_of, streams_of, text
+from core_bus.streams.slots import read_slots, slot_groups
+from core_bus.streams.slots import xread as slot_xread
 
 READ_COUNT = 500
 BLOCK_SECONDS = 1.0
@@ -260,7 +262,8 @@ class Tailer:
             self.positions[stream] = "0-0"
 
     async def read_once(self) -> None:
-        """One XREAD over every stream (and the discovery notices when following patterns)."""
+        """One XREAD over every stream (and the discovery notices when following patterns);
+        on Redis Cluster one per slot."""
         query = dict(self.positions)
         notices = self.keys.discovery_stream()
         if self.patterns and notices not in query:
@@ -268,9 +271,23 @@ class Tailer:
         if not query:
             await anyio.sleep(BLOCK_SECONDS)
             return
-        spec: dict[Any, Any] = query
         block = blocking_ms(self.redis, BLOCK_SECONDS)
-        reply = await self.redis.xread(spec, count=READ_COUNT, block=block)
+
+        async def read(spec: dict[Any, Any], block_ms: int) -> Any:
+            reply = await slot_xread(self.redis, spec, READ_COUNT, block_ms)
+            for stream, entries in streams_of(reply):
+                if entries:  # a lane reads on from where its last reply ended
+                    spec[stream] = entries[-1][0]
+            return reply
+
+        specs = [{s: query[s] for s in group} for group in slot_groups(self.redis, list(query))]
+        if len(specs) == 1:
+            self._take(await read(specs[0], block), notices)
+        else:  # Redis Cluster: one XREAD lane per slot
+            await read_slots(specs, read, lambda reply: self._take(reply, notices), block)
+
+    def _take(self, reply: Any, notices: str) -> None:
+        """Show one XREAD reply's entries; adopt streams named by discovery notices."""
         for stream, entries in streams_of(reply):
             if not entries:
                 continue

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from supervisor.config.cluster import cluster_warnings
 from supervisor.config.errors import Loc
 from supervisor.config.models import AgentConfig
 from supervisor.config.patterns import overlap_warnings
@@ -130,7 +131,7 @@ def check_agent_warnings(agents: dict[int, AgentConfig]) -> list[Problem]:
                         f"{other!r} has replicas = 0, so waiting for it does nothing",
                     )
                 )
-    return warnings
+    return warnings + cluster_warnings(agents)
 
 
 def _sort_key(loc: Loc) -> tuple[str, int]:

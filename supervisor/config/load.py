@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from core_bus.keys import cluster_from_env
 from supervisor.config.checks import check_agent_warnings, check_agents, check_fleet_size
 from supervisor.config.env import apply_environment, reject_file_secrets, split_url_password
 from supervisor.config.errors import ConfigError, Loc, Problems, did_you_mean, pydantic_message
@@ -73,7 +74,11 @@ def load_config(
     apply_environment(raw, env, problems)
     split_url_password(raw, problems)
 
-    context = {"config_dir": config_dir, "namespace": _namespace_of(raw)}
+    context = {
+        "config_dir": config_dir,
+        "namespace": _namespace_of(raw),
+        "cluster": _cluster_of(raw, env),
+    }
     supervisor = _validate(SupervisorConfig, raw, ("supervisor",), context, problems)
     redis = _validate(RedisConfig, raw, ("redis",), context, problems)
     http = _validate(HttpConfig, raw, ("http",), context, problems)
@@ -194,6 +199,15 @@ def _check_structure(raw: dict[str, Any], problems: Problems) -> None:
     for index, item in enumerate(agents):
         if not isinstance(item, dict):
             problems.add(("agents", index), "must be a table ([[agents]])")
+
+
+def _cluster_of(raw: dict[str, Any], env: Mapping[str, str]) -> bool:
+    """``[redis] mode = "cluster"`` (or ``REDIS_MODE=cluster``): agents' keys get hash tags."""
+    redis = raw.get("redis")
+    mode = redis.get("mode") if isinstance(redis, dict) else None
+    if isinstance(mode, str):
+        return mode.strip().lower() == "cluster"
+    return cluster_from_env(env)
 
 
 def _namespace_of(raw: dict[str, Any]) -> str:

@@ -389,6 +389,7 @@ class AgentConfig(AgentSettings):
     bus: bool | None = None
 
     _namespace: str = PrivateAttr(default=DEFAULT_NAMESPACE)
+    _cluster: bool = PrivateAttr(default=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -403,7 +404,8 @@ class AgentConfig(AgentSettings):
         if data.get("group") is None:
             data["group"] = name
         if data.get("streams") is None:
-            data["streams"] = [StreamKeyBuilder(_context_namespace(info)).agent_inbox(name)]
+            keys = StreamKeyBuilder(_context_namespace(info), cluster=_context_cluster(info))
+            data["streams"] = [keys.agent_inbox(name)]
         if data.get("working_dir") is None:
             base = _context_dir(info)
             if base is not None:
@@ -413,6 +415,8 @@ class AgentConfig(AgentSettings):
     def model_post_init(self, context: Any) -> None:
         if isinstance(context, dict) and isinstance(context.get("namespace"), str):
             self._namespace = context["namespace"]
+        if isinstance(context, dict):
+            self._cluster = context.get("cluster") is True
 
     @field_validator("name")
     @classmethod
@@ -502,7 +506,7 @@ class AgentConfig(AgentSettings):
 
     @property
     def keys(self) -> StreamKeyBuilder:
-        return StreamKeyBuilder(self._namespace)
+        return StreamKeyBuilder(self._namespace, cluster=self._cluster)
 
     @property
     def stream_patterns(self) -> list[str]:
@@ -528,6 +532,11 @@ class AgentConfig(AgentSettings):
     def worker_names(self) -> list[str]:
         """``["echo/0", "echo/1", ...]`` for the configured replicas."""
         return [f"{self.name}/{i}" for i in range(self.replicas)]
+
+
+def _context_cluster(info: ValidationInfo) -> bool:
+    ctx = info.context if isinstance(info.context, dict) else {}
+    return ctx.get("cluster") is True
 
 
 def _context_namespace(info: ValidationInfo) -> str:

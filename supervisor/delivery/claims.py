@@ -20,9 +20,8 @@ from core_bus.consume.decode import payload_of
 from core_bus.streams.deadletter import (
     REASON_POISON,
     dead_letter_fields,
-    queue_dead_letter,
-    queue_trim,
 )
+from core_bus.streams.dlqwrite import write_dead_letters
 from core_bus.streams.replies import Entry, entries_of, fields_of, text
 from supervisor.delivery.consumers import is_missing, pending_entries
 
@@ -166,35 +165,27 @@ async def dead_letter_poison(
     why: str = "",
     maxlen: int | None = None,
 ) -> int:
-    """XADD each ``(entry, deliveries)`` to ``dlq_stream`` and XACK it, in one MULTI/EXEC.
+    """XADD each ``(entry, deliveries)`` to ``dlq_stream`` and XACK it, in one MULTI/EXEC
+    (on a cluster, the split path when the stream is in another slot).
 
     ``why`` replaces the default error text ("delivered N times ..."); returns
     how many old dead letters the trim to ``maxlen`` dropped."""
-    async with redis.pipeline(transaction=True) as pipe:
-        for (entry_id, fields), deliveries in entries:
-            record = dead_letter_fields(
-                data=payload_of(fields) if fields else None,
-                original=fields,
-                reason=reason,
-                error=why.format(deliveries=deliveries)
-                or (
-                    f"delivered {deliveries} times "
-                    f"(max_deliveries={max_deliveries}); last consumer {consumer}"
-                ),
-                deliveries=deliveries,
-                source_stream=stream,
-                source_id=entry_id,
-                group=group,
-                consumer=consumer,
-            )
-            queue_dead_letter(
-                pipe,
-                dlq_stream,
-                stream=stream,
-                group=group,
-                entry_id=entry_id,
-                fields=record,
-            )
-        queue_trim(pipe, dlq_stream, maxlen)
-        replies = await pipe.execute()
-    return int(replies[-1] or 0) if maxlen != 0 and replies else 0
+    records = []
+    for (entry_id, fields), deliveries in entries:
+        record = dead_letter_fields(
+            data=payload_of(fields) if fields else None,
+            original=fields,
+            reason=reason,
+            error=why.format(deliveries=deliveries)
+            or (
+                f"delivered {deliveries} times "
+                f"(max_deliveries={max_deliveries}); last consumer {consumer}"
+            ),
+            deliveries=deliveries,
+            source_stream=stream,
+            source_id=entry_id,
+            group=group,
+            consumer=consumer,
+        )
+        records.append((stream, entry_id, record))
+    return await write_dead_letters(redis, dlq_stream, group, records, maxlen)

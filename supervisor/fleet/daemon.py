@@ -28,9 +28,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.settings import connect, redact_url
+from core_bus.streams.slots import keys_for
 from supervisor.config.models import FleetConfig
 from supervisor.delivery.hooks import DeliveryHooks
 from supervisor.delivery.rebalance import Rebalancer
@@ -167,7 +167,7 @@ class FleetDaemon:
         async with self._redis_client() as redis:
             delivery = DeliveryHooks(
                 Rebalancer(
-                    redis, StreamKeyBuilder(self.config.redis.namespace), facts.supervisor_name
+                    redis, keys_for(redis, self.config.redis.namespace), facts.supervisor_name
                 ),
                 self.table,
             )

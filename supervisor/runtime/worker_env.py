@@ -93,6 +93,8 @@ def worker_environment(
             "AG1_WORKING_DIR": str(working_dir(agent, fleet)),
         }
     )
+    if agent.keys.cluster:  # REDIS_MODE=cluster: a cluster client and tagged keys
+        env["REDIS_MODE"] = "cluster"
     if agent.watchdog:
         env["AG1_WATCHDOG_USEC"] = str(int(agent.watchdog * 1e6))
     if agent.stream_patterns:
