@@ -59,6 +59,27 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="read the Redis URL from DIR/redis.url (written by a running supervisor)",
     )
     parser.add_argument(
+        "--redis-mode",
+        default=default,
+        choices=("standalone", "sentinel", "cluster"),
+        help="how to reach Redis (default: $REDIS_MODE, else standalone); sentinel: the URL "
+        "gives only credentials and db; cluster: the URL is any seed node",
+    )
+    parser.add_argument(
+        "--sentinel",
+        action="append",
+        default=default,
+        metavar="HOST:PORT",
+        help="a sentinel to ask for the master (repeatable; default: $REDIS_SENTINELS); "
+        "its password only from $REDIS_SENTINEL_PASSWORD",
+    )
+    parser.add_argument(
+        "--master-name",
+        default=default,
+        metavar="NAME",
+        help="the master's name at the sentinels (default: $REDIS_MASTER_NAME)",
+    )
+    parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -85,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tools for the AG1 bus: watch streams, publish, inspect groups and "
         "dead letters. Each command says on stderr which Redis it uses (-q to silence).",
         epilog="examples:\n  ag1-bus tail 'AG1:agent:*:inbox'\n"
-        "  ag1-bus publish AG1:agent:echo:inbox --content '{\"hello\": \"world\"}'\n"
+        '  ag1-bus publish AG1:agent:echo:inbox --content \'{"hello": "world"}\'\n'
         "  ag1-bus dlq list echo\n  ag1-bus groups            # every group, orphans marked\n"
         "\nrun 'ag1-bus COMMAND --help' for each command",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -131,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reply-to", metavar="STREAM", help="stream the receiver should answer on (reply_to)"
     )
     pub.add_argument("--agent-name", metavar="NAME", help="sender name put in the envelope")
-    pub.add_argument(
-        "--correlation-id", metavar="ID", help="correlation id (default: a new one)"
-    )
+    pub.add_argument("--correlation-id", metavar="ID", help="correlation id (default: a new one)")
     pub.add_argument(
         "--count", type=int, metavar="N", help="publish N envelopes and report the rate"
     )
@@ -156,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove GROUP from STREAM (XGROUP DESTROY): refused when a fleet records the "
         "group or it has pending entries, unless --force",
     )
-    groups.add_argument(
-        "--force", action="store_true", help="with --destroy: remove it even so"
-    )
+    groups.add_argument("--force", action="store_true", help="with --destroy: remove it even so")
 
     dlq = _sub(
         commands,
@@ -438,7 +455,7 @@ async def _run(command: Command, args: argparse.Namespace, url: str) -> int:
 
     from core_bus.settings import connect
 
-    redis = connect(url)
+    redis = connect(url, **args.redis_mode_options)
     interrupted = False
     result = 0
     error: Exception | None = None
@@ -489,25 +506,30 @@ def main(argv: list[str] | None = None) -> int:
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from core_bus.connection import ConnectionConfigError
     from core_bus.errors import BusError
     from core_bus.log import configure_logging
     from core_bus.settings import redact_url
-    from core_bus.tools.connection import RedisChoiceError, resolve_redis
+    from core_bus.tools.connection import RedisChoiceError, resolve_mode, resolve_redis
 
     configure_logging(level=os.environ.get("AG1_LOG_LEVEL") or "WARNING")
     url = ""
+    where = ""
     try:
         choice = resolve_redis(args.redis_url, args.state_dir)
         url = choice.url
         args.redis_choice = choice
+        mode = resolve_mode(args.redis_mode, args.sentinel, args.master_name)
+        args.redis_mode_options = mode.options()
+        where = mode.describe()
         if not args.quiet:
-            _err(f"{PROG}: {choice.describe()}")
+            _err(f"{PROG}: {choice.describe()}{mode.describe()}")
         return anyio.run(_run, COMMANDS[_command_key(args)], args, url)
-    except (UsageError, RedisChoiceError) as exc:
+    except (UsageError, RedisChoiceError, ConnectionConfigError) as exc:
         _err(f"{PROG}: {exc}")
         return 2
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        _err(f"{PROG}: cannot reach Redis at {redact_url(url)}: {exc}")
+        _err(f"{PROG}: cannot reach Redis at {redact_url(url)}{where}: {exc}")
         return 1
     except (BusError, RedisError) as exc:
         _err(f"{PROG}: {exc}")

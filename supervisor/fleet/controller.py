@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -47,6 +48,8 @@ class FleetFacts:
     started_at: float
     redis_url: str | None = None
     http_address: tuple[str, int] | None = None
+    #: ``connect()`` keyword arguments of the configured mode (may hold the sentinel password).
+    redis_options: dict[str, Any] = field(default_factory=dict)
 
 
 def check_scale(table: WorkerTable, runtime: AgentRuntime, replicas: int) -> None:

@@ -38,6 +38,7 @@ from supervisor.fleet.controller import FleetController, FleetFacts
 from supervisor.fleet.reconciler import Reconciler
 from supervisor.fleet.sampling import GUARD_INTERVAL, RedisHealth, guard_memory, sample_workers
 from supervisor.fleet.systemd_status import SystemdStatus, watchdog_interval
+from supervisor.redis.target import connect_options, worker_redis_env
 from supervisor.runtime.lifecycle import CAUSE_MEMORY
 from supervisor.runtime.notify import NotifyServer
 from supervisor.runtime.process import probe_spawn_tools
@@ -114,6 +115,7 @@ class FleetDaemon:
             namespace=self.config.redis.namespace,
             notify_socket=self._notify.address,
             config_dir=self.config.config_dir,
+            redis_env=worker_redis_env(self.config.redis),
         )
 
     # -- main ----------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class FleetDaemon:
                 self.control.facts.redis_url = redis.effective_url(embedded_url)
             else:
                 self.control.facts.redis_url = redis.effective_url()
+            self.control.facts.redis_options = connect_options(redis)
             try:
                 await self._run_fleet(task_status, sockets)
             finally:
@@ -193,7 +196,10 @@ class FleetDaemon:
                         tg.start_soon(notify_server.serve, self._runner.on_notify)
                         tg.start_soon(self._signal_loop, signals, tg)
                         tg.start_soon(self._reconciler.run)
-                        tg.start_soon(self._health.ping_loop, facts.redis_url or "")
+                        tg.start_soon(
+                            partial(self._health.ping_loop, options=facts.redis_options),
+                            facts.redis_url or "",
+                        )
                         tg.start_soon(self._sample_loop, redis, delivery)
                         tg.start_soon(self._memory_guard_loop)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
@@ -204,6 +210,7 @@ class FleetDaemon:
                             supervisor=facts.supervisor_name,
                             agents=len(self.table.agents),
                             redis=redact_url(facts.redis_url or ""),
+                            redis_mode=self.config.redis.describe(),
                             notify_socket=notify_server.address,
                             http=_address_text(facts.http_address),
                         )
@@ -220,7 +227,8 @@ class FleetDaemon:
 
     @asynccontextmanager
     async def _redis_client(self) -> AsyncIterator[Any]:
-        redis = connect(self.control.facts.redis_url, socket_timeout=REDIS_TIMEOUT)
+        facts = self.control.facts
+        redis = connect(facts.redis_url, socket_timeout=REDIS_TIMEOUT, **facts.redis_options)
         try:
             yield redis
         finally:
