@@ -10,8 +10,9 @@ from the environment), so a fleet switches modes by configuration only:
   not used). Each new connection asks the sentinels for the master, so after a
   failover the next reconnect lands on the new one; a reply ``READONLY`` (a
   connection still open to a demoted master) drops that connection and raises
-  ``ConnectionError``, which every loop treats as transient
-  (``tests/test_sentinel.py`` pins that). Closing the client closes the
+  ``ConnectionError``, which every loop treats as transient, and every
+  reconnect (also of a single-connection client) asks the sentinels again
+  (``tests/test_sentinel.py`` pins both). Closing the client closes the
   sentinel connections too.
 - ``cluster``: ``redis.asyncio.cluster.RedisCluster`` with the URL as a seed node.
 """
@@ -23,7 +24,10 @@ from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis as AsyncRedis
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 RedisMode = Literal["standalone", "sentinel", "cluster"]
 REDIS_MODES: tuple[str, ...] = get_args(RedisMode)
@@ -32,6 +36,10 @@ REDIS_MODES: tuple[str, ...] = get_args(RedisMode)
 BASE_OPTIONS: dict[str, Any] = {"health_check_interval": 30, "socket_connect_timeout": 5}
 #: Options that only a TCP socket accepts (the embedded server listens on a unix socket).
 TCP_ONLY = ("socket_keepalive", "socket_keepalive_options")
+
+
+#: How Redis answers a blocked client when its server turns into a replica.
+DEMOTED_UNBLOCK = "UNBLOCKED force unblock"
 
 
 class ConnectionConfigError(ValueError):
@@ -111,6 +119,50 @@ def connect_redis(
     return AsyncRedis.from_url(url, **options)
 
 
+class _ResolvingConnection(SentinelManagedConnection):
+    """A sentinel-managed connection that asks the sentinels again on *every* reconnect.
+
+    redis-py 8.1 reconnects a dropped connection from ``send_packed_command``
+    straight to its last host and port, skipping the sentinel lookup that
+    ``connect()`` does; a single-connection client (the subscription's reader)
+    then comes back to the demoted master, gets READONLY, drops, and loops
+    there for ever (``tests/test_sentinel.py`` pins this). Here any connect
+    not given an address by ``connect_to`` resolves the master first.
+    """
+
+    _addressed = False
+
+    async def connect_to(self, address: Any) -> None:
+        self._addressed = True
+        await super().connect_to(address)  # type: ignore[no-untyped-call]
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and not self._addressed and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        self._addressed = False
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        """A blocked command on a master being demoted is answered ``UNBLOCKED force
+        unblock ... (master -> replica?)``: like READONLY, drop the connection and raise
+        ``ConnectionError`` so the caller backs off and reconnects to the new master."""
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not str(exc).startswith(DEMOTED_UNBLOCK) or not self.connection_pool.is_master:
+                raise
+            await self.disconnect()
+            raise RedisConnectionError("the master was demoted under a blocked read") from exc
+
+
+class _ResolvingSSLConnection(_ResolvingConnection, SSLConnection):
+    pass
+
+
 class _OwningSentinelPool(SentinelConnectionPool):
     """A master pool that also closes its sentinel connections when it is closed.
 
@@ -146,8 +198,14 @@ def _sentinel_master(
     if master_options.get("ssl"):
         sentinel_options["ssl"] = True
     manager = Sentinel(list(sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    connection_class = (
+        _ResolvingSSLConnection if master_options.pop("ssl", False) else (_ResolvingConnection)
+    )
     client: AsyncRedis = manager.master_for(
-        master_name, connection_pool_class=_OwningSentinelPool, **master_options
+        master_name,
+        connection_pool_class=_OwningSentinelPool,
+        connection_class=connection_class,
+        **master_options,
     )
     return client
 

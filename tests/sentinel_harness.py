@@ -1,0 +1,201 @@
+"""A real Redis Sentinel deployment on free loopback ports: 1 master, 1 replica, 3 sentinels.
+
+:class:`SentinelSet` starts ``redis-server`` twice (the second with
+``--replicaof``) and ``redis-server <conf> --sentinel`` three times with a low
+``down-after-milliseconds`` (1 s) so a SIGKILLed master is replaced in a few
+seconds. Everything is killed by pid in :meth:`SentinelSet.close`; the data
+and config live under the directory the caller passes (pytest's tmp dirs,
+removed by pytest). Helpers wait on conditions with deadlines, never sleep:
+:meth:`failover` (``SENTINEL FAILOVER``) and :meth:`kill_master` (SIGKILL,
+then the killed server is restarted and rejoins as a replica) return once
+the sentinels agree on the new master and it has a synced replica again, so
+the next failover can follow at once. Also used by ``bench/redis_failover.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from supervisor.redis.server import RedisServerProcess, find_redis_server, pick_free_port
+
+MASTER_NAME = "ag1"
+DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 2000
+#: A (re)joining replica syncs at once (the default waits 5 s for more replicas).
+FAST_SYNC = ("--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1")
+
+
+@dataclass
+class SentinelProcess:
+    """One ``redis-server --sentinel`` with its own (rewritable) config file."""
+
+    dir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, binary: Path, master_port: int) -> SentinelProcess:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
+            f"logfile {self.dir / 'sentinel.log'}\n"
+            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
+            f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+        )
+        self.process = subprocess.Popen(
+            [str(binary), str(conf), "--sentinel"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=1, decode_responses=True)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def _wait(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last={last!r})")
+
+
+@dataclass
+class SentinelSet:
+    """Master + replica + 3 sentinels; ``servers`` by port (the roles move on failover)."""
+
+    dir: Path
+    servers: dict[int, RedisServerProcess] = field(default_factory=dict)
+    sentinels: list[SentinelProcess] = field(default_factory=list)
+    master_name: str = MASTER_NAME
+
+    def start(self, timeout: float = 20.0) -> SentinelSet:
+        binary, _version = find_redis_server()
+        master = RedisServerProcess(
+            self.dir / "redis-a", binary=binary, extra_args=list(FAST_SYNC)
+        ).start()
+        self.servers[master.port] = master
+        replica = RedisServerProcess(
+            self.dir / "redis-b",
+            binary=binary,
+            extra_args=[*FAST_SYNC, "--replicaof", "127.0.0.1", str(master.port)],
+        ).start()
+        self.servers[replica.port] = replica
+        for index in range(3):
+            sentinel = SentinelProcess(self.dir / f"sentinel-{index}", pick_free_port())
+            self.sentinels.append(sentinel.start(binary, master.port))
+        self.wait_settled(master.port, timeout)
+        return self
+
+    # -- what the sentinels say -------------------------------------------------------
+    @property
+    def addresses(self) -> list[str]:
+        """``["127.0.0.1:port", ...]`` of the sentinels (fleet.toml / REDIS_SENTINELS)."""
+        return [f"127.0.0.1:{s.port}" for s in self.sentinels]
+
+    def master_port(self) -> int:
+        """The master's port according to the first sentinel that answers."""
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                try:
+                    address = client.sentinel_get_master_addr_by_name(self.master_name)
+                except redis.RedisError:
+                    continue
+            if address:
+                return int(address[1])
+        raise AssertionError("no sentinel answers")
+
+    def replica_port(self) -> int:
+        return next(p for p in self.servers if p != self.master_port())
+
+    def master_url(self) -> str:
+        return f"redis://127.0.0.1:{self.master_port()}/0"
+
+    def _settled(self, master_port: int) -> bool:
+        """Every sentinel names ``master_port``, knows its peers and one replica; the
+        master has that replica online and in sync."""
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                state = client.sentinel_master(self.master_name)
+            if int(state["port"]) != master_port or "s_down" in str(state.get("flags", "")):
+                return False
+            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
+                return False
+            replicas = client.sentinel_slaves(self.master_name)
+            if not any(not r["is_sdown"] for r in replicas):
+                return False
+        with redis.Redis(port=master_port, socket_timeout=1, decode_responses=True) as master:
+            info = master.info("replication")
+        if info.get("role") != "master" or int(info.get("connected_slaves", 0)) < 1:
+            return False
+        slave = info.get("slave0", {})
+        return isinstance(slave, dict) and slave.get("state") == "online"
+
+    def wait_settled(self, master_port: int, timeout: float = 20.0) -> None:
+        _wait(lambda: self._settled(master_port), timeout, f"sentinels settled on {master_port}")
+
+    # -- failovers --------------------------------------------------------------------
+    def failover(self, timeout: float = 20.0) -> int:
+        """``SENTINEL FAILOVER``; returns the new master's port once settled."""
+        old = self.master_port()
+        with self.sentinels[0].client() as client:
+            client.execute_command("SENTINEL", "FAILOVER", self.master_name)
+        new = int(_wait(lambda: (p := self.master_port()) != old and p, timeout, "a new master"))
+        self._rejoin(old, new)
+        self.wait_settled(new, timeout)
+        return new
+
+    def _rejoin(self, old: int, new: int) -> None:
+        """Point the demoted master at the new one now: a Sentinel converts a former
+        master that still says "master" only after 8 s (4 hello periods), and until
+        then the new master has no replica (WAIT 1 would time out)."""
+        with redis.Redis(port=old, socket_timeout=1, decode_responses=True) as client:
+            if client.info("replication").get("role") == "master":
+                client.replicaof("127.0.0.1", new)
+
+    def kill_master(self, timeout: float = 30.0, restart: bool = True) -> int:
+        """SIGKILL the master; returns the promoted replica's port. With ``restart`` the
+        killed server comes back (same port and data) and is waited for as its replica."""
+        old = self.master_port()
+        self.servers[old].kill()
+        new = int(_wait(lambda: (p := self.master_port()) != old and p, timeout, "promotion"))
+        if restart:
+            self.restart(old, replica_of=new)
+            self.wait_settled(new, timeout)
+        return new
+
+    def restart(self, port: int, replica_of: int) -> None:
+        """Start the (killed) server on ``port`` again as a replica of ``replica_of``
+        (what the sentinels would make of it, 8 s sooner)."""
+        server = self.servers[port]
+        server.extra_args = [*FAST_SYNC, "--replicaof", "127.0.0.1", str(replica_of)]
+        server.start()
+
+    def close(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.kill()
+        for server in self.servers.values():
+            server.kill()
