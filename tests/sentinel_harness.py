@@ -83,6 +83,16 @@ def _wait(condition: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last={last!r})")
 
 
+def _promotable(replica: dict[str, Any]) -> bool:
+    """What a sentinel needs to see to promote this replica (else NOGOODSLAVE)."""
+    flags = str(replica.get("flags", ""))
+    return (
+        not replica["is_sdown"]
+        and "disconnected" not in flags
+        and replica.get("master-link-status") == "ok"
+    )
+
+
 @dataclass
 class SentinelSet:
     """Master + replica + 3 sentinels; ``servers`` by port (the roles move on failover)."""
@@ -128,41 +138,72 @@ class SentinelSet:
                 return int(address[1])
         raise AssertionError("no sentinel answers")
 
+    def _all_name(self, port: int) -> bool:
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                address = client.sentinel_get_master_addr_by_name(self.master_name)
+            if not address or int(address[1]) != port:
+                return False
+        return True
+
     def replica_port(self) -> int:
         return next(p for p in self.servers if p != self.master_port())
 
     def master_url(self) -> str:
         return f"redis://127.0.0.1:{self.master_port()}/0"
 
-    def _settled(self, master_port: int) -> bool:
-        """Every sentinel names ``master_port``, knows its peers and one replica; the
-        master has that replica online and in sync."""
+    def _unsettled(self, master_port: int) -> str | None:
+        """Why the deployment is not settled on ``master_port`` yet (None: it is).
+
+        Settled: every sentinel names it, knows its 2 peers and a replica it could
+        promote; the master has that replica online."""
         for sentinel in self.sentinels:
             with sentinel.client() as client:
                 state = client.sentinel_master(self.master_name)
+                replicas = client.sentinel_slaves(self.master_name)
+            name = f"sentinel {sentinel.port}"
             if int(state["port"]) != master_port or "s_down" in str(state.get("flags", "")):
-                return False
-            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
-                return False
-            replicas = client.sentinel_slaves(self.master_name)
-            if not any(not r["is_sdown"] for r in replicas):
-                return False
+                return f"{name} sees master {state['port']} flags {state.get('flags')}"
+            if int(state["num-other-sentinels"]) < 2:
+                return f"{name} knows {state['num-other-sentinels']} other sentinels"
+            if not any(_promotable(r) for r in replicas):
+                return f"{name} has no promotable replica: {replicas!r}"
         with redis.Redis(port=master_port, socket_timeout=1, decode_responses=True) as master:
             info = master.info("replication")
-        if info.get("role") != "master" or int(info.get("connected_slaves", 0)) < 1:
-            return False
         slave = info.get("slave0", {})
-        return isinstance(slave, dict) and slave.get("state") == "online"
+        if info.get("role") != "master" or not isinstance(slave, dict):
+            return f"master {master_port}: role {info.get('role')}, no replica"
+        if slave.get("state") != "online":
+            return f"master {master_port}: replica state {slave.get('state')}"
+        return None
 
     def wait_settled(self, master_port: int, timeout: float = 20.0) -> None:
-        _wait(lambda: self._settled(master_port), timeout, f"sentinels settled on {master_port}")
+        reason: list[str | None] = ["not asked yet"]
+
+        def settled() -> bool:
+            reason[0] = self._unsettled(master_port)
+            return reason[0] is None
+
+        try:
+            _wait(settled, timeout, f"sentinels settled on {master_port}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {reason[0]}") from None
 
     # -- failovers --------------------------------------------------------------------
     def failover(self, timeout: float = 20.0) -> int:
         """``SENTINEL FAILOVER``; returns the new master's port once settled."""
         old = self.master_port()
-        with self.sentinels[0].client() as client:
-            client.execute_command("SENTINEL", "FAILOVER", self.master_name)
+
+        def start() -> bool:
+            with self.sentinels[0].client() as client:
+                try:
+                    return bool(client.execute_command("SENTINEL", "FAILOVER", self.master_name))
+                except redis.ResponseError as exc:  # NOGOODSLAVE/INPROG: a view still settling
+                    if "NOGOODSLAVE" in str(exc) or "INPROG" in str(exc):
+                        return False
+                    raise
+
+        _wait(start, timeout, "SENTINEL FAILOVER accepted")
         new = int(_wait(lambda: (p := self.master_port()) != old and p, timeout, "a new master"))
         self._rejoin(old, new)
         self.wait_settled(new, timeout)
@@ -182,6 +223,9 @@ class SentinelSet:
         old = self.master_port()
         self.servers[old].kill()
         new = int(_wait(lambda: (p := self.master_port()) != old and p, timeout, "promotion"))
+        # Every sentinel must have switched before the old server answers again: one
+        # that still names it would see its "master" back and stay behind (seen).
+        _wait(lambda: self._all_name(new), timeout, f"every sentinel naming {new}")
         if restart:
             self.restart(old, replica_of=new)
             self.wait_settled(new, timeout)
