@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.sentine
 from fleet_process import http_port, start_fleet, stop_fleet
 
 from core_bus.envelope import Envelope
+from core_bus.errors import ReplicationTimeout
 from core_bus.publish import publish_envelope
 from core_bus.settings import connect
 from core_bus.streams.errors import is_transient
@@ -56,6 +57,8 @@ FLEET = """
 name = "bench"
 sweep_interval = "1s"
 [redis]
+# sentinel mode: the URL gives only credentials and db (port 1: nothing may use its host)
+url = "redis://127.0.0.1:1/0"
 mode = "sentinel"
 sentinels = {sentinels}
 master_name = "{master}"
@@ -89,7 +92,7 @@ async def publish_steadily(deployment: SentinelSet, durability: str, stop: async
                     publish_envelope(client, STREAM, env, durability=durability), 3
                 )
             except Exception as exc:
-                if not (is_transient(exc) or isinstance(exc, TimeoutError)):
+                if not (is_transient(exc) or isinstance(exc, TimeoutError | ReplicationTimeout)):
                     raise
                 await asyncio.sleep(0.02)
                 continue

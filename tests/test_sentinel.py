@@ -89,6 +89,7 @@ async def test_fleet_toml_sentinel_mode_checks_and_connects(
         textwrap.dedent(
             f"""
             [redis]
+            url = "redis://127.0.0.1:1/0"
             mode = "sentinel"
             sentinels = {sentinels.addresses!r}
             master_name = "{sentinels.master_name}"
@@ -283,6 +284,8 @@ name = "sentinel"
 sweep_interval = "1s"
 stop_timeout = "5s"
 [redis]
+# sentinel mode: the URL gives only credentials and db (port 1: nothing may use its host)
+url = "redis://127.0.0.1:1/0"
 mode = "sentinel"
 sentinels = {sentinels}
 master_name = "{master}"
