@@ -84,13 +84,11 @@ def _wait(condition: Any, timeout: float, what: str) -> Any:
 
 
 def _promotable(replica: dict[str, Any]) -> bool:
-    """What a sentinel needs to see to promote this replica (else NOGOODSLAVE)."""
+    """Up and connected in a sentinel's view. (Its ``master-link-status`` lags up to
+    10 s, the sentinels' INFO period for replicas: :meth:`SentinelSet.failover`
+    retries a NOGOODSLAVE refusal instead of waiting for it.)"""
     flags = str(replica.get("flags", ""))
-    return (
-        not replica["is_sdown"]
-        and "disconnected" not in flags
-        and replica.get("master-link-status") == "ok"
-    )
+    return not replica["is_sdown"] and "disconnected" not in flags
 
 
 @dataclass
@@ -117,7 +115,7 @@ class SentinelSet:
         for index in range(3):
             sentinel = SentinelProcess(self.dir / f"sentinel-{index}", pick_free_port())
             self.sentinels.append(sentinel.start(binary, master.port))
-        self.wait_settled(master.port, timeout)
+        self.wait_settled(timeout)
         return self
 
     # -- what the sentinels say -------------------------------------------------------
@@ -138,13 +136,14 @@ class SentinelSet:
                 return int(address[1])
         raise AssertionError("no sentinel answers")
 
-    def _all_name(self, port: int) -> bool:
+    def _agreed(self) -> int | None:
+        """The master's port when every sentinel names the same one, else None."""
+        named = set()
         for sentinel in self.sentinels:
             with sentinel.client() as client:
                 address = client.sentinel_get_master_addr_by_name(self.master_name)
-            if not address or int(address[1]) != port:
-                return False
-        return True
+            named.add(int(address[1]) if address else None)
+        return named.pop() if len(named) == 1 else None
 
     def replica_port(self) -> int:
         return next(p for p in self.servers if p != self.master_port())
@@ -152,42 +151,54 @@ class SentinelSet:
     def master_url(self) -> str:
         return f"redis://127.0.0.1:{self.master_port()}/0"
 
-    def _unsettled(self, master_port: int) -> str | None:
-        """Why the deployment is not settled on ``master_port`` yet (None: it is).
+    def _unsettled(self) -> tuple[int | None, str | None]:
+        """The master every sentinel names and why the deployment is not settled on
+        it yet (``None``: it is).
 
-        Settled: every sentinel names it, knows its 2 peers and a replica it could
-        promote; the master has that replica online."""
+        Settled: every sentinel names the same master, not down, knows its 2 peers
+        and a replica it could promote; that master has the replica online."""
+        named: set[int] = set()
         for sentinel in self.sentinels:
             with sentinel.client() as client:
                 state = client.sentinel_master(self.master_name)
                 replicas = client.sentinel_slaves(self.master_name)
             name = f"sentinel {sentinel.port}"
-            if int(state["port"]) != master_port or "s_down" in str(state.get("flags", "")):
-                return f"{name} sees master {state['port']} flags {state.get('flags')}"
+            named.add(int(state["port"]))
+            if "s_down" in str(state.get("flags", "")):
+                return None, f"{name} sees master {state['port']} down"
             if int(state["num-other-sentinels"]) < 2:
-                return f"{name} knows {state['num-other-sentinels']} other sentinels"
+                return None, f"{name} knows {state['num-other-sentinels']} other sentinels"
             if not any(_promotable(r) for r in replicas):
-                return f"{name} has no promotable replica: {replicas!r}"
+                return None, f"{name} has no promotable replica: {replicas!r}"
+        if len(named) != 1:
+            return None, f"the sentinels name different masters: {sorted(named)}"
+        master_port = named.pop()
         with redis.Redis(port=master_port, socket_timeout=1, decode_responses=True) as master:
             info = master.info("replication")
         slave = info.get("slave0", {})
         if info.get("role") != "master" or not isinstance(slave, dict):
-            return f"master {master_port}: role {info.get('role')}, no replica"
+            return master_port, f"master {master_port}: role {info.get('role')}, no replica"
         if slave.get("state") != "online":
-            return f"master {master_port}: replica state {slave.get('state')}"
-        return None
+            return master_port, f"master {master_port}: replica state {slave.get('state')}"
+        return master_port, None
 
-    def wait_settled(self, master_port: int, timeout: float = 20.0) -> None:
-        reason: list[str | None] = ["not asked yet"]
+    def wait_settled(self, timeout: float = 20.0) -> int:
+        """Until the deployment settled (see :meth:`_unsettled`); returns the master's port.
+
+        On a loaded machine a sentinel may flag a just-promoted master down and fail
+        over once more (seen with ``down-after-milliseconds 1000``): settling follows
+        whichever master the sentinels end up agreeing on."""
+        last: list[Any] = [None, "not asked yet"]
 
         def settled() -> bool:
-            reason[0] = self._unsettled(master_port)
-            return reason[0] is None
+            last[:] = self._unsettled()
+            return last[1] is None
 
         try:
-            _wait(settled, timeout, f"sentinels settled on {master_port}")
+            _wait(settled, timeout, "the sentinels to settle")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {reason[0]}") from None
+            raise AssertionError(f"{exc}: {last[1]}") from None
+        return int(last[0])
 
     # -- failovers --------------------------------------------------------------------
     def failover(self, timeout: float = 20.0) -> int:
@@ -204,31 +215,31 @@ class SentinelSet:
                     raise
 
         _wait(start, timeout, "SENTINEL FAILOVER accepted")
-        new = int(_wait(lambda: (p := self.master_port()) != old and p, timeout, "a new master"))
-        self._rejoin(old, new)
-        self.wait_settled(new, timeout)
-        return new
+        new = int(_wait(lambda: (p := self._agreed()) != old and p, timeout, "a new master"))
+        self._rejoin(old, new)  # only now: the new master is promoted everywhere
+        return self.wait_settled(timeout)
 
-    def _rejoin(self, old: int, new: int) -> None:
-        """Point the demoted master at the new one now: a Sentinel converts a former
-        master that still says "master" only after 8 s (4 hello periods), and until
-        then the new master has no replica (WAIT 1 would time out)."""
-        with redis.Redis(port=old, socket_timeout=1, decode_responses=True) as client:
+    def _rejoin(self, port: int, master: int) -> None:
+        """Point a server that still says "master" at the real one now: a Sentinel
+        converts a former master only after 8 s (4 hello periods), and until then
+        the new master has no replica (WAIT 1 would time out)."""
+        with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as client:
             if client.info("replication").get("role") == "master":
-                client.replicaof("127.0.0.1", new)
+                client.replicaof("127.0.0.1", master)
 
     def kill_master(self, timeout: float = 30.0, restart: bool = True) -> int:
         """SIGKILL the master; returns the promoted replica's port. With ``restart`` the
         killed server comes back (same port and data) and is waited for as its replica."""
         old = self.master_port()
         self.servers[old].kill()
-        new = int(_wait(lambda: (p := self.master_port()) != old and p, timeout, "promotion"))
         # Every sentinel must have switched before the old server answers again: one
         # that still names it would see its "master" back and stay behind (seen).
-        _wait(lambda: self._all_name(new), timeout, f"every sentinel naming {new}")
+        new = int(
+            _wait(lambda: (p := self._agreed()) != old and p, timeout, "every sentinel switching")
+        )
         if restart:
             self.restart(old, replica_of=new)
-            self.wait_settled(new, timeout)
+            return self.wait_settled(timeout)
         return new
 
     def restart(self, port: int, replica_of: int) -> None:

@@ -184,7 +184,7 @@ async def test_blocked_read_on_a_demoted_master_is_transient(
         assert await _served_by(client) == sentinels.master_port()
     finally:
         await client.aclose()
-    await anyio.to_thread.run_sync(sentinels.wait_settled, sentinels.master_port())
+    await anyio.to_thread.run_sync(sentinels.wait_settled)
 
 
 async def _blocked_clients(client: Any) -> bool:
