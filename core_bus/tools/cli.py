@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tools for the AG1 bus: watch streams, publish, inspect groups and "
         "dead letters. Each command says on stderr which Redis it uses (-q to silence).",
         epilog="examples:\n  ag1-bus tail 'AG1:agent:*:inbox'\n"
-        '  ag1-bus publish AG1:agent:echo:inbox --content \'{"hello": "world"}\'\n'
+        "  ag1-bus publish AG1:agent:echo:inbox --content '{\"hello\": \"world\"}'\n"
         "  ag1-bus dlq list echo\n  ag1-bus groups            # every group, orphans marked\n"
         "\nrun 'ag1-bus COMMAND --help' for each command",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reply-to", metavar="STREAM", help="stream the receiver should answer on (reply_to)"
     )
     pub.add_argument("--agent-name", metavar="NAME", help="sender name put in the envelope")
-    pub.add_argument("--correlation-id", metavar="ID", help="correlation id (default: a new one)")
+    pub.add_argument(
+        "--correlation-id", metavar="ID", help="correlation id (default: a new one)"
+    )
     pub.add_argument(
         "--count", type=int, metavar="N", help="publish N envelopes and report the rate"
     )
@@ -175,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove GROUP from STREAM (XGROUP DESTROY): refused when a fleet records the "
         "group or it has pending entries, unless --force",
     )
-    groups.add_argument("--force", action="store_true", help="with --destroy: remove it even so")
+    groups.add_argument(
+        "--force", action="store_true", help="with --destroy: remove it even so"
+    )
 
     dlq = _sub(
         commands,
@@ -523,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         args.redis_mode_options = mode.options()
         where = mode.describe()
         if not args.quiet:
-            _err(f"{PROG}: {choice.describe()}{mode.describe()}")
+            _err(f"{PROG}: {choice.describe()}{where}")
         return anyio.run(_run, COMMANDS[_command_key(args)], args, url)
     except (UsageError, RedisChoiceError, ConnectionConfigError) as exc:
         _err(f"{PROG}: {exc}")

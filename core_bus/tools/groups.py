@@ -49,7 +49,9 @@ async def namespace_table(redis: AsyncRedis, *, as_json: bool) -> str:
     for g in groups:
         owner = g.owner or ("ORPHAN" if recorded else "?")
         lag = "unknown" if g.info.lag is None else str(g.info.lag)
-        rows.append((g.stream, g.info.name, str(g.info.consumers), str(g.info.pending), lag, owner))
+        rows.append(
+            (g.stream, g.info.name, str(g.info.consumers), str(g.info.pending), lag, owner)
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     orphaned = [g for g in groups if recorded and g.owner is None]

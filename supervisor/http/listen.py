@@ -35,7 +35,9 @@ def bind_http(http: Any, token: str | None) -> list[socket.socket]:
     host, port = str(http.host), int(http.port)
     check_bind_allowed(host, token)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise ControlError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sockets: list[socket.socket] = []
