@@ -262,6 +262,47 @@ async def test_acks_wait_only_when_replicated(
     assert await handled_with_acks("sentinel:acks:replicated") >= 1
 
 
+@pytest.mark.timeout(30)
+async def test_too_few_replicas_leave_acks_and_dead_letters_standing(
+    sentinels: SentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicated, asking for 2 replicas of a 1-replica deployment: the handled entry is
+    acked anyway and ``ack_replication_short`` says so with the counts; the poison entry
+    is dead-lettered (and acked) and ``dead_letter_replication_short`` is logged."""
+    from structlog.testing import capture_logs
+
+    from core_bus.consume.subscription import subscription
+    from core_bus.settings import get_settings
+
+    _sentinel_env(sentinels, monkeypatch)
+    monkeypatch.setenv("REDIS_DURABILITY", "replicated")
+    monkeypatch.setenv("REDIS_REPLICAS_TO_WAIT", "2")
+    monkeypatch.setenv("REDIS_WAIT_TIMEOUT", "20")
+    get_settings.cache_clear()
+    stream, dlq = "sentinel:short", "sentinel:short:dlq"
+
+    async def handler(env: Envelope) -> None:
+        if env.content == "poison":
+            raise RuntimeError("poison")
+
+    client = connect()
+    try:
+        for content in ("fine", "poison"):
+            await client.xadd(stream, {"data": Envelope(role="user", content=content).to_json()})
+        with capture_logs() as logs:
+            async with subscription(
+                client, stream, handler, group="g", block_ms=100, max_deliveries=1, dlq_stream=dlq
+            ):
+                await eventually(lambda: _pending_zero(client, stream), 10, message="acked")
+                await eventually(lambda: client.xlen(dlq), 10, message="dead-lettered")
+        events = {e["event"]: e for e in logs}
+        assert events["ack_replication_short"]["acked_replicas"] == 1
+        assert events["ack_replication_short"]["wanted_replicas"] == 2
+        assert "dead_letter_replication_short" in events
+    finally:
+        await client.aclose()
+
+
 async def _pending_zero(client: Any, stream: str) -> bool:
     summary = await client.xpending(stream, "g")
     return int(summary["pending"]) == 0
