@@ -7,6 +7,7 @@ entries, snapshot its pending ids, SIGKILL it, and poll until none of those
 ids is pending any more (each was acked by a sibling). Prints p50/p95/max.
 
     .venv/bin/python bench/failover.py [--kills 20] [--rate 300] [--json]
+    .venv/bin/python bench/failover.py --mode sentinel [--rounds 10]   # Redis failover
 """
 
 from __future__ import annotations
@@ -188,7 +189,23 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--rate", type=float, default=300.0, help="envelopes per second")
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
+    parser.add_argument(
+        "--mode",
+        choices=("worker", "sentinel", "cluster"),
+        default="worker",
+        help="worker: SIGKILL workers (this file); sentinel: Redis master failover "
+        "(bench/redis_failover.py); cluster: hook for the cluster work",
+    )
+    parser.add_argument("--rounds", type=int, default=10, help="sentinel/cluster: faults (10)")
+    parser.add_argument("--kind", choices=("kill", "failover", "both"), default="both")
+    parser.add_argument("--durability", choices=("none", "replicated"), default="none")
     args = parser.parse_args()
+    if args.mode == "sentinel":
+        import redis_failover
+
+        return redis_failover.main(args)
+    if args.mode == "cluster":
+        raise SystemExit("--mode cluster: not written yet (issue 16 part B fills this hook)")
     result = asyncio.run(run(args.kills, args.rate))
     if args.json:
         print(json.dumps(result))

@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "BusError": "core_bus.errors",
     "EnvelopeTooLarge": "core_bus.errors",
     "RpcTimeout": "core_bus.errors",
+    "ReplicationTimeout": "core_bus.errors",
     "StreamKeyBuilder": "core_bus.keys",
     "shard_for": "core_bus.keys",
     "publish_envelope": "core_bus.publish",
@@ -54,6 +55,7 @@ __all__ = [
     "EnvelopeTooLarge",
     "FollowingSubscription",
     "OrderedSubscription",
+    "ReplicationTimeout",
     "RpcTimeout",
     "StreamKeyBuilder",
     "Subscription",
@@ -98,7 +100,7 @@ if TYPE_CHECKING:
     from core_bus.consume.subscription import Subscription, ensure_group, subscribe, subscription
     from core_bus.discovery import BusSubscriptions, start_bus_subscriptions
     from core_bus.envelope import Envelope
-    from core_bus.errors import BusError, EnvelopeTooLarge, RpcTimeout
+    from core_bus.errors import BusError, EnvelopeTooLarge, ReplicationTimeout, RpcTimeout
     from core_bus.following import FollowingSubscription, following
     from core_bus.keys import StreamKeyBuilder, shard_for
     from core_bus.ordered.subscription import OrderedSubscription, subscribe_ordered

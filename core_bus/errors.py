@@ -16,3 +16,21 @@ class EnvelopeTooLarge(BusError):
 
 class RpcTimeout(BusError, TimeoutError):
     """No reply with the request's correlation id arrived in time."""
+
+
+class ReplicationTimeout(BusError):
+    """Fewer replicas than asked confirmed a write within the WAIT timeout.
+
+    The write itself happened on the master and is not undone: a retry may
+    duplicate it (at-least-once). ``what`` names the write (``publish``, ...).
+    """
+
+    def __init__(self, what: str, acked: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"{what}: {acked} of {wanted} replica(s) confirmed within {timeout_ms} ms "
+            "(the write is on the master only and may be lost on failover)"
+        )
+        self.what = what
+        self.acked = acked
+        self.wanted = wanted
+        self.timeout_ms = timeout_ms

@@ -120,6 +120,14 @@ class StreamKeyBuilder:
         """``{name}`` in cluster mode (an empty name stays empty: it builds prefixes)."""
         return f"{{{name}}}" if self.cluster and name else name
 
+    @property
+    def _fleet(self) -> str:
+        """Prefix of the supervisors' bookkeeping (membership, registries, locks,
+        command streams): ``AG1:fleet``, or ``{AG1:fleet}`` on a cluster so the
+        membership scripts (lease + members hash + departed stream, registry +
+        lease) touch one slot. Low traffic: one slot is plenty."""
+        return f"{{{self.ns}:fleet}}" if self.cluster else f"{self.ns}:fleet"
+
     # -- prototype keys (output must not change) --------------------------------
     def flow_input(self, flow_id: str) -> str:
         return f"{self.ns}:flow:{flow_id}:input"
@@ -238,45 +246,45 @@ class StreamKeyBuilder:
 
     def supervisor_registry(self, supervisor_name: str) -> str:
         """Hash of the consumer names a supervisor handed out (name -> agent), across runs."""
-        return f"{self.ns}:fleet:consumers:{supervisor_name}"
+        return f"{self._fleet}:consumers:{supervisor_name}"
 
     def supervisor_groups(self, supervisor_name: str) -> str:
         """Hash of the consumer groups a supervisor's plan reads (group -> agent); a group
         of the namespace in no supervisor's hash is an orphan (``ag1-bus groups``)."""
-        return f"{self.ns}:fleet:groups:{supervisor_name}"
+        return f"{self._fleet}:groups:{supervisor_name}"
 
     def supervisor_groups_pattern(self) -> str:
-        return f"{self.ns}:fleet:groups:*"
+        return f"{self._fleet}:groups:*"
 
     def supervisor_lock(self, name: str) -> str:
         """Short-lived lock (always with a TTL) for supervisor bookkeeping."""
-        return f"{self.ns}:fleet:lock:{name}"
+        return f"{self._fleet}:lock:{name}"
 
     # -- fleet membership (supervisor.membership) ------------------------------------
     def fleet_members(self) -> str:
         """Hash of every supervisor of the fleet: name -> JSON record, rewritten each renewal.
 
         A dead member stays here until a live one has reclaimed its consumers."""
-        return f"{self.ns}:fleet:members"
+        return f"{self._fleet}:members"
 
     def fleet_lease(self, supervisor_name: str) -> str:
         """A supervisor's membership lease: a string holding its incarnation, ``PX lease_ttl``.
 
         ``fleet:member:`` (not ``fleet:lease:``, which holds ordered shard leases)."""
-        return f"{self.ns}:fleet:member:{supervisor_name}"
+        return f"{self._fleet}:member:{supervisor_name}"
 
     def fleet_departed(self) -> str:
         """Stream of members that left or expired, and what was reclaimed from them."""
-        return f"{self.ns}:fleet:departed"
+        return f"{self._fleet}:departed"
 
     # -- fleet-wide control (supervisor.fleetctl) --------------------------------------
     def fleet_commands(self) -> str:
         """Stream of control commands to supervisors (``target`` names one), MAXLEN ~1000."""
-        return f"{self.ns}:fleet:commands"
+        return f"{self._fleet}:commands"
 
     def fleet_command_acks(self) -> str:
         """Stream of the answers: one entry per command a supervisor ran (``cmd`` = its id)."""
-        return f"{self.ns}:fleet:command-acks"
+        return f"{self._fleet}:command-acks"
 
 
 #: The environment variable naming the connection mode (``standalone`` | ``sentinel`` |

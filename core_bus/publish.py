@@ -7,6 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
 
+from core_bus.durability import Replication, check_replies, queue_wait, resolve_durability
 from core_bus.envelope import Envelope
 from core_bus.errors import EnvelopeTooLarge
 from core_bus.keys import StreamKeyBuilder
@@ -71,25 +72,36 @@ async def publish_envelope(
     *,
     maxlen: int | None = None,
     keys: StreamKeyBuilder | None = None,
+    durability: str | Replication | None = None,
 ) -> str:
     """XADD one envelope to ``stream`` and return its entry id.
 
     Raises :class:`EnvelopeTooLarge` before anything is written. Trims with
     approximate MAXLEN (``BUS_STREAM_MAXLEN``; 0 disables trimming).
+    ``durability`` (default ``REDIS_DURABILITY``): ``"replicated"`` ends the
+    same pipeline with WAIT and raises :class:`~core_bus.errors.ReplicationTimeout`
+    when too few replicas confirmed (the entry was written on the master).
     """
     settings = get_settings()
     data = encode(env, settings.bus_max_envelope_bytes)
     cap = settings.bus_stream_maxlen if maxlen is None else maxlen
-    if stream in _announced:
+    policy = resolve_durability(durability)
+    if stream in _announced and policy is None:
         return text(await _xadd(redis, stream, data, cap))
     pipe = redis.pipeline(transaction=False)
     _xadd(pipe, stream, data, cap)
     announced = _announce(pipe, stream, keys or StreamKeyBuilder(settings.bus_namespace))
+    waits = 0 if policy is None else await queue_wait(pipe, redis, policy)
     results = await pipe.execute(raise_on_error=False)
+    replies = results[len(results) - waits :] if waits else []
+    if waits:
+        del results[len(results) - waits :]
     if announced:
         _settle_notice(stream, results.pop())
     if isinstance(results[0], Exception):
         raise results[0]
+    if policy is not None:
+        check_replies(replies, policy, f"publish to {stream}")
     return text(results[0])
 
 
@@ -101,12 +113,15 @@ async def publish_many(
     maxlen: int | None = None,
     batch_size: int = 1000,
     keys: StreamKeyBuilder | None = None,
+    durability: str | Replication | None = None,
 ) -> list[str]:
     """XADD many envelopes to one stream with pipelines of ``batch_size``.
 
     Every envelope is size-checked before the first write, so a too-large one
-    means nothing of the batch was written.
+    means nothing of the batch was written. ``durability`` as for
+    :func:`publish_envelope`: one WAIT at the end of each batch's pipeline.
     """
+    policy = resolve_durability(durability)
     settings = get_settings()
     limit = settings.bus_max_envelope_bytes
     payloads = [encode(env, limit) for env in envelopes]
@@ -118,11 +133,17 @@ async def publish_many(
         for data in payloads[start : start + batch_size]:
             _xadd(pipe, stream, data, cap)
         announced = _announce(pipe, stream, keys)
+        waits = 0 if policy is None else await queue_wait(pipe, redis, policy)
         results = await pipe.execute(raise_on_error=False)
+        replies = results[len(results) - waits :] if waits else []
+        if waits:
+            del results[len(results) - waits :]
         if announced:
             _settle_notice(stream, results.pop())
         for result in results:
             if isinstance(result, Exception):
                 raise result  # entries before it in this batch were written (ids lost)
+        if policy is not None:
+            check_replies(replies, policy, f"publish to {stream}")
         ids.extend(text(r) for r in results)
     return ids

@@ -7,9 +7,8 @@ host and no credential in code: the default is a local Redis.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr
@@ -32,6 +31,20 @@ class BusSettings(BaseSettings):
     bus_stream_maxlen: int = Field(default=100_000, ge=0)
     bus_max_envelope_bytes: int = Field(default=DEFAULT_MAX_ENVELOPE_BYTES, gt=0)
     bus_namespace: str = "AG1"
+    #: Deployment mode (``REDIS_MODE``): standalone, sentinel or cluster (see core_bus.connection).
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    #: ``REDIS_SENTINELS``: comma-separated ``host:port`` of the sentinels (sentinel mode).
+    redis_sentinels: str | None = None
+    #: ``REDIS_MASTER_NAME``: the name the sentinels monitor the master under.
+    redis_master_name: str | None = None
+    #: ``REDIS_SENTINEL_PASSWORD``: the sentinels' own password (the master's is in the URL).
+    redis_sentinel_password: SecretStr | None = None
+    #: ``REDIS_DURABILITY``: ``replicated`` WAITs for replicas after publishes, acks and
+    #: dead letters (see core_bus.durability and docs/DELIVERY.md).
+    redis_durability: Literal["none", "replicated"] = "none"
+    #: ``REDIS_REPLICAS_TO_WAIT`` / ``REDIS_WAIT_TIMEOUT`` (ms): the WAIT arguments.
+    redis_replicas_to_wait: int = Field(default=1, ge=1)
+    redis_wait_timeout: int = Field(default=1000, ge=0)
 
     def url(self) -> str:
         """The Redis URL to connect to (contains the password: never log it)."""
@@ -119,30 +132,42 @@ def _redact_query(query: str) -> str:
     return "&".join(pairs)
 
 
-def connect(url: str | None = None, mode: str | None = None, **kwargs: Any) -> Any:
-    """An asyncio Redis client for ``url`` (default: from the environment).
+def connect(
+    url: str | None = None,
+    *,
+    mode: str | None = None,
+    sentinels: str | list[str] | list[tuple[str, int]] | None = None,
+    master_name: str | None = None,
+    sentinel_password: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """An asyncio Redis client for ``url`` (default: from the environment) in ``mode``.
 
-    ``mode="cluster"`` (default: ``REDIS_MODE``) returns a
-    ``redis.asyncio.cluster.RedisCluster`` seeded from ``url``.
+    ``mode`` (``standalone``/``sentinel``/``cluster``), ``sentinels``,
+    ``master_name`` and ``sentinel_password`` default to ``REDIS_MODE``,
+    ``REDIS_SENTINELS``, ``REDIS_MASTER_NAME`` and ``REDIS_SENTINEL_PASSWORD``;
+    :mod:`core_bus.connection` says what each mode returns. Health checks and
+    keepalive are on so dead connections are noticed (TCP keepalive only for
+    TCP: a ``unix://`` socket, as the embedded server uses, has none); the
+    caller owns the client and must ``await client.aclose()``.
 
-    Health checks and keepalive are on so dead connections are noticed (TCP
-    keepalive only for TCP: a ``unix://`` socket, as the embedded server uses,
-    has none); the caller owns the client and must ``await client.aclose()``.
+    :raises core_bus.connection.ConnectionConfigError: incomplete mode settings.
     """
-    import redis.asyncio as redis_asyncio
+    from core_bus.connection import connect_redis, parse_sentinels
 
-    url = url or get_settings().url()
-    options: dict[str, Any] = {"health_check_interval": 30, "socket_connect_timeout": 5}
-    if not url.startswith("unix:"):
-        options["socket_keepalive"] = True
-    options.update(kwargs)
-    if url.startswith("unix:"):
-        options.pop("socket_keepalive", None)
-        options.pop("socket_keepalive_options", None)
-    if (mode or os.environ.get("REDIS_MODE", "")).strip().lower() == "cluster":
-        from redis.asyncio.cluster import RedisCluster
-
-        for unsupported in ("single_connection_client", "retry_on_timeout"):
-            options.pop(unsupported, None)
-        return RedisCluster.from_url(url, **options)
-    return redis_asyncio.Redis.from_url(url, **options)
+    settings = get_settings()
+    url = url or settings.url()
+    mode = mode or settings.redis_mode
+    if sentinels is None:
+        sentinels = settings.redis_sentinels
+    addresses = parse_sentinels(sentinels)
+    if sentinel_password is None and settings.redis_sentinel_password is not None:
+        sentinel_password = settings.redis_sentinel_password.get_secret_value()
+    return connect_redis(
+        url,
+        mode=mode,
+        sentinels=addresses,
+        master_name=master_name or settings.redis_master_name,
+        sentinel_password=sentinel_password,
+        **kwargs,
+    )

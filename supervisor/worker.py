@@ -2,7 +2,9 @@
 
 Everything comes from the environment the supervisor sets (AG1_AGENT,
 AG1_HANDLER, AG1_STREAMS, AG1_GROUP, AG1_CONSUMER, REDIS_URL, NOTIFY_SOCKET
-...). The worker imports the handler (with AG1_WORKING_DIR on ``sys.path``),
+...; REDIS_MODE, REDIS_SENTINELS, REDIS_MASTER_NAME, REDIS_DURABILITY are read by
+``core_bus.settings.connect`` and the subscription, so the worker connects in the
+fleet's mode). The worker imports the handler (with AG1_WORKING_DIR on ``sys.path``),
 subscribes, reports READY=1 once its group exists, then sends WATCHDOG=1 with
 its counters (X_AG1_STATS) from the event loop itself. SIGTERM drains
 (stop reading, finish in-flight, ack) and exits 0; SIGUSR1 makes it look at

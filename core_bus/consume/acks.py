@@ -16,6 +16,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.consume.held import HeldEntries
 from core_bus.consume.stats import SubscriptionStats
+from core_bus.durability import Replication, check_replies, queue_wait, resolve_durability
+from core_bus.errors import ReplicationTimeout
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
 from core_bus.streams.errors import TRANSIENT_ERRORS, is_nogroup
@@ -44,6 +46,10 @@ class AckBatcher:
         self.event = asyncio.Event()
         #: awaited before each flush (ownership re-check after a pause); set by the subscription
         self.before_flush: Callable[[], Awaitable[None]] | None = None
+        #: ``REDIS_DURABILITY=replicated``: each flush ends with WAIT (same pipeline); a
+        #: shortfall is logged (``ack_replication_short``), the acks stand (DELIVERY.md).
+        self.replication: Replication | None = resolve_durability(None)
+        self.log: Any = None
 
     def add(self, stream: str, entry_id: str, counted: bool) -> None:
         ids = self.pending.get(stream)
@@ -117,6 +123,9 @@ class AckBatcher:
         batch = {stream: ids for stream, ids in batch.items() if ids}
         if not batch:
             return
+        if self.replication is not None:
+            await self._send_replicated(batch, self.replication)
+            return
         if len(batch) == 1:
             for stream, ids in batch.items():
                 await self._r.xack(stream, self._group, *ids)
@@ -125,6 +134,29 @@ class AckBatcher:
             for stream, ids in batch.items():
                 pipe.xack(stream, self._group, *ids)
             await pipe.execute()
+
+    async def _send_replicated(self, batch: dict[str, list[str]], policy: Replication) -> None:
+        """XACKs and WAIT in one pipeline; too few replicas is a warning, not a retry
+        (XACK already took effect on the master; sending it again changes nothing)."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for stream, ids in batch.items():
+                pipe.xack(stream, self._group, *ids)
+            waits = await queue_wait(pipe, self._r, policy)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies[: len(replies) - waits]:
+            if isinstance(reply, Exception):
+                raise reply
+        try:
+            check_replies(replies[len(replies) - waits :], policy, "ack")
+        except ReplicationTimeout as exc:
+            if self.log is not None:
+                self.log.warning(
+                    "ack_replication_short",
+                    acked_replicas=exc.acked,
+                    wanted_replicas=exc.wanted,
+                    entries=sum(map(len, batch.values())),
+                    timeout_ms=exc.timeout_ms,
+                )
 
     async def final_flush(self, log: Any) -> None:
         """Last flush on stop, shielded from cancellation and bounded in time."""

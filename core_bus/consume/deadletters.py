@@ -22,6 +22,8 @@ from core_bus.consume.decode import payload_of
 from core_bus.consume.held import HeldEntries
 from core_bus.consume.options import SubscriptionOptions
 from core_bus.consume.stats import SubscriptionStats
+from core_bus.durability import Replication, resolve_durability, wait_replicated
+from core_bus.errors import ReplicationTimeout
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.connwatch import ConnectionWatch
 from core_bus.streams.deadletter import (
@@ -64,6 +66,9 @@ class DeadLetterWriter:
         self.trims = TrimReport(log)
         self._waiting: list[DeadLetterJob] = []
         self._wake = anyio.Event()
+        #: ``REDIS_DURABILITY=replicated``: WAIT after each MULTI/EXEC (like acks: too few
+        #: replicas is logged, the dead letter and its ack stand).
+        self.replication: Replication | None = resolve_durability(None)
 
     @property
     def waiting(self) -> int:
@@ -180,3 +185,21 @@ class DeadLetterWriter:
         if self._maxlen != 0:
             self.trims.add(self.dlq_stream, trimmed, self._maxlen)
             self._stats.dlq_trimmed = self.trims.trimmed
+        if self.replication is not None:
+            await self._wait_replicated(self.replication, len(jobs))
+
+    async def _wait_replicated(self, policy: Replication, entries: int) -> None:
+        """WAIT after the MULTI/EXEC (inside MULTI it would not block): its own round trip,
+        on the rare dead-letter path. A transient error here is not a failed write."""
+        try:
+            await wait_replicated(self._r, policy, "dead letter")
+        except ReplicationTimeout as exc:
+            self._log.warning(
+                "dead_letter_replication_short",
+                acked_replicas=exc.acked,
+                wanted_replicas=exc.wanted,
+                entries=entries,
+                timeout_ms=exc.timeout_ms,
+            )
+        except TRANSIENT_ERRORS as exc:
+            self._log.warning("dead_letter_replication_unknown", error=repr(exc), entries=entries)

@@ -120,6 +120,7 @@ class Subscription(SubscriptionHandle):
         self.held = HeldEntries(streams)
         self._work = WorkQueue(low_water=options.count)
         self._acks = AckBatcher(self._r, options.group, self.held, self.stats, self._watch)
+        self._acks.log = self._log
         dead_letters = DeadLetterWriter(
             self._r, self.held, options, stats=self.stats, watch=self._watch, log=self._log
         )

@@ -4,7 +4,8 @@ Everything that talks to Redis in a loop (subscriptions, ordered shards, acks,
 dead letters, RPC, tail, discovery, the supervisor's rebalancer) backs off and
 retries on these and only these; anything else is a bug or a configuration
 error and surfaces. A failover shows up as READONLY (a demoted master),
-MASTERDOWN, TRYAGAIN or CLUSTERDOWN, a restart as LOADING (BusyLoadingError is
+MASTERDOWN, TRYAGAIN, CLUSTERDOWN or (for a blocked read on the demoted master)
+UNBLOCKED force unblock, a restart as LOADING (BusyLoadingError is
 a ConnectionError), a pause or a slow server as a timeout.
 """
 
@@ -34,7 +35,16 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 #: Error prefixes redis-py passes through as a plain ResponseError (inside a
 #: pipeline's combined error too) that still mean "try again soon".
-_TRANSIENT_PREFIXES = ("READONLY", "MASTERDOWN", "LOADING", "TRYAGAIN", "CLUSTERDOWN")
+_TRANSIENT_PREFIXES = (
+    "READONLY",
+    "MASTERDOWN",
+    "LOADING",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    # A blocked XREADGROUP on a master being demoted (Sentinel/Cluster failover):
+    # "UNBLOCKED force unblock from blocking operation, instance state changed".
+    "UNBLOCKED force unblock",
+)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -59,6 +59,27 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="read the Redis URL from DIR/redis.url (written by a running supervisor)",
     )
     parser.add_argument(
+        "--redis-mode",
+        default=default,
+        choices=("standalone", "sentinel", "cluster"),
+        help="how to reach Redis (default: $REDIS_MODE, else standalone); sentinel: the URL "
+        "gives only credentials and db; cluster: the URL is any seed node",
+    )
+    parser.add_argument(
+        "--sentinel",
+        action="append",
+        default=default,
+        metavar="HOST:PORT",
+        help="a sentinel to ask for the master (repeatable; default: $REDIS_SENTINELS); "
+        "its password only from $REDIS_SENTINEL_PASSWORD",
+    )
+    parser.add_argument(
+        "--master-name",
+        default=default,
+        metavar="NAME",
+        help="the master's name at the sentinels (default: $REDIS_MASTER_NAME)",
+    )
+    parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -438,7 +459,7 @@ async def _run(command: Command, args: argparse.Namespace, url: str) -> int:
 
     from core_bus.settings import connect
 
-    redis = connect(url)
+    redis = connect(url, **args.redis_mode_options)
     interrupted = False
     result = 0
     error: Exception | None = None
@@ -489,25 +510,30 @@ def main(argv: list[str] | None = None) -> int:
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from core_bus.connection import ConnectionConfigError
     from core_bus.errors import BusError
     from core_bus.log import configure_logging
     from core_bus.settings import redact_url
-    from core_bus.tools.connection import RedisChoiceError, resolve_redis
+    from core_bus.tools.connection import RedisChoiceError, resolve_mode, resolve_redis
 
     configure_logging(level=os.environ.get("AG1_LOG_LEVEL") or "WARNING")
     url = ""
+    where = ""
     try:
         choice = resolve_redis(args.redis_url, args.state_dir)
         url = choice.url
         args.redis_choice = choice
+        mode = resolve_mode(args.redis_mode, args.sentinel, args.master_name)
+        args.redis_mode_options = mode.options()
+        where = mode.describe()
         if not args.quiet:
-            _err(f"{PROG}: {choice.describe()}")
+            _err(f"{PROG}: {choice.describe()}{where}")
         return anyio.run(_run, COMMANDS[_command_key(args)], args, url)
-    except (UsageError, RedisChoiceError) as exc:
+    except (UsageError, RedisChoiceError, ConnectionConfigError) as exc:
         _err(f"{PROG}: {exc}")
         return 2
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        _err(f"{PROG}: cannot reach Redis at {redact_url(url)}: {exc}")
+        _err(f"{PROG}: cannot reach Redis at {redact_url(url)}{where}: {exc}")
         return 1
     except (BusError, RedisError) as exc:
         _err(f"{PROG}: {exc}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from core_bus.connection import ConnectionConfigError, format_sentinels, parse_sentinels
 from core_bus.settings import get_settings, redact_url
 
 STATE_URL_FILE = "redis.url"
@@ -95,3 +97,52 @@ def require_explicit(choice: RedisChoice, action: str) -> None:
             f"(no --redis-url, $REDIS_URL or ./{DEFAULT_STATE_DIR}/{STATE_URL_FILE}); "
             "pass --redis-url URL (or --state-dir DIR) or set REDIS_URL"
         )
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The connection mode of ``ag1-bus`` (flags first, then ``REDIS_MODE`` & co)."""
+
+    mode: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`core_bus.settings.connect` (the sentinel
+        password is left to ``REDIS_SENTINEL_PASSWORD``: never a flag)."""
+        return {
+            "mode": self.mode,
+            "sentinels": list(self.sentinels),
+            "master_name": self.master_name,
+        }
+
+    def describe(self) -> str:
+        """Appended to :meth:`RedisChoice.describe`: nothing in standalone mode."""
+        if self.mode == "sentinel":
+            return f" in sentinel mode: master {self.master_name!r} via " + format_sentinels(
+                self.sentinels
+            )
+        if self.mode == "cluster":
+            return " in cluster mode (the URL is a seed node)"
+        return ""
+
+
+def resolve_mode(
+    mode: str | None, sentinels: list[str] | None, master_name: str | None
+) -> ModeChoice:
+    """``--redis-mode``/``--sentinel``/``--master-name``, else the environment.
+
+    :raises ConnectionConfigError: sentinel mode without sentinels or master
+        name, or a malformed ``host:port``.
+    """
+    settings = get_settings()
+    chosen = mode or settings.redis_mode
+    addresses = parse_sentinels(sentinels if sentinels else settings.redis_sentinels)
+    name = master_name or settings.redis_master_name
+    if chosen == "sentinel" and not addresses:
+        raise ConnectionConfigError(
+            "sentinel mode needs --sentinel HOST:PORT (or $REDIS_SENTINELS)"
+        )
+    if chosen == "sentinel" and not name:
+        raise ConnectionConfigError("sentinel mode needs --master-name (or $REDIS_MASTER_NAME)")
+    return ModeChoice(chosen, tuple(addresses), name)

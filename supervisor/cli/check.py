@@ -63,6 +63,13 @@ def plan_to_dict(config: FleetConfig, plan: Plan) -> dict[str, Any]:
             "namespace": config.redis.namespace,
             "embedded_port": config.redis.embedded_port,
             "password_set": config.redis.password is not None,
+            "mode": config.redis.mode,
+            "sentinels": config.redis.sentinels,
+            "master_name": config.redis.master_name,
+            "sentinel_password_set": config.redis.sentinel_password is not None,
+            "durability": config.redis.durability,
+            "replicas_to_wait": config.redis.replicas_to_wait,
+            "wait_timeout": config.redis.wait_timeout,
         },
         "http": {
             **config.http.model_dump(mode="json", exclude={"token"}),
@@ -97,9 +104,16 @@ def render_plan(config: FleetConfig, plan: Plan) -> str:
         f"supervisor  {sup.name}  state_dir={sup.state_dir}  stop_timeout="
         f"{format_duration(sup.stop_timeout)}  sweep={format_duration(sup.sweep_interval)}",
         "redis       "
-        + ("embedded redis-server" if redis.embedded else redis.redacted_url())
+        + redis.describe()
         + f"  namespace={redis.namespace}"
-        + ("  password=(from env)" if redis.password is not None else ""),
+        + ("  password=(from env)" if redis.password is not None else "")
+        + ("  sentinel_password=(from env)" if redis.sentinel_password is not None else "")
+        + (
+            f"  durability=replicated (WAIT {redis.replicas_to_wait} "
+            f"{format_duration(redis.wait_timeout)})"
+            if redis.durability == "replicated"
+            else ""
+        ),
         "http        " + (f"http://{http.listen}" if http.enabled else "disabled"),
         "start order " + "  ->  ".join(", ".join(layer) for layer in plan.start_order()),
     ]

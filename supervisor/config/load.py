@@ -81,6 +81,8 @@ def load_config(
     }
     supervisor = _validate(SupervisorConfig, raw, ("supervisor",), context, problems)
     redis = _validate(RedisConfig, raw, ("redis",), context, problems)
+    for mode_loc, mode_message in redis.mode_problems() if redis is not None else []:
+        problems.add(mode_loc, mode_message)
     http = _validate(HttpConfig, raw, ("http",), context, problems)
     defaults = _validate(AgentDefaults, raw, ("defaults",), context, problems)
     usable_defaults = defaults or _salvage(AgentDefaults, raw.get("defaults", {}), context)

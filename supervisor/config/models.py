@@ -97,6 +97,7 @@ def _reject_nul(value: Any, path: str = "") -> None:
         for index, item in enumerate(value):
             _reject_nul(item, f"item {index}" if not path else f"{path}[{index}]")
 
+
 RestartPolicy = Literal["always", "on-failure", "never"]
 LogFormat = Literal["auto", "json", "console"]
 
@@ -232,6 +233,88 @@ class RedisConfig(_Model):
     def redacted_url(self) -> str:
         """The URL as it may be logged or printed."""
         return self.url if self.embedded else redact_url(self.effective_url())
+
+    # -- connection modes and durability (issue 16) --------------------------------------
+    #: ``standalone`` (default), ``sentinel`` (``sentinels`` + ``master_name``; ``url``
+    #: then only gives credentials, db and TLS) or ``cluster`` (``url`` = any seed node).
+    mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    sentinels: list[str] = Field(default_factory=list)
+    master_name: str | None = None
+    #: The sentinels' own password: only from AG1_REDIS__SENTINEL_PASSWORD or
+    #: REDIS_SENTINEL_PASSWORD.
+    sentinel_password: SecretStr | None = None
+    #: ``replicated``: WAIT for ``replicas_to_wait`` replicas (up to ``wait_timeout``)
+    #: after publishes, acks and dead-letter writes (docs/DELIVERY.md).
+    durability: Literal["none", "replicated"] = "none"
+    replicas_to_wait: Int = Field(default=1, ge=1, le=100)
+    wait_timeout: Duration = Field(default=1.0, gt=0, le=60.0)
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinels(cls, value: list[str]) -> list[str]:
+        from core_bus.connection import ConnectionConfigError, parse_sentinels
+
+        for item in value:
+            try:
+                parse_sentinels([item])
+            except ConnectionConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def mode_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """What the chosen mode still needs or contradicts, one ``(loc, message)`` each."""
+        out: list[tuple[tuple[str, ...], str]] = []
+        if self.mode == "standalone":
+            return out
+        if self.embedded:
+            out.append(
+                (
+                    ("redis", "mode"),
+                    f'the embedded Redis is standalone; mode = "{self.mode}" '
+                    'needs url (cluster: a seed node) or mode = "standalone"',
+                )
+            )
+            return out
+        if self.url.startswith("unix:"):
+            out.append((("redis", "url"), f"a unix socket cannot be used with mode {self.mode}"))
+        if self.mode == "sentinel":
+            if not self.sentinels:
+                out.append(
+                    (
+                        ("redis", "sentinels"),
+                        'mode = "sentinel" needs sentinels = ["host:port", ...]',
+                    )
+                )
+            if not self.master_name:
+                out.append((("redis", "master_name"), 'mode = "sentinel" needs master_name'))
+        elif self.sentinels or self.master_name:
+            field = "sentinels" if self.sentinels else "master_name"
+            out.append((("redis", field), f'only used with mode = "sentinel", not "{self.mode}"'))
+        if self.mode == "cluster" and self.durability == "replicated":
+            out.append(
+                (
+                    ("redis", "durability"),
+                    'durability = "replicated" is not supported with mode = "cluster" '
+                    "(WAIT has no key to route it to the node of the write); "
+                    'use mode = "sentinel" for it, or durability = "none"',
+                )
+            )
+        return out
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        from core_bus.connection import parse_sentinels
+
+        return parse_sentinels(self.sentinels)
+
+    def describe(self) -> str:
+        """The Redis as ``check`` and the logs name it (no secrets)."""
+        from core_bus.connection import describe_target
+
+        if self.embedded:
+            return "embedded redis-server"
+        return describe_target(
+            self.redacted_url(), self.mode, self.sentinel_addresses(), self.master_name
+        )
 
 
 def with_password(url: str, password: str) -> str:
@@ -589,7 +672,10 @@ TOP_LEVEL_KEYS: tuple[str, ...] = (*SECTION_MODELS, "agents")
 """Every key allowed at the top of fleet.toml, in the order problems are reported."""
 
 SECRET_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
-    "redis": {"password": ("AG1_REDIS__PASSWORD", "REDIS_PASSWORD")},
+    "redis": {
+        "password": ("AG1_REDIS__PASSWORD", "REDIS_PASSWORD"),
+        "sentinel_password": ("AG1_REDIS__SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"),
+    },
     "http": {"token": ("AG1_HTTP__TOKEN", "AG1_CONTROL_TOKEN")},
 }
 """Fields that may only come from the environment: the variables to read, first wins."""

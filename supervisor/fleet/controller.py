@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,8 @@ class FleetFacts:
     started_at: float
     redis_url: str | None = None
     http_address: tuple[str, int] | None = None
+    #: ``connect()`` keyword arguments of the configured mode (may hold the sentinel password).
+    redis_options: dict[str, Any] = field(default_factory=dict)
 
 
 def check_scale(table: WorkerTable, runtime: AgentRuntime, replicas: int) -> None:

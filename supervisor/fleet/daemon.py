@@ -42,6 +42,7 @@ from supervisor.fleetctl.execute import execute_command
 from supervisor.fleetctl.follower import CommandFollower
 from supervisor.fleetctl.service import FleetCommands
 from supervisor.membership.service import Membership
+from supervisor.redis.target import connect_options, worker_redis_env
 from supervisor.runtime.lifecycle import CAUSE_MEMORY
 from supervisor.runtime.notify import NotifyServer
 from supervisor.runtime.process import probe_spawn_tools
@@ -119,9 +120,10 @@ class FleetDaemon:
             notify_socket=self._notify.address,
             config_dir=self.config.config_dir,
             lease_ttl=float(self.config.supervisor.lease_ttl),
-            member_lease_key=StreamKeyBuilder(self.config.redis.namespace).fleet_lease(
-                str(self.config.supervisor.name)
-            ),
+            member_lease_key=StreamKeyBuilder(
+                self.config.redis.namespace, cluster=self.config.redis.mode == "cluster"
+            ).fleet_lease(str(self.config.supervisor.name)),
+            redis_env=worker_redis_env(self.config.redis),
         )
 
     # -- main ----------------------------------------------------------------------------
@@ -155,6 +157,7 @@ class FleetDaemon:
                 self.control.facts.redis_url = redis.effective_url(embedded_url)
             else:
                 self.control.facts.redis_url = redis.effective_url()
+            self.control.facts.redis_options = connect_options(redis)
             try:
                 await self._run_fleet(task_status, sockets)
             finally:
@@ -165,14 +168,9 @@ class FleetDaemon:
     ) -> None:
         facts = self.control.facts
         async with self._redis_client() as redis:
-            delivery = DeliveryHooks(
-                Rebalancer(
-                    redis, keys_for(redis, self.config.redis.namespace), facts.supervisor_name
-                ),
-                self.table,
-            )
+            keys = keys_for(redis, self.config.redis.namespace)
+            delivery = DeliveryHooks(Rebalancer(redis, keys, facts.supervisor_name), self.table)
             self.control.delivery = delivery
-            keys = StreamKeyBuilder(self.config.redis.namespace)
             self.control.fleet = FleetCommands(redis, keys, facts.supervisor_name)
             commands = CommandFollower(
                 redis,
@@ -184,7 +182,8 @@ class FleetDaemon:
                 name=facts.supervisor_name,
                 lease_ttl=float(self.config.supervisor.lease_ttl),
                 redis_url=facts.redis_url or "",
-                keys=StreamKeyBuilder(self.config.redis.namespace),
+                keys=keys,
+                redis_options=facts.redis_options,
                 table=self.table,
                 hooks=delivery,
                 http_address=lambda: _address_text(facts.http_address),
@@ -219,7 +218,10 @@ class FleetDaemon:
                         tg.start_soon(notify_server.serve, self._runner.on_notify)
                         tg.start_soon(self._signal_loop, signals, tg)
                         tg.start_soon(self._reconciler.run)
-                        tg.start_soon(self._health.ping_loop, facts.redis_url or "")
+                        tg.start_soon(
+                            partial(self._health.ping_loop, options=facts.redis_options),
+                            facts.redis_url or "",
+                        )
                         tg.start_soon(self._sample_loop, redis, delivery)
                         tg.start_soon(self._memory_guard_loop)
                         tg.start_soon(delivery.sweep_loop, self._sweep_interval)
@@ -232,6 +234,7 @@ class FleetDaemon:
                             supervisor=facts.supervisor_name,
                             agents=len(self.table.agents),
                             redis=redact_url(facts.redis_url or ""),
+                            redis_mode=self.config.redis.describe(),
                             notify_socket=notify_server.address,
                             http=_address_text(facts.http_address),
                         )
@@ -249,7 +252,8 @@ class FleetDaemon:
 
     @asynccontextmanager
     async def _redis_client(self) -> AsyncIterator[Any]:
-        redis = connect(self.control.facts.redis_url, socket_timeout=REDIS_TIMEOUT)
+        facts = self.control.facts
+        redis = connect(facts.redis_url, socket_timeout=REDIS_TIMEOUT, **facts.redis_options)
         try:
             yield redis
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from redis.asyncio import Redis as AsyncRedis
@@ -141,7 +142,11 @@ class RedisHealth:
     _orphans_at: float | None = None
 
     async def ping_loop(
-        self, url: str, interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT
+        self,
+        url: str,
+        interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+        options: dict[str, Any] | None = None,
     ) -> None:
         """PING on a private connection every ``interval``; log once per change of state.
 
@@ -156,6 +161,7 @@ class RedisHealth:
             socket_connect_timeout=ping_timeout,
             health_check_interval=0,
             retry_on_timeout=False,
+            **(options or {}),  # the connection mode (sentinel: re-resolves the master)
         )
         try:
             while True:

@@ -90,6 +90,7 @@ class Membership:
         lease_ttl: float,
         redis_url: str,
         keys: StreamKeyBuilder,
+        redis_options: dict[str, Any] | None = None,
         table: WorkerTable,
         hooks: DeliveryHooks,
         http_address: Callable[[], str | None] = lambda: None,
@@ -98,6 +99,7 @@ class Membership:
         self.ttl = float(lease_ttl)
         self.interval = self.ttl / 3
         self._url = redis_url
+        self._redis_options = dict(redis_options or {})  # mode, sentinels, ...
         self.keys = keys
         self._table = table
         self._hooks = hooks
@@ -161,7 +163,10 @@ class Membership:
     async def run(self) -> None:
         """Until cancelled (the daemon calls :meth:`leave` first on a graceful stop)."""
         redis = connect(
-            self._url, socket_timeout=self.interval, socket_connect_timeout=self.interval
+            self._url,
+            socket_timeout=self.interval,
+            socket_connect_timeout=self.interval,
+            **self._redis_options,
         )
         try:
             self._lease = MemberLease(redis, self.keys, self.name, int(self.ttl * 1000))

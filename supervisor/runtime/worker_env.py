@@ -3,7 +3,8 @@
 Every worker gets the supervisor's environment minus what belongs to our own
 service manager (``NOTIFY_SOCKET``, ``WATCHDOG_*``, ``LISTEN_*``) and minus the
 supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
-``AG1_REDIS__PASSWORD``, ``REDIS_PASSWORD``, ``AG1_REDIS__URL``: a worker reads
+``AG1_REDIS__PASSWORD``, ``REDIS_PASSWORD``, ``AG1_REDIS__URL``,
+``AG1_REDIS__SENTINEL_PASSWORD``, ``REDIS_SENTINEL_PASSWORD``: a worker reads
 ``REDIS_URL``; an agent whose ``env`` names one of them gets its own value), plus:
 
 - identity: ``AG1_AGENT``, ``AG1_WORKER`` (``agent/slot``), ``AG1_GROUP``,
@@ -11,7 +12,11 @@ supervisor's own secrets (``AG1_HTTP__TOKEN``, ``AG1_CONTROL_TOKEN``,
   shards expanded; glob patterns as written, to be followed with
   :mod:`core_bus.following`), ``AG1_DISCOVERY_INTERVAL`` (seconds between SCANs,
   only with patterns), ``AG1_WORKING_DIR``;
-- the bus: ``REDIS_URL`` (with the password: never log it), ``BUS_NAMESPACE``;
+- the bus: ``REDIS_URL`` (with the password: never log it), ``BUS_NAMESPACE``,
+  ``REDIS_MODE``, ``REDIS_DURABILITY``, ``REDIS_REPLICAS_TO_WAIT``,
+  ``REDIS_WAIT_TIMEOUT`` (ms) and in sentinel mode ``REDIS_SENTINELS``,
+  ``REDIS_MASTER_NAME`` and, when the supervisor has one, ``REDIS_SENTINEL_PASSWORD``
+  (the inherited sentinel password variables are dropped and set from the config);
 - supervision: ``NOTIFY_SOCKET`` (ours), ``AG1_SUPERVISOR_PID``,
   ``AG1_WATCHDOG_USEC`` when the agent has a watchdog, ``PYTHONUNBUFFERED=1``;
 - handler agents (run by :mod:`supervisor.worker`): ``AG1_HANDLER``,
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,8 @@ SUPERVISOR_SECRETS = (
     "AG1_REDIS__PASSWORD",
     "REDIS_PASSWORD",
     "AG1_REDIS__URL",
+    "AG1_REDIS__SENTINEL_PASSWORD",
+    "REDIS_SENTINEL_PASSWORD",
 )
 
 
@@ -67,6 +74,8 @@ class FleetContext:
     config_dir: Any  # default working directory: the directory holding fleet.toml
     lease_ttl: float = 0.0  # the supervisor's membership lease (0: none)
     member_lease_key: str = ""  # and its key
+    #: REDIS_MODE, REDIS_SENTINELS, ... (supervisor.redis.target.worker_redis_env)
+    redis_env: dict[str, str] = field(default_factory=dict)
 
 
 def working_dir(agent: AgentConfig, fleet: FleetContext) -> Path:
@@ -86,6 +95,7 @@ def worker_environment(
             "AG1_CONSUMER": consumer,
             "AG1_STREAMS": ",".join(agent.read_streams),
             "REDIS_URL": fleet.redis_url,
+            **fleet.redis_env,
             "BUS_NAMESPACE": fleet.namespace,
             "NOTIFY_SOCKET": fleet.notify_socket,
             "PYTHONUNBUFFERED": "1",
