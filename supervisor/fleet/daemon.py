@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.settings import connect, redact_url
 from core_bus.streams.slots import keys_for
