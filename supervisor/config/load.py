@@ -73,6 +73,7 @@ def load_config(
     reject_file_secrets(raw, problems)
     apply_environment(raw, env, problems)
     split_url_password(raw, problems)
+    _mode_from_environment(raw, env)
 
     context = {
         "config_dir": config_dir,
@@ -201,6 +202,20 @@ def _check_structure(raw: dict[str, Any], problems: Problems) -> None:
     for index, item in enumerate(agents):
         if not isinstance(item, dict):
             problems.add(("agents", index), "must be a table ([[agents]])")
+
+
+def _mode_from_environment(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """``REDIS_MODE`` (core_bus's name) fills ``[redis] mode`` when the file leaves it out,
+    so the supervisor connects in the mode its keys and its workers assume."""
+    redis = raw.get("redis")
+    if isinstance(redis, dict) and "mode" in redis:
+        return
+    mode = env.get("REDIS_MODE", "").strip().lower()
+    if not mode or mode == "standalone":
+        return
+    if isinstance(redis, dict) and str(redis.get("url", "")).strip() == "embedded":
+        return  # the embedded server is standalone whatever the shell says
+    raw.setdefault("redis", {})["mode"] = mode
 
 
 def _cluster_of(raw: dict[str, Any], env: Mapping[str, str]) -> bool:
