@@ -244,3 +244,25 @@ def test_block_stays_below_a_cluster_clients_socket_timeout() -> None:
 
     client = RedisCluster(host="127.0.0.1", port=1, socket_timeout=1)
     assert blocking_ms(client, 2.0) == 500
+
+
+def test_fleet_bookkeeping_keys_share_one_slot_on_a_cluster() -> None:
+    """The membership scripts (lease + members hash + departed stream) and the
+    reclaimer's fenced registry forget (registry + lease) each run in one slot;
+    standalone names stay as they were."""
+    fleet = [
+        KC.fleet_members(),
+        KC.fleet_lease("h1"),
+        KC.fleet_departed(),
+        KC.supervisor_registry("h1"),
+        KC.supervisor_groups("h1"),
+        KC.supervisor_lock("reclaim:h1:x:echo"),
+        KC.fleet_commands(),
+        KC.fleet_command_acks(),
+    ]
+    assert len({slot_of(key) for key in fleet}) == 1
+    assert all(hash_tag(key) == "AG1:fleet" for key in fleet)
+    assert KS.fleet_members() == "AG1:fleet:members"
+    assert KS.fleet_lease("h1") == "AG1:fleet:member:h1"
+    assert KS.supervisor_registry("h1") == "AG1:fleet:consumers:h1"
+    assert KS.supervisor_groups_pattern() == "AG1:fleet:groups:*"

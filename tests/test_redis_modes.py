@@ -202,3 +202,40 @@ def test_ag1_bus_sentinel_mode_needs_sentinels_and_says_the_mode() -> None:
         "sentinels": [("127.0.0.1", 1)],
         "master_name": "m",
     }
+
+
+def test_replicated_durability_is_refused_on_a_cluster(tmp_path: Path) -> None:
+    """WAIT carries no key: a cluster client cannot route it to the write's node, so
+    the combination is a config error instead of a silently unreplicated write."""
+    problems = _problems(
+        tmp_path, 'url = "redis://127.0.0.1:7000"\nmode = "cluster"\ndurability = "replicated"\n'
+    )
+    assert len(problems) == 1 and "redis.durability" in problems[0]
+    assert "cluster" in problems[0]
+
+
+def test_redis_mode_from_the_environment_fills_the_config(tmp_path: Path) -> None:
+    """REDIS_MODE=cluster (what core_bus reads) also makes the supervisor connect in
+    cluster mode when fleet.toml says nothing: otherwise its keys were tagged for a
+    cluster but its own clients (membership included) talked standalone (MOVED)."""
+    path = tmp_path / "fleet.toml"
+    path.write_text('[redis]\nurl = "redis://127.0.0.1:7000"\n' + AGENT)
+    config = load_config(path, environ={"REDIS_MODE": "cluster"}, check_imports=False)
+    assert config.redis.mode == "cluster"
+    assert connect_options(config.redis) == {"mode": "cluster"}
+    path.write_text('[redis]\nurl = "redis://127.0.0.1:7000"\nmode = "standalone"\n' + AGENT)
+    config = load_config(path, environ={"REDIS_MODE": "cluster"}, check_imports=False)
+    assert config.redis.mode == "standalone"  # the file wins
+    path.write_text('[redis]\nurl = "embedded"\n' + AGENT)
+    config = load_config(path, environ={"REDIS_MODE": "cluster"}, check_imports=False)
+    assert config.redis.mode == "standalone"  # the embedded server is standalone
+
+
+async def test_replicated_write_on_a_cluster_client_is_refused_before_any_io() -> None:
+    from core_bus.durability import queue_wait, resolve_durability
+
+    policy = resolve_durability("replicated")
+    assert policy is not None
+    client = RedisCluster.from_url("redis://127.0.0.1:1")  # never connected
+    with pytest.raises(ValueError, match="not supported on Redis Cluster"):
+        await queue_wait(client.pipeline(), client, policy)
