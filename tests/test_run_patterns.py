@@ -114,8 +114,16 @@ async def test_pattern_agent_follows_existing_and_new_streams(
         await eventually(
             lambda: agent(daemon, "pat").patterns == {PATTERN: 9}, timeout=15, message="count"
         )  # a, b, c, new0..new4, quiet
-        groups = [g for g in daemon.control.snapshot().groups if g.group == "pat"]
-        assert len(groups) == 4 and groups[-1].stream == "(other)", groups
+
+        def pat_groups() -> list[Any]:
+            return [g for g in daemon.control.snapshot().groups if g.group == "pat"]
+
+        # group stats are sampled on their own tick: wait for one after the 9th match
+        await eventually(
+            lambda: len(pat_groups()) == 4, timeout=15, message="group rows: 3 + (other)"
+        )
+        groups = pat_groups()
+        assert groups[-1].stream == "(other)", groups
         status = json.loads(json.dumps(daemon.control.snapshot().to_dict()))
         assert status["agents"][0]["patterns"] == {PATTERN: 9}  # what /status serves
         assert f"pat: streams {PATTERN!r} matched 9" in format_status(status)

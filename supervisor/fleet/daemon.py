@@ -234,8 +234,10 @@ class FleetDaemon:
                             "supervisor started",
                             supervisor=facts.supervisor_name,
                             agents=len(self.table.agents),
-                            redis=redact_url(facts.redis_url or ""),
-                            redis_mode=self.config.redis.describe(),
+                            redis=self.config.redis.describe()
+                            if self.config.redis.mode != "standalone"
+                            else redact_url(facts.redis_url or ""),
+                            redis_mode=self.config.redis.mode,
                             notify_socket=notify_server.address,
                             http=_address_text(facts.http_address),
                         )
