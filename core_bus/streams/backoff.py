@@ -26,5 +26,6 @@ class Backoff:
         return max(0.0, raw * (1.0 - self.jitter * rand()))
 
 
-#: Reconnect pacing of every reader and writer of a subscription: 50 ms doubling to 5 s.
-RECONNECT_BACKOFF = Backoff(base=0.05, cap=5.0)
+#: Reconnect pacing of every reader and writer of a subscription: 50 ms doubling to 1 s
+#: (a cap of 5 s added up to 4 s to the end of a Sentinel failover: bench/failover.py).
+RECONNECT_BACKOFF = Backoff(base=0.05, cap=1.0)
