@@ -187,3 +187,36 @@ async def test_follower_survives_redis_loss(
         assert [(f["cmd"], f["ok"]) for _i, f in acks] == [("c1", "1")]
     finally:
         await client.aclose()
+
+
+async def test_unexpected_read_error_is_logged_once_not_every_retry(redis: Redis) -> None:
+    """A command stream key of the wrong type (WRONGTYPE, not a lost connection) used to
+    write `read failed` at every retry, once a second for as long as it lasted; now one
+    line, the repeats counted, and one line when the loop reads again."""
+    from structlog.testing import capture_logs
+
+    key = KEYS.fleet_commands()
+    await redis.set(key, "not a stream")
+    host = Host(redis, "a")
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(host.follower.run)
+            await eventually(
+                lambda: any(e["event"] == "fleet_commands_read_failed" for e in logs), timeout=5
+            )
+            with anyio.fail_after(5):
+                while True:  # wait for three more failed reads (each one a WRONGTYPE)
+                    failures = await redis.info("errorstats")
+                    if failures.get("errorstat_WRONGTYPE", {}).get("count", 0) >= 4:
+                        break
+                    await anyio.sleep(0.02)
+            await redis.delete(key)
+            with anyio.fail_after(5):
+                await host.follower.started.wait()  # it knows where the stream ends now
+            await issue(redis, KEYS, Command("c-a", "a", OP_RESTART, "echo", True, "x"))
+            await eventually(lambda: host.follower.handled == 1, timeout=5)
+            tg.cancel_scope.cancel()
+    failed = [e for e in logs if e["event"] == "fleet_commands_read_failed"]
+    assert len(failed) == 1 and "WRONGTYPE" in failed[0]["error"], failed
+    resolved = [e for e in logs if e["event"] == "fleet_commands_read_failed_resolved"]
+    assert len(resolved) == 1 and resolved[0]["repeats"] >= 3, resolved

@@ -23,6 +23,7 @@ from core_bus.log import get_logger
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.blocking import blocking_ms
 from core_bus.streams.errors import is_transient
+from core_bus.streams.repeats import ErrorStreak
 from core_bus.streams.replies import streams_of
 from supervisor.fleet.snapshot import ControlError
 from supervisor.fleetctl.commands import (
@@ -59,6 +60,7 @@ class CommandFollower:
         """Follow until cancelled."""
         stream = self._keys.fleet_commands()
         attempt = 0
+        unexpected = ErrorStreak(log, "fleet_commands_read_failed")
         while True:
             try:
                 if self.position is None:
@@ -74,10 +76,11 @@ class CommandFollower:
                 if is_transient(exc):
                     self._connection_lost(exc)
                 else:
-                    log.error("fleet commands: read failed", error=f"{type(exc).__name__}: {exc}")
+                    unexpected.failed(exc)  # logged once per distinct error
                 await anyio.sleep(RECONNECT_BACKOFF.delay(attempt))
                 continue
             attempt = 0
+            unexpected.succeeded()
             self._connection_restored()
             for _stream, entries in streams_of(reply):
                 for entry_id, raw in entries:

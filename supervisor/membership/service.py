@@ -37,6 +37,7 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.settings import connect
 from core_bus.streams.errors import TRANSIENT_ERRORS
+from core_bus.streams.repeats import ErrorStreak
 from supervisor.delivery.consumers import pending_summary
 from supervisor.delivery.group_target import REASON_EXIT
 from supervisor.delivery.hooks import DeliveryHooks
@@ -179,6 +180,7 @@ class Membership:
 
     async def _lease_loop(self) -> None:
         assert self._lease is not None
+        unexpected = ErrorStreak(log, "membership_renew_failed", supervisor=self.name)
         while not self._stopping:
             started = time.monotonic()
             if self.joined and not self.cut_off and started - self.last_ok > self.ttl:
@@ -190,6 +192,7 @@ class Membership:
                     await self._join()
                 else:
                     self.last_ok = started
+                unexpected.succeeded()
                 if self._redis_lost:
                     self._redis_lost = False
                     log.info("membership_redis_restored", supervisor=self.name)
@@ -198,7 +201,7 @@ class Membership:
                     self._redis_lost = True
                     log.warning("membership_redis_lost", supervisor=self.name, error=_error(exc))
             except Exception as exc:  # a reply we did not expect: never take the daemon down
-                log.error("membership_renew_failed", supervisor=self.name, error=_error(exc))
+                unexpected.failed(exc)  # once per distinct error, not every round
             elapsed = time.monotonic() - started
             await anyio.sleep(max(0.01, self.interval - elapsed))
 
@@ -261,6 +264,7 @@ class Membership:
                     await registry.record(worker.consumer, runtime.name)
 
     async def _watch_loop(self, redis: Any) -> None:
+        unexpected = ErrorStreak(log, "membership_watch_failed", supervisor=self.name)
         while not self._stopping:
             wait = self.interval
             try:
@@ -274,10 +278,11 @@ class Membership:
                 ]
                 if due:
                     wait = min(wait, min(due) + EXPIRY_SLACK)
+                unexpected.succeeded()
             except TRANSIENT_ERRORS:
                 pass  # the lease loop reports the state of Redis
             except Exception as exc:  # next round retries; never take the daemon down
-                log.error("membership_watch_failed", supervisor=self.name, error=_error(exc))
+                unexpected.failed(exc)
             await anyio.sleep(max(0.01, wait))
 
     # -- graceful stop ----------------------------------------------------------------
