@@ -444,6 +444,10 @@ async def test_fleet_keeps_processing_across_failover_and_master_sigkill(
         eventually_sync(lambda: fleet.events("fleet ready"), 30, message="fleet ready")
         pids = fleet.worker_pids()
         assert len(pids) == 2
+        async with aiohttp.ClientSession() as session, session.get(base + "/status") as resp:
+            status = await resp.json()  # names the sentinels, not the unused url host
+        assert status["redis_mode"] == "sentinel", status
+        assert status["redis"].startswith(f"sentinel master '{sentinels.master_name}' via ")
         publisher = Publisher(durability)
         readyz = ReadyzWatch(base)
         async with anyio.create_task_group() as tg:

@@ -124,6 +124,10 @@ class FleetController:
             config_file=str(Path(config.config_dir) / Path(config.path).name),
             config_hash=str(config.hash),
             redis_url=redact_url(facts.redis_url or str(config.redis.url)),
+            redis_mode=config.redis.mode,
+            redis=config.redis.describe()
+            if config.redis.mode != "standalone"
+            else redact_url(facts.redis_url or str(config.redis.url)),
             redis_up=self._health.up,
             redis_error=self._health.error,
             agents=agents,

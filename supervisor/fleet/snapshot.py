@@ -87,6 +87,10 @@ class FleetSnapshot:
     redis_up: bool
     redis_error: str | None = None
     config_file: str = ""  # config_path made absolute: what `ag1-fleet reload -c` compares
+    #: standalone / sentinel / cluster, and the Redis as the logs name it (no secret):
+    #: in sentinel mode redis_url's host is not used, ``redis`` names the sentinels
+    redis_mode: str = "standalone"
+    redis: str = ""
     agents: list[AgentSnapshot] = field(default_factory=list)
     groups: list[GroupSnapshot] = field(default_factory=list)
     # Groups of the namespace no supervisor's plan reads (a removed agent's group).
