@@ -43,7 +43,9 @@ from typing import Any
 from supervisor.redis.server import find_redis_server
 
 PREFIX = "ag1t"
-REDIS_PORT = 6379
+#: Inside the Redis host's own namespace (its own network stack); still not Redis's
+#: default port, so no reader mistakes it for the machine's shared server.
+REDIS_PORT = 16379
 HTTP_PORT = 8765
 _labs: list[NetnsLab] = []
 _seq = 0

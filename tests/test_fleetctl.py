@@ -195,7 +195,12 @@ async def test_unexpected_read_error_is_logged_once_not_every_retry(redis: Redis
     line, the repeats counted, and one line when the loop reads again."""
     from structlog.testing import capture_logs
 
+    async def wrongtype_errors() -> int:
+        stats = await redis.info("errorstats")  # counted since the server started
+        return int(stats.get("errorstat_WRONGTYPE", {}).get("count", 0))
+
     key = KEYS.fleet_commands()
+    before = await wrongtype_errors()
     await redis.set(key, "not a stream")
     host = Host(redis, "a")
     with capture_logs() as logs:
@@ -205,10 +210,7 @@ async def test_unexpected_read_error_is_logged_once_not_every_retry(redis: Redis
                 lambda: any(e["event"] == "fleet_commands_read_failed" for e in logs), timeout=5
             )
             with anyio.fail_after(5):
-                while True:  # wait for three more failed reads (each one a WRONGTYPE)
-                    failures = await redis.info("errorstats")
-                    if failures.get("errorstat_WRONGTYPE", {}).get("count", 0) >= 4:
-                        break
+                while await wrongtype_errors() < before + 4:  # four failed reads at least
                     await anyio.sleep(0.02)
             await redis.delete(key)
             with anyio.fail_after(5):
