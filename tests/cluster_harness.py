@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor.redis.server import RedisServerError, RedisServerProcess, find_redis_server
+from supervisor.redis.server import (
+    RedisServerError,
+    RedisServerProcess,
+    find_redis_server,
+    port_free,
+)
 
 _handed_out: set[int] = set()
 
-
-def _free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def pick_cluster_port() -> int:
@@ -37,7 +33,7 @@ def pick_cluster_port() -> int:
         port = random.randint(21000, 50000)
         if port in _handed_out or (port + 10000) in _handed_out:
             continue
-        if _free(port) and _free(port + 10000):
+        if port_free(port) and port_free(port + 10000):
             _handed_out.update((port, port + 10000))
             return port
     raise RedisServerError("no free cluster port pair found")

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core_bus.keys import StreamKeyBuilder
+from core_bus.streams.clock import redis_time_ms as redis_ms
 from supervisor.fleet.snapshot import ControlError
 from supervisor.fleetctl.commands import (
     OP_RESTART,
@@ -24,7 +25,6 @@ from supervisor.fleetctl.commands import (
     ack_of,
     command_of,
     issue,
-    redis_ms,
 )
 from supervisor.fleetctl.follower import CommandFollower
 from supervisor.fleetctl.roll import FleetRoll, roll_fleet

@@ -143,11 +143,6 @@ def ack_of(entry_id: Any, raw: Any) -> Ack | None:
     )
 
 
-async def redis_ms(redis: Any) -> int:
-    """Redis's clock in milliseconds (``TIME``): the one clock every host agrees on."""
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
 
 async def last_entry_id(redis: Any, stream: str) -> str:
     """The id of the newest entry (``0-0`` for an empty stream): ``$`` made concrete,

@@ -22,6 +22,7 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.blocking import blocking_ms
+from core_bus.streams.clock import redis_time_ms as redis_ms
 from core_bus.streams.errors import is_transient
 from core_bus.streams.repeats import ErrorStreak
 from core_bus.streams.replies import streams_of
@@ -32,7 +33,6 @@ from supervisor.fleetctl.commands import (
     acknowledge,
     command_of,
     last_entry_id,
-    redis_ms,
 )
 
 log = get_logger("supervisor.fleetctl")

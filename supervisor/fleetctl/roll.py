@@ -23,6 +23,7 @@ from core_bus.keys import StreamKeyBuilder
 from core_bus.log import get_logger
 from core_bus.streams.backoff import RECONNECT_BACKOFF
 from core_bus.streams.blocking import blocking_ms
+from core_bus.streams.clock import redis_time_ms as redis_ms
 from core_bus.streams.errors import is_transient
 from core_bus.streams.replies import streams_of
 from supervisor.fleet.snapshot import ControlError
@@ -34,7 +35,6 @@ from supervisor.fleetctl.commands import (
     issue,
     last_entry_id,
     new_command_id,
-    redis_ms,
 )
 from supervisor.membership.directory import MemberInfo, live_members
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from core_bus.keys import StreamKeyBuilder
-from supervisor.fleetctl.commands import recent, redis_ms
+from core_bus.streams.clock import redis_time_ms as redis_ms
+from supervisor.fleetctl.commands import recent
 from supervisor.membership.directory import departed, members
 
 

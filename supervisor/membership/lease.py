@@ -20,8 +20,10 @@ from typing import Any
 from redis.asyncio import Redis as AsyncRedis
 
 from core_bus.keys import StreamKeyBuilder
+from core_bus.streams.clock import redis_time_ms
 from core_bus.streams.replies import text
 from supervisor.membership.directory import REASON_LEFT
+from supervisor.runtime.records import base36
 
 #: Entries kept in the departed stream (approximately: MAXLEN ~).
 DEPARTED_MAXLEN = 200
@@ -90,20 +92,6 @@ return 1
 """
 
 
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
-
-
-async def redis_time_ms(redis: AsyncRedis) -> int:
-    """Redis's clock in milliseconds (the one clock every host agrees on)."""
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 class MemberLease:
@@ -140,7 +128,7 @@ class MemberLease:
         the lease less than ``lease_ttl`` ago (a quick restart, or a second
         supervisor with our name: the caller logs it)."""
         now = await redis_time_ms(self._r)
-        self.incarnation = f"{_base36(now)}-{secrets.token_hex(2)}"
+        self.incarnation = f"{base36(now)}-{secrets.token_hex(2)}"
         self.started_ms = now
         previous = await self._join(
             keys=[self._lease, self._members, self.keys.fleet_departed()],
@@ -177,4 +165,4 @@ class MemberLease:
         return bool(int(ok))
 
 
-__all__ = ["DEPARTED_MAXLEN", "REASON_LEFT", "MemberLease", "redis_time_ms"]
+__all__ = ["DEPARTED_MAXLEN", "REASON_LEFT", "MemberLease"]

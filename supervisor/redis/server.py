@@ -146,7 +146,7 @@ def check_redis_server(binary: Path | str) -> tuple[int, int, int]:
     return version
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -278,7 +278,7 @@ def _pick_port() -> int:
         port = random.randint(20000, 60000)
         if port in _handed_out or port == 6379:
             continue
-        if _port_free(port):
+        if port_free(port):
             _handed_out.add(port)
             return port
     raise RedisServerError("no free port found")
@@ -291,4 +291,4 @@ def pick_free_port() -> int:
 
 def port_is_free(port: int) -> bool:
     """True when nothing listens on ``127.0.0.1:port`` right now."""
-    return _port_free(port)
+    return port_free(port)

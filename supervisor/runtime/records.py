@@ -21,7 +21,8 @@ from supervisor.runtime.process import ChildProcess
 from supervisor.runtime.resources import Usage
 
 
-def _base36(n: int) -> str:
+def base36(n: int) -> str:
+    """``n >= 0`` in base 36 (short, sortable-by-length incarnation ids)."""
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
     while True:
@@ -35,12 +36,12 @@ class IncarnationIds:
     """Unique across supervisor runs: base36 milliseconds + a counter."""
 
     def __init__(self) -> None:
-        self._base = _base36(int(time.time() * 1000))
+        self._base = base36(int(time.time() * 1000))
         self._n = 0
 
     def next(self) -> str:
         self._n += 1
-        return f"{self._base}{_base36(self._n)}"
+        return f"{self._base}{base36(self._n)}"
 
 
 @dataclass
